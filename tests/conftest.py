@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny MNIST and FashionMNIST raw files, written in the real IDX format.
+
+The tests load them through torchvision's own MNIST / FashionMNIST classes, as the experiment
+does with the real files, so no test needs the network.
+"""
+
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+N_TRAIN_IMAGES = 300  # per dataset: enough for --n-pretrain 40 and --n-train 20 with validation
+N_TEST_IMAGES = 60
+IDX_UBYTE = 0x08  # IDX type code of unsigned bytes
+
+
+def write_idx(path: Path, tensor: torch.Tensor) -> None:
+    """Write a uint8 tensor as an IDX file (the format of the MNIST raw files)."""
+    header = struct.pack(">HBB", 0, IDX_UBYTE, tensor.dim()) + struct.pack(f">{tensor.dim()}I", *tensor.shape)
+    path.write_bytes(header + tensor.to(torch.uint8).contiguous().numpy().tobytes())
+
+
+def make_images(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Noise plus a bright bar whose row depends on the label, so a small net can learn it."""
+    images = torch.randint(0, 60, (len(labels), 28, 28), generator=generator, dtype=torch.uint8)
+    for i, label in enumerate(labels.tolist()):
+        images[i, 2 + 2 * label : 4 + 2 * label, 4:24] = 255
+    return images
+
+
+def write_dataset(root: Path, name: str, seed: int) -> dict[str, torch.Tensor]:
+    """Write <root>/<name>/raw/{train,t10k}-{images,labels}-idx?-ubyte; return the labels written."""
+    raw = root / name / "raw"
+    raw.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+    written = {}
+    for prefix, n in (("train", N_TRAIN_IMAGES), ("t10k", N_TEST_IMAGES)):
+        labels = torch.randint(0, 10, (n,), generator=generator)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", make_images(labels, generator))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+        written[prefix] = labels
+    return written
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> tuple[Path, dict[str, dict[str, torch.Tensor]]]:
+    """A data dir holding tiny MNIST and FashionMNIST; also returns the labels written to it."""
+    root = tmp_path_factory.mktemp("data")
+    labels = {"MNIST": write_dataset(root, "MNIST", 1), "FashionMNIST": write_dataset(root, "FashionMNIST", 2)}
+    return root, labels
+
+
+@pytest.fixture
+def tiny_args(tiny_data, tmp_path) -> list[str]:
+    """Command-line arguments for a complete experiment on the tiny data, in seconds."""
+    root, _ = tiny_data
+    return [
+        "--data-dir", str(root), "--log-dir", str(tmp_path / "logs"),
+        "--n-pretrain", "40", "--n-train", "20", "--pretrain-epochs", "2", "--train-epochs", "3",
+        "--accelerator", "cpu",
+    ]

@@ -1,0 +1,290 @@
+"""Behaviour of transfer_mnist.py on tiny IDX files (see conftest.py); no network needed."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import transfer_mnist as tm
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+RUNS = ["pretrain", "even-odd/finetuned", "even-odd/from_scratch", "fashion-mnist/finetuned",
+        "fashion-mnist/from_scratch"]
+
+
+def read_csv(path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def events(run_dir: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    return accumulator
+
+
+def scalars(run_dir: Path, tag: str) -> list[float]:
+    return [event.value for event in events(run_dir).Scalars(tag)]
+
+
+def tensors_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- data ---------------------------------------------------------------------------------
+def test_backbone_maps_images_to_120_features():
+    assert tm.decapitated_lenet()(torch.zeros(3, 1, 28, 28)).shape == (3, tm.BACKBONE_FEATURES)
+    module = tm.LitModule(label_names=["even", "odd"])
+    assert module(torch.zeros(3, 1, 28, 28)).shape == (3, 2)
+
+
+def test_even_odd_labels_are_digit_labels_mod_2(tiny_data):
+    root, written = tiny_data
+    digits = written["MNIST"]["train"]
+    train_loader, val_loader, test_loader, names = tm.load_data("even-odd", 20, str(root), seed=3)
+    train_idx, val_idx = tm.draw_subset("even-odd", 20, len(digits), seed=3)
+    assert names == ["even", "odd"]
+    assert torch.equal(train_loader.labels, digits[train_idx] % 2)
+    assert torch.equal(val_loader.labels, digits[val_idx] % 2)
+    assert torch.equal(test_loader.labels, written["MNIST"]["t10k"] % 2)
+    assert set(train_loader.labels.tolist()) == {0, 1}
+
+
+def test_fashion_labels_and_normalisation(tiny_data):
+    root, written = tiny_data
+    train_loader, _, test_loader, names = tm.load_data("fashion-mnist", 20, str(root), seed=0)
+    assert names[9] == "Ankle boot"
+    assert torch.equal(test_loader.labels, written["FashionMNIST"]["t10k"])
+    # normalised once with MNIST's statistics: the bright bar (255) maps to (1 - mean) / std
+    assert train_loader.images.shape == (20, 1, 28, 28)
+    assert train_loader.images.max().item() == pytest.approx((1 - tm.MNIST_MEAN) / tm.MNIST_STD)
+
+
+def test_subset_sizes_and_both_arms_share_one_subset(tiny_data):
+    root, _ = tiny_data
+    first = tm.load_data("fashion-mnist", 20, str(root), seed=5)
+    second = tm.load_data("fashion-mnist", 20, str(root), seed=5)
+    other_seed = tm.load_data("fashion-mnist", 20, str(root), seed=6)
+    assert len(first[0].labels) == 20 and len(first[1].labels) == 5  # n_train / 0.8, split 80/20
+    assert len(first[2].labels) == 60  # the whole test split
+    assert [len(batch[1]) for batch in first[0]] == [20]
+    for a, b in zip(first[:3], second[:3]):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(first[0].images, other_seed[0].images)
+    train_idx, val_idx = tm.draw_subset("fashion-mnist", 20, 300, seed=5)
+    assert not set(train_idx.tolist()) & set(val_idx.tolist())
+
+
+def test_pretraining_subset_is_drawn_independently_of_even_odd(tiny_data):
+    pre_train, _ = tm.draw_subset("mnist", 40, 300, seed=0)
+    target_train, _ = tm.draw_subset("even-odd", 20, 300, seed=0)
+    assert not torch.equal(pre_train[:20], target_train)
+
+
+def test_loader_batches_cover_the_data_in_order():
+    images, labels = torch.arange(300.0).reshape(300, 1, 1, 1), torch.arange(300)
+    loader = tm.TensorLoader(images, labels, batch_size=128)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 3
+    assert [len(y) for _, y in batches] == [128, 128, 44]
+    assert torch.equal(torch.cat([y for _, y in batches]), labels)
+
+
+# ---- model and transfer -------------------------------------------------------------------
+def test_transfer_copies_exactly_the_backbone_under_a_fresh_head(tmp_path):
+    pretrained = tm.LitModule(label_names=tm.LABEL_NAMES["mnist"])
+    for p in pretrained.parameters():  # make every tensor distinguishable from a fresh init
+        torch.nn.init.normal_(p)
+    path = tmp_path / "pretrained.ckpt"
+    torch.save({"state_dict": pretrained.state_dict()}, path)
+
+    torch.manual_seed(0)
+    fresh = tm.LitModule(label_names=["even", "odd"])
+    torch.manual_seed(0)
+    module = tm.LitModule(label_names=["even", "odd"])
+    tm.transfer_backbone(module, str(path))
+
+    assert tensors_equal(module.convnet.state_dict(), pretrained.convnet.state_dict())
+    assert tensors_equal(module.classification_head.state_dict(), fresh.classification_head.state_dict())
+
+
+def test_transfer_rejects_a_checkpoint_that_does_not_fit(tmp_path):
+    other = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3))
+    path = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {f"convnet.{k}": v for k, v in other.state_dict().items()}}, path)
+    with pytest.raises(tm.ExperimentError, match="does not hold this script's backbone"):
+        tm.transfer_backbone(tm.LitModule(["a", "b"]), str(path))
+    with pytest.raises(tm.ExperimentError, match="cannot read a Lightning checkpoint"):
+        tm.transfer_backbone(tm.LitModule(["a", "b"]), str(tmp_path / "missing.ckpt"))
+
+
+def test_test_stage_uses_the_best_validation_weights(tmp_path):
+    """Validation labels are the opposite of the training labels, so fitting the training set makes
+    validation worse every epoch: the best epoch is early and the last one is the worst."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(64, 1, 28, 28, generator=generator)
+    labels = torch.randint(0, 2, (64,), generator=generator)
+    train = tm.TensorLoader(images, labels, 32)
+    flipped = tm.TensorLoader(images, 1 - labels, 64)
+    torch.manual_seed(0)
+    module = tm.LitModule(["a", "b"], learning_rate=1e-2)
+    cfg = tm.Config(log_dir=str(tmp_path), accelerator="cpu", devices="1")
+    _, keep_best, metrics = tm.fit_and_test(module, (train, flipped, flipped), "run", 8, cfg, {})
+
+    val_losses = scalars(tmp_path / "run" / "version_0", "ce_loss/val")
+    assert len(val_losses) == 8 and val_losses[-1] > min(val_losses)  # the case is as intended
+    assert keep_best.best_epoch == val_losses.index(min(val_losses)) < 7
+    # tested on the validation data itself: the test loss is the best epoch's validation loss
+    assert metrics["ce_loss/test"] == pytest.approx(min(val_losses), rel=1e-5)
+    assert metrics["ce_loss/test"] < val_losses[-1]
+
+
+def test_training_moves_weights_and_learns(tiny_data, tmp_path):
+    root, _ = tiny_data
+    train_loader, val_loader, test_loader, names = tm.load_data("mnist", 200, str(root), seed=0)
+    torch.manual_seed(0)
+    module = tm.LitModule(names, learning_rate=3e-3)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    cfg = tm.Config(log_dir=str(tmp_path), accelerator="cpu", devices="1")
+    _, _, metrics = tm.fit_and_test(module, (train_loader, val_loader, test_loader), "run", 15, cfg, {})
+    assert all(not torch.equal(before[k], v) for k, v in module.state_dict().items())
+    assert metrics["accuracy/test"] > 0.5  # chance is 0.1
+
+
+# ---- the whole experiment -----------------------------------------------------------------
+def test_main_writes_five_runs_csv_and_hparams(tiny_args, tmp_path, capsys):
+    assert tm.main(tiny_args) == 0
+    logs = tmp_path / "logs"
+    for run in RUNS:
+        run_dir = logs / run / "version_0"
+        assert list(run_dir.glob("events.out.tfevents.*")), run
+        accumulator = events(run_dir)
+        tags = accumulator.Tags()["scalars"]
+        for metric in ("ce_loss", "accuracy"):
+            for stage in ("train", "val", "test"):
+                assert f"{metric}/{stage}" in tags
+        assert "hp_metric" not in tags
+        # the HPARAMS tab compares runs on these two metrics
+        plugin = accumulator.PluginTagToContent("hparams")
+        assert plugin and b"accuracy/test" in b"".join(plugin.values())
+    rows = read_csv(logs / "results_version_0.csv")
+    assert list(rows[0]) == list(tm.RESULT_COLUMNS)
+    assert [(r["target"], r["mode"]) for r in rows] == [
+        ("mnist", "pretrain"), ("even-odd", "finetuned"), ("even-odd", "from_scratch"),
+        ("fashion-mnist", "finetuned"), ("fashion-mnist", "from_scratch")]
+    assert rows[0]["n_train"] == "40" and rows[1]["n_train"] == "20"
+    assert all(0 <= float(r["test_acc"]) <= 1 and int(r["best_epoch"]) >= 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "best epoch" in out and "fashion-mnist  from_scratch" in out
+
+    # a second invocation adds version_1 beside version_0; nothing is deleted
+    assert tm.main(tiny_args + ["--targets", "even-odd"]) == 0
+    assert (logs / "pretrain" / "version_0").is_dir() and (logs / "pretrain" / "version_1").is_dir()
+    assert (logs / "even-odd" / "finetuned" / "version_1").is_dir()
+    assert not (logs / "fashion-mnist" / "finetuned" / "version_1").exists()
+    assert len(read_csv(logs / "results_version_1.csv")) == 3
+    assert len(read_csv(logs / "results_version_0.csv")) == 5
+
+    # only --overwrite clears the folder
+    assert tm.main(tiny_args + ["--targets", "even-odd", "--overwrite"]) == 0
+    assert sorted(p.name for p in (logs / "pretrain").iterdir()) == ["version_0"]
+    assert not (logs / "results_version_1.csv").exists()
+
+
+def test_same_seed_same_numbers(tiny_args, tmp_path):
+    results = []
+    for name in ("a.csv", "b.csv", "c.csv"):
+        seed = "1" if name == "c.csv" else "0"
+        assert tm.main(tiny_args + ["--seed", seed, "--results-csv", str(tmp_path / name)]) == 0
+        results.append(read_csv(tmp_path / name))
+    assert results[0] == results[1]
+    assert [r["test_loss"] for r in results[0]] != [r["test_loss"] for r in results[2]]
+
+
+def test_dry_run_runs_every_stage_and_leaves_no_logs(tiny_args, tmp_path, capsys):
+    assert tm.main(tiny_args + ["--dry-run", "--results-csv", str(tmp_path / "dry.csv")]) == 0
+    assert len(read_csv(tmp_path / "dry.csv")) == 5
+    assert not (tmp_path / "logs").exists()
+    assert "Dry run" in capsys.readouterr().out
+
+
+# ---- bad input ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--n-train", "3"], "--n-train 3 is too small"),
+        (["--n-train", "250"], "--n-train 250 needs 312 training images"),
+        (["--n-pretrain", "1000"], "--n-pretrain 1000 needs 1250"),
+    ],
+)
+def test_sizes_the_data_cannot_serve_exit_2(tiny_args, extra, message, capsys):
+    assert tm.main(tiny_args + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra", [["--targets", "cifar"], ["--train-epochs", "0"], ["--seed", "x"]])
+def test_bad_flags_exit_2(tiny_args, extra):
+    with pytest.raises(SystemExit) as exit_info:
+        tm.main(tiny_args + extra)
+    assert exit_info.value.code == 2
+
+
+def test_missing_data_exits_2_with_one_clear_line(tmp_path, monkeypatch, capsys):
+    # an address that refuses at once: no test ever reaches the real download servers
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
+    tm.read_split.cache_clear()
+    code = tm.main(["--data-dir", str(tmp_path / "empty"), "--log-dir", str(tmp_path / "logs")])
+    captured = capsys.readouterr()
+    assert code == 2
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in captured.out + captured.err
+    assert "MNIST is not in" in err and "train-images-idx3-ubyte" in err and "--data-dir" in err
+    assert not list((tmp_path / "logs").glob("**/version_*"))
+
+
+def test_overwrite_refuses_a_folder_it_did_not_write(tiny_args, tmp_path, capsys):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "thesis.tex").write_text("precious")
+    assert tm.main(tiny_args + ["--overwrite"]) == 2
+    assert "--overwrite would delete" in capsys.readouterr().err
+    assert (tmp_path / "logs" / "thesis.tex").read_text() == "precious"
+
+
+def test_ctrl_c_stops_the_whole_experiment_and_keeps_finished_runs(tiny_args, tmp_path):
+    results = tmp_path / "r.csv"
+    args = [a if a != "3" else "100000" for a in tiny_args]  # target runs that would not end by themselves
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "transfer_mnist.py"), *args, "--results-csv", str(results)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (results.exists() and len(read_csv(results)) == 1):
+        time.sleep(0.2)
+    assert len(read_csv(results)) == 1, "pretraining did not finish"
+    time.sleep(2)  # well inside the first target run
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode != 0
+    assert "Interrupted" in err and "Traceback" not in err
+    assert [r["mode"] for r in read_csv(results)] == ["pretrain"]  # no run after the interrupted one
+    assert (tmp_path / "logs" / "pretrain" / "version_0" / "checkpoints" / "best.ckpt").is_file()
+    assert not (tmp_path / "logs" / "even-odd" / "from_scratch").exists()
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason="needs ../shared/data (the real files)")
+def test_real_data_loads_offline_with_the_post_s_sizes():
+    train_loader, val_loader, test_loader, _ = tm.load_data("fashion-mnist", 200, str(SHARED_DATA), seed=0)
+    assert (len(train_loader.labels), len(val_loader.labels), len(test_loader.labels)) == (200, 50, 10_000)
+    pre_train, pre_val, _, _ = tm.load_data("mnist", 10_000, str(SHARED_DATA), seed=0)
+    assert (len(pre_train.labels), len(pre_val.labels)) == (10_000, 2_500)
