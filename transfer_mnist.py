@@ -62,6 +62,7 @@ TRAIN_BATCH_SIZE = 128  # the post's; 200 target images make 2 steps an epoch
 EVAL_BATCH_SIZE = 500  # evaluation only: any size gives the same numbers, larger ones less overhead
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # the post normalises all three datasets with MNIST's statistics
 MONITOR = "ce_loss/val"  # best epoch = lowest validation cross-entropy, as in the post
+PATIENCE = 0  # stop a run after this many epochs without a better validation loss; 0 = never (the post)
 PROGRESS_LINES = 5  # progress lines a run prints (plus its result): visible, and cheap
 DRY_RUN_BATCHES = 2  # --dry-run: batches per stage, one epoch each
 
@@ -142,7 +143,8 @@ def draw_subset(target: str, n_train: int, n_available: int, seed: int) -> tuple
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 28, 28) -> float (N, 1, 28, 28), normalised once for the whole set."""
-    return ((images.float() / 255 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
+    normalized = ((images.float() / 255 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
+    return normalized.contiguous(memory_format=torch.channels_last)  # see LitModule.__init__
 
 
 class TensorLoader:
@@ -218,6 +220,10 @@ class LitModule(lightning.LightningModule):
         self.save_hyperparameters()  # into every checkpoint and hparams.yaml
         self.convnet = decapitated_lenet()
         self.classification_head = classification_head(len(label_names))
+        # channels-last convolutions and pooling: training steps 30% faster on CPU, measured here
+        self.convnet.to(memory_format=torch.channels_last)
+        self._epoch_sums: dict[str, torch.Tensor] = {}  # per stage: summed loss and correct predictions
+        self._epoch_counts: dict[str, int] = {}  # per stage: samples seen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classification_head(self.convnet(x))
@@ -226,11 +232,17 @@ class LitModule(lightning.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
-        accuracy = (logits.argmax(dim=1) == labels).float().mean()
-        # One point per epoch, averaged over samples: train, val and test curves read alike.
-        metrics = {f"ce_loss/{stage}": loss, f"accuracy/{stage}": accuracy}
-        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=len(labels))
+        # Add the epoch up here and log it once at its end: a self.log() call costs about 0.6 ms in
+        # Lightning 2.6, as much as a training step on 32 images (6 s of the default run, measured).
+        batch_sums = torch.stack([loss.detach() * len(labels), (logits.argmax(dim=1) == labels).sum().float()])
+        self._epoch_sums[stage] = self._epoch_sums.get(stage, 0) + batch_sums
+        self._epoch_counts[stage] = self._epoch_counts.get(stage, 0) + len(labels)
         return loss
+
+    def _log_epoch(self, stage: str) -> None:
+        """Log the epoch's mean loss and accuracy as <metric>/<stage>: train, val and test read alike."""
+        mean_loss, accuracy = self._epoch_sums.pop(stage) / self._epoch_counts.pop(stage)
+        self.log_dict({f"ce_loss/{stage}": mean_loss, f"accuracy/{stage}": accuracy})
 
     def training_step(self, batch, batch_idx):
         return self._shared_step(batch, "train")
@@ -241,8 +253,17 @@ class LitModule(lightning.LightningModule):
     def test_step(self, batch, batch_idx):
         return self._shared_step(batch, "test")
 
+    def on_train_epoch_end(self):
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self):
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self):
+        self._log_epoch("test")
+
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate)
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate, fused=True)
 
 
 def transfer_backbone(module: LitModule, checkpoint_path: str) -> None:
@@ -278,6 +299,7 @@ class Config:
     targets: tuple[str, ...] = TARGETS
     accelerator: str = "auto"
     devices: str = "auto"
+    patience: int = PATIENCE
     dry_run: bool = False
 
 
@@ -343,6 +365,9 @@ def fit_and_test(
         cfg.log_dir, name=run_name, version=cfg.version, default_hp_metric=False  # no -1 placeholder
     )
     keep_best = KeepBestWeights()
+    callbacks = [keep_best, ProgressLog(run_name, keep_best)]
+    if cfg.patience:
+        callbacks.append(lightning.pytorch.callbacks.EarlyStopping(MONITOR, patience=cfg.patience, mode="min"))
     dry = {"limit_train_batches": DRY_RUN_BATCHES, "limit_val_batches": DRY_RUN_BATCHES,
            "limit_test_batches": DRY_RUN_BATCHES} if cfg.dry_run else {}
     trainer = lightning.Trainer(
@@ -350,7 +375,7 @@ def fit_and_test(
         accelerator=cfg.accelerator,
         devices=cfg.devices,
         logger=tb_logger,
-        callbacks=[keep_best, ProgressLog(run_name, keep_best)],
+        callbacks=callbacks,
         deterministic=True,  # same seed, same numbers
         enable_checkpointing=False,  # KeepBestWeights does the model selection
         enable_progress_bar=False,  # ProgressLog reports instead
@@ -508,6 +533,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Pretrain a truncated LeNet-5 on MNIST, then compare fine-tuning it with training "
@@ -527,6 +559,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="training images per target task (plus a quarter as many for validation) (default: %(default)s)")
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS),
                         help="target tasks to transfer to (default: %(default)s)")
+    parser.add_argument("--patience", type=non_negative_int, default=PATIENCE,
+                        help="stop a run after this many epochs without a better validation loss; 0 never stops early (default: %(default)s)")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, mps, ... (default: %(default)s)")
     parser.add_argument("--devices", default="auto", help="Lightning devices; the experiment uses one (default: %(default)s)")
     parser.add_argument("--results-csv", metavar="PATH",
@@ -549,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         data_dir=args.data_dir, log_dir=args.log_dir, seed=args.seed,
         pretrain_epochs=args.pretrain_epochs, train_epochs=args.train_epochs,
         n_pretrain=args.n_pretrain, n_train=args.n_train, targets=tuple(dict.fromkeys(args.targets)),
-        accelerator=args.accelerator, devices=args.devices, dry_run=args.dry_run,
+        accelerator=args.accelerator, devices=args.devices, patience=args.patience, dry_run=args.dry_run,
     )
     with contextlib.ExitStack() as stack:
         if cfg.dry_run:  # a smoke test leaves no runs behind in the real log folder

@@ -148,6 +148,25 @@ def test_test_stage_uses_the_best_validation_weights(tmp_path):
     assert metrics["ce_loss/test"] < val_losses[-1]
 
 
+def test_early_stopping_ends_the_run_and_keeps_the_same_best_weights(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(64, 1, 28, 28, generator=generator)
+    labels = torch.randint(0, 2, (64,), generator=generator)
+    loaders = (tm.TensorLoader(images, labels, 32), tm.TensorLoader(images, 1 - labels, 64),
+               tm.TensorLoader(images, 1 - labels, 64))
+    outcomes = []
+    for patience in (0, 3):
+        torch.manual_seed(0)
+        module = tm.LitModule(["a", "b"], learning_rate=1e-3)  # val loss rises steadily: one minimum
+        cfg = tm.Config(log_dir=str(tmp_path), version=f"p{patience}", accelerator="cpu", devices="1",
+                        patience=patience)
+        trainer, keep_best, metrics = tm.fit_and_test(module, loaders, "run", 12, cfg, {})
+        outcomes.append((trainer.current_epoch, keep_best.best_epoch, metrics))
+    (full_epochs, best, metrics), (stopped_epochs, best_early, metrics_early) = outcomes
+    assert full_epochs == 12 and stopped_epochs == best + 3 + 1 < 12  # stopped 3 epochs after the best
+    assert best_early == best and metrics_early == metrics
+
+
 def test_training_moves_weights_and_learns(tiny_data, tmp_path):
     root, _ = tiny_data
     train_loader, val_loader, test_loader, names = tm.load_data("mnist", 200, str(root), seed=0)
