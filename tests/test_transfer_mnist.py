@@ -17,8 +17,9 @@ import transfer_mnist as tm
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
-RUNS = ["pretrain", "even-odd/finetuned", "even-odd/from_scratch", "fashion-mnist/finetuned",
-        "fashion-mnist/from_scratch"]
+# the five runs of a default invocation, as folders of version_0
+RUNS = ["pretrain", "even-odd/finetuned/version_0/n20_seed0", "even-odd/from_scratch/version_0/n20_seed0",
+        "fashion-mnist/finetuned/version_0/n20_seed0", "fashion-mnist/from_scratch/version_0/n20_seed0"]
 
 
 def read_csv(path) -> list[dict[str, str]]:
@@ -184,7 +185,7 @@ def test_main_writes_five_runs_csv_and_hparams(tiny_args, tmp_path, capsys):
     assert tm.main(tiny_args) == 0
     logs = tmp_path / "logs"
     for run in RUNS:
-        run_dir = logs / run / "version_0"
+        run_dir = logs / (run if "/" in run else f"{run}/version_0")
         assert list(run_dir.glob("events.out.tfevents.*")), run
         accumulator = events(run_dir)
         tags = accumulator.Tags()["scalars"]
@@ -193,8 +194,9 @@ def test_main_writes_five_runs_csv_and_hparams(tiny_args, tmp_path, capsys):
                 assert f"{metric}/{stage}" in tags
         assert "hp_metric" not in tags
         # the HPARAMS tab compares runs on these two metrics
-        plugin = accumulator.PluginTagToContent("hparams")
-        assert plugin and b"accuracy/test" in b"".join(plugin.values())
+        plugin = b"".join(accumulator.PluginTagToContent("hparams").values())
+        for field in (b"accuracy/test", b"ce_loss/test", b"seed", b"n_train", b"mode", b"trainable_params"):
+            assert field in plugin, (run, field)
     rows = read_csv(logs / "results_version_0.csv")
     assert list(rows[0]) == list(tm.RESULT_COLUMNS)
     assert [(r["target"], r["mode"]) for r in rows] == [
@@ -203,12 +205,13 @@ def test_main_writes_five_runs_csv_and_hparams(tiny_args, tmp_path, capsys):
     assert rows[0]["n_train"] == "40" and rows[1]["n_train"] == "20"
     assert all(0 <= float(r["test_acc"]) <= 1 and int(r["best_epoch"]) >= 0 for r in rows)
     out = capsys.readouterr().out
-    assert "best epoch" in out and "fashion-mnist  from_scratch" in out
+    assert "best epoch" in out and "fashion-mnist  from_scratch" in out and "finetuned - from_scratch" in out
+    assert (logs / "results_version_0.md").is_file()
 
     # a second invocation adds version_1 beside version_0; nothing is deleted
     assert tm.main(tiny_args + ["--targets", "even-odd"]) == 0
     assert (logs / "pretrain" / "version_0").is_dir() and (logs / "pretrain" / "version_1").is_dir()
-    assert (logs / "even-odd" / "finetuned" / "version_1").is_dir()
+    assert (logs / "even-odd" / "finetuned" / "version_1" / "n20_seed0").is_dir()
     assert not (logs / "fashion-mnist" / "finetuned" / "version_1").exists()
     assert len(read_csv(logs / "results_version_1.csv")) == 3
     assert len(read_csv(logs / "results_version_0.csv")) == 5
@@ -307,3 +310,88 @@ def test_real_data_loads_offline_with_the_post_s_sizes():
     assert (len(train_loader.labels), len(val_loader.labels), len(test_loader.labels)) == (200, 50, 10_000)
     pre_train, pre_val, _, _ = tm.load_data("mnist", 10_000, str(SHARED_DATA), seed=0)
     assert (len(pre_train.labels), len(pre_val.labels)) == (10_000, 2_500)
+
+
+# ---- seeds, frozen arm, learning curves ---------------------------------------------------
+def test_mean_and_95_percent_interval_on_known_numbers():
+    ci = tm.MeanCI.of([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert (ci.n, ci.mean) == (5, 3.0)
+    assert ci.sd == pytest.approx(1.581139, abs=1e-6)  # sqrt(2.5)
+    half_width = 2.776 * 1.581139 / 5**0.5  # t(0.975, 4) = 2.776
+    assert (ci.low, ci.high) == (pytest.approx(3 - half_width), pytest.approx(3 + half_width))
+    assert tm.t_975(1) == 12.706 and tm.t_975(30) == 2.042
+    assert tm.t_975(40) == pytest.approx(2.021075, abs=1e-4) and tm.t_975(120) == pytest.approx(1.979930, abs=1e-4)
+    single = tm.MeanCI.of([0.5])
+    assert single.mean == 0.5 and all(v != v for v in (single.sd, single.low, single.high))  # nan
+
+
+def test_paired_difference_is_taken_seed_by_seed():
+    def run(mode, seed, acc, loss):
+        return tm.RunResult("even-odd", mode, seed, 200, 10, loss, acc)
+    results = [run("finetuned", 0, 0.90, 0.3), run("from_scratch", 0, 0.80, 0.5),
+               run("finetuned", 1, 0.80, 0.4), run("from_scratch", 1, 0.75, 0.6),
+               run("finetuned", 2, 0.85, 0.2), run("from_scratch", 2, 0.80, 0.5)]
+    arms, differences = tm.summarize(results)
+    assert [row[2] for row in arms] == ["finetuned", "from_scratch"]
+    assert arms[0][4:6] == ["0.8500 ± 0.0500", "[0.7258, 0.9742]"]  # 0.85 ± 4.303 * 0.05 / sqrt(3)
+    # differences 0.10, 0.05, 0.05: mean 0.0667, sd 0.0289, half-width 4.303 * 0.0289 / sqrt(3) = 0.0717
+    (row,) = differences
+    mean, sd = 0.2 / 3, (0.05**2 / 3) ** 0.5
+    half_width = 4.303 * sd / 3**0.5
+    assert row[2:6] == ["finetuned - from_scratch", "3", f"{mean:.4f} ± {sd:.4f}",
+                        f"[{mean - half_width:.4f}, {mean + half_width:.4f}]"]
+    assert row[5] == "[-0.0051, 0.1384]"
+    assert row[6] == "-0.2333 ± 0.0577"
+
+
+def test_frozen_arm_trains_the_head_only(tiny_data, tmp_path):
+    root, _ = tiny_data
+    train_loader, val_loader, test_loader, names = tm.load_data("fashion-mnist", 40, str(root), seed=0)
+    torch.manual_seed(0)
+    module = tm.LitModule(names, learning_rate=1e-2, freeze_backbone=True)
+    optimizer = module.configure_optimizers()
+    head_params = sum(p.numel() for p in module.classification_head.parameters())
+    assert sum(p.numel() for group in optimizer.param_groups for p in group["params"]) == head_params
+    assert module.parameter_counts() == {"trainable_params": head_params,
+                                         "total_params": head_params + sum(p.numel() for p in module.convnet.parameters())}
+    backbone_before = {k: v.clone() for k, v in module.convnet.state_dict().items()}
+    head_before = {k: v.clone() for k, v in module.classification_head.state_dict().items()}
+    cfg = tm.Config(log_dir=str(tmp_path), accelerator="cpu", devices="1")
+    tm.fit_and_test(module, (train_loader, val_loader, test_loader), "frozen", 5, cfg, {})
+    assert tensors_equal(module.convnet.state_dict(), backbone_before)
+    assert all(not torch.equal(head_before[k], v) for k, v in module.classification_head.state_dict().items())
+
+
+def test_seeds_sizes_and_arms(tiny_args, tmp_path, monkeypatch):
+    drawn = {}  # (n_train, seed) -> training images of every load for that size and seed
+    load_data = tm.load_data
+
+    def recording_load_data(target, n_train, data_dir, seed):
+        loaders = load_data(target, n_train, data_dir, seed)
+        if target == "even-odd":
+            drawn.setdefault((n_train, seed), []).append(loaders[0].images)
+        return loaders
+
+    monkeypatch.setattr(tm, "load_data", recording_load_data)
+    args = tiny_args + ["--targets", "even-odd", "--seeds", "3", "--seed", "4", "--n-train", "8", "20",
+                        "--modes", "finetuned", "from_scratch", "frozen"]
+    assert tm.main(args) == 0
+    logs = tmp_path / "logs"
+    rows = read_csv(logs / "results_version_0.csv")
+    assert len(rows) == 1 + 2 * 3 * 3  # pretrain + sizes x seeds x arms
+    assert {(r["n_train"], r["seed"]) for r in rows[1:]} == {(n, s) for n in ("8", "20") for s in ("4", "5", "6")}
+    for key, images in drawn.items():
+        assert len(images) == 3 and all(torch.equal(images[0], other) for other in images[1:]), key  # arms share
+    for n_train in (8, 20):
+        firsts = [drawn[(n_train, seed)][0] for seed in (4, 5, 6)]
+        assert not torch.equal(firsts[0], firsts[1]) and not torch.equal(firsts[1], firsts[2])  # seeds differ
+
+    summary = (logs / "results_version_0.md").read_text()
+    assert "| even-odd | 20 | frozen | 3 |" in summary and "| even-odd | 8 | frozen - from_scratch | 3 |" in summary
+    for mode in ("finetuned", "from_scratch", "frozen"):
+        curve = events(logs / "learning_curve" / mode / "version_0")
+        points = curve.Scalars("even-odd/test_accuracy")
+        assert [p.step for p in points] == [8, 20]
+        mean_acc = sum(float(r["test_acc"]) for r in rows if r["mode"] == mode and r["n_train"] == "20") / 3
+        assert points[1].value == pytest.approx(mean_acc, rel=1e-5)
+    assert (logs / "even-odd" / "frozen" / "version_0" / "n8_seed6").is_dir()
