@@ -4,20 +4,25 @@ training from scratch when labels are scarce?
 A truncated LeNet-5 is pretrained on 10,000 labelled MNIST digits. Its convolutional
 backbone is then reused, under a fresh classification head, on two target tasks that
 have only 200 labelled training images: even/odd digits (MNIST labels mod 2) and
-FashionMNIST. Each target is trained twice on the very same samples, fine-tuned from
-the pretrained backbone and from scratch. Every run keeps the weights of its best
-validation epoch, is tested with them on the full 10,000-image test set, and is logged
-to TensorBoard. This is a corrected port of the blog post "Fine tuning example for
-transfer learning"; README.md lists what was corrected.
+FashionMNIST. Each target is trained on the very same samples by each arm: fine-tuned from the
+pretrained backbone, from scratch, and (--modes frozen) with the backbone frozen. Every run
+keeps the weights of its best validation epoch, is tested with them on the full
+10,000-image test set, and is logged to TensorBoard. --seeds and several --n-train sizes
+repeat the target runs and summarise them with 95% intervals. This is a corrected port of
+the blog post "Fine tuning example for transfer learning"; README.md lists the corrections.
 
 Run it:
     pip install -r requirements.txt
     python transfer_mnist.py                             # downloads the data into ./data
     python transfer_mnist.py --data-dir ../shared/data   # raw files already there, offline
     python transfer_mnist.py --dry-run                   # every stage on two batches: seconds
+    python transfer_mnist.py --seeds 5 --n-train 50 100 200 500 --modes finetuned from_scratch frozen
     tensorboard --logdir pretraining_logs
 
-Headline (seed 0, defaults, 2-core AMD EPYC CPU): see README.md "Results".
+Headline, measured on a 2-core AMD EPYC (Zen 4) CPU, no GPU: the default run takes 74 s.
+Over 5 seeds at 200 labels, fine-tuning beats training from scratch on even/odd by 6.5
+points of test accuracy (95% interval +3.8 to +9.1) and makes no difference on FashionMNIST
+(-0.1, interval -1.7 to +1.5). README.md "Results" has the tables and commands.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import contextlib
 import csv
 import dataclasses
 import functools
+import gc
 import io
 import logging
 import math
@@ -61,7 +67,7 @@ FINETUNE_LR = 5e-5  # transfer needs a smaller step than training from scratch,
 SCRATCH_LR = 1e-4  # or it wrecks the pretrained features
 FROZEN_LR = 1e-3  # frozen backbone: only the head learns; best of 1e-4..3e-3 on seed 0's validation loss
 TRAIN_BATCH_SIZE = 128  # the post's; 200 target images make 2 steps an epoch
-EVAL_BATCH_SIZE = 500  # evaluation only: any size gives the same numbers, larger ones less overhead
+EVAL_BATCH_SIZE = 500  # evaluation only, same numbers at any size; pretraining is 29% slower at 32, 19% at 2500
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # the post normalises all three datasets with MNIST's statistics
 MONITOR = "ce_loss/val"  # best epoch = lowest validation cross-entropy, as in the post
 # Stop a run this many epochs after its best validation loss (0: never, as in the post). Over seeds 0-2
@@ -162,8 +168,8 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 class TensorLoader:
     """Batches sliced from two in-memory tensors, in a fixed order (the post does not shuffle).
 
-    Stands in for DataLoader(TensorDataset(...)): the data is a few MB, so there is nothing to gain
-    from worker processes, per-sample indexing or collation.
+    Stands in for DataLoader(TensorDataset(...)): the data is a few MB, so per-sample indexing and
+    collation only cost (DataLoader made target runs 21% and pretraining 12% slower, measured).
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int):
@@ -227,10 +233,6 @@ def classification_head(n_classes: int) -> nn.Sequential:
 class LitModule(lightning.LightningModule):
     """Backbone plus a swappable classification head, trained with cross-entropy and Adam."""
 
-    def parameter_counts(self) -> dict[str, int]:
-        return {"trainable_params": sum(p.numel() for p in self.parameters() if p.requires_grad),
-                "total_params": sum(p.numel() for p in self.parameters())}
-
     def __init__(self, label_names: list[str], learning_rate: float = SCRATCH_LR, freeze_backbone: bool = False):
         super().__init__()
         self.save_hyperparameters()  # into every checkpoint and hparams.yaml
@@ -238,7 +240,7 @@ class LitModule(lightning.LightningModule):
         self.classification_head = classification_head(len(label_names))
         # A frozen backbone is a fixed feature extractor: no gradients, no optimizer state, only the head learns
         self.convnet.requires_grad_(not freeze_backbone)
-        # channels-last convolutions and pooling: training steps 30% faster on CPU, measured here
+        # channels-last convolutions and pooling: NCHW makes target runs 12% and pretraining 42% slower here
         self.convnet.to(memory_format=torch.channels_last)
         self._epoch_sums: dict[str, torch.Tensor] = {}  # per stage: summed loss and correct predictions
         self._epoch_counts: dict[str, int] = {}  # per stage: samples seen
@@ -250,8 +252,8 @@ class LitModule(lightning.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
-        # Add the epoch up here and log it once at its end: a self.log() call costs about 0.6 ms in
-        # Lightning 2.6, as much as a training step on 32 images (6 s of the default run, measured).
+        # Add the epoch up here and log it once at its end: self.log() costs ~0.6 ms a call in Lightning
+        # 2.6; logging every step made target runs 6% and pretraining 10% slower, measured.
         batch_sums = torch.stack([loss.detach() * len(labels), (logits.argmax(dim=1) == labels).sum().float()])
         self._epoch_sums[stage] = self._epoch_sums.get(stage, 0) + batch_sums
         self._epoch_counts[stage] = self._epoch_counts.get(stage, 0) + len(labels)
@@ -282,7 +284,13 @@ class LitModule(lightning.LightningModule):
 
     def configure_optimizers(self):
         trainable = [p for p in self.parameters() if p.requires_grad]
+        # fused: one kernel for all tensors; the CPU default makes pretraining 14% slower, measured
         return torch.optim.Adam(trainable, lr=self.hparams.learning_rate, fused=True)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable and total parameters: logged with every run, so a frozen backbone shows."""
+        return {"trainable_params": sum(p.numel() for p in self.parameters() if p.requires_grad),
+                "total_params": sum(p.numel() for p in self.parameters())}
 
 
 def transfer_backbone(module: LitModule, checkpoint_path: str) -> None:
@@ -340,8 +348,9 @@ class RunResult:
 class KeepBestWeights(lightning.Callback):
     """Remembers the weights of the epoch with the lowest validation loss.
 
-    This is what the post means by "Lightning model checkpoint 'best'", kept in memory rather than
-    written to a file at every improvement; fit_and_test() restores these weights before testing.
+    This is what the post means by "Lightning model checkpoint 'best'", kept in memory: writing a
+    ModelCheckpoint file at every improvement made target runs 17% slower, measured. fit_and_test()
+    restores these weights before testing.
     """
 
     def __init__(self, monitor: str = MONITOR):
@@ -358,7 +367,8 @@ class KeepBestWeights(lightning.Callback):
 
 
 class ProgressLog(lightning.Callback):
-    """A few log lines per run instead of a progress bar redrawn at every step of 500 tiny epochs."""
+    """A few log lines per run. Lightning's progress bar, redrawn at every step, made target runs 14%
+    and pretraining 19% slower; these lines cost too little to measure."""
 
     def __init__(self, run_name: str, keep_best: KeepBestWeights, lines: int = PROGRESS_LINES):
         self.run_name, self.keep_best, self.lines = run_name, keep_best, lines
@@ -368,9 +378,14 @@ class ProgressLog(lightning.Callback):
         if epoch % every == 0 or epoch == trainer.max_epochs:
             loss = trainer.callback_metrics[self.keep_best.monitor].item()
             logger.info(
-                f"{self.run_name}: epoch {epoch}/{trainer.max_epochs}, val loss {loss:.4f}, "
+                f"{self.run_name}: {epoch}/{trainer.max_epochs} epochs, val loss {loss:.4f}, "
                 f"best {self.keep_best.best_loss:.4f} at epoch {self.keep_best.best_epoch}"
             )
+
+    def on_train_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        if trainer.current_epoch < trainer.max_epochs:  # EarlyStopping ended the run
+            logger.info(f"{self.run_name}: stopped after {trainer.current_epoch}/{trainer.max_epochs} epochs, "
+                        f"no better validation loss since epoch {self.keep_best.best_epoch}")
 
 
 def fit_and_test(
@@ -653,17 +668,23 @@ def run_experiment(cfg: Config, results_csv: str) -> list[RunResult]:
     """
     check_data(cfg)
     csv_out = ResultsCsv(results_csv)
+    results = []
+
+    def finished(result: RunResult) -> None:
+        results.append(result)
+        csv_out.append(result)
+        # Free the finished run now: Lightning's reference cycles keep its tensors until the cyclic
+        # collector happens to run (measured: resident memory grew 1.1 -> 1.45 GB over 24 runs without)
+        gc.collect()
+
     checkpoint_path, result = pretrain(cfg)
-    results = [result]
-    csv_out.append(result)
+    finished(result)
     for target in cfg.targets:
         for n_train in cfg.n_train:
             for seed in range(cfg.seed, cfg.seed + cfg.seeds):
                 for mode in cfg.modes:
                     checkpoint = None if mode == "from_scratch" else checkpoint_path
-                    result = train(checkpoint, target, cfg, seed, n_train, freeze_backbone=mode == "frozen")
-                    results.append(result)
-                    csv_out.append(result)
+                    finished(train(checkpoint, target, cfg, seed, n_train, freeze_backbone=mode == "frozen"))
     log_learning_curves(results, cfg)
     return results
 

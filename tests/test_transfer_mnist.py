@@ -290,15 +290,15 @@ def test_ctrl_c_stops_the_whole_experiment_and_keeps_finished_runs(tiny_args, tm
         [sys.executable, str(REPO / "transfer_mnist.py"), *args, "--results-csv", str(results)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline and not (results.exists() and len(read_csv(results)) == 1):
         time.sleep(0.2)
-    assert len(read_csv(results)) == 1, "pretraining did not finish"
+    assert results.exists() and len(read_csv(results)) == 1, "pretraining did not finish in time"
     time.sleep(2)  # well inside the first target run
     process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=60)
-    assert process.returncode != 0
-    assert "Interrupted" in err and "Traceback" not in err
+    out, err = process.communicate(timeout=180)
+    assert process.returncode != 0, err
+    assert "Interrupted" in err and "Traceback" not in err, err
     assert [r["mode"] for r in read_csv(results)] == ["pretrain"]  # no run after the interrupted one
     assert (tmp_path / "logs" / "pretrain" / "version_0" / "checkpoints" / "best.ckpt").is_file()
     assert not (tmp_path / "logs" / "even-odd" / "from_scratch").exists()
