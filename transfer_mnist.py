@@ -674,7 +674,8 @@ def run_experiment(cfg: Config, results_csv: str) -> list[RunResult]:
         results.append(result)
         csv_out.append(result)
         # Free the finished run now: Lightning's reference cycles keep its tensors until the cyclic
-        # collector happens to run (measured: resident memory grew 1.1 -> 1.45 GB over 24 runs without)
+        # collector happens to run. Measured: without this, resident memory grew from 1.1 to 1.45 GB
+        # over 24 runs (2.7 GB over 121); each collection takes 0.16 s.
         gc.collect()
 
     checkpoint_path, result = pretrain(cfg)
