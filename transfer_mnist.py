@@ -19,7 +19,7 @@ Run it:
     python transfer_mnist.py --seeds 5 --n-train 50 100 200 500 --modes finetuned from_scratch frozen
     tensorboard --logdir pretraining_logs
 
-Headline, measured on a 2-core AMD EPYC (Zen 4) CPU, no GPU: the default run takes 74 s.
+Headline, measured on a 2-core AMD EPYC (Zen 4) CPU, no GPU: the default run takes 85-94 s.
 Over 5 seeds at 200 labels, fine-tuning beats training from scratch on even/odd by 6.5
 points of test accuracy (95% interval +3.8 to +9.1) and makes no difference on FashionMNIST
 (-0.1, interval -1.7 to +1.5). README.md "Results" has the tables and commands.
