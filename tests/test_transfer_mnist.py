@@ -1,7 +1,6 @@
 """Behaviour of transfer_mnist.py on tiny IDX files (see conftest.py); no network needed."""
 
 import csv
-import os
 import signal
 import subprocess
 import sys
