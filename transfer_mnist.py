@@ -550,13 +550,19 @@ class MeanCI:
         return f"{self.mean:.{digits}f} ± {self.sd:.{digits}f}", f"[{self.low:.{digits}f}, {self.high:.{digits}f}]"
 
 
+def group_by_arm(results: list[RunResult]) -> dict[tuple[str, int, str], dict[int, RunResult]]:
+    """Target runs by (target, n_train, mode), then by seed; pretraining left out."""
+    groups: dict[tuple[str, int, str], dict[int, RunResult]] = {}
+    for r in results:
+        if r.mode != "pretrain":
+            groups.setdefault((r.target, r.n_train, r.mode), {})[r.seed] = r
+    return groups
+
+
 def summarize(results: list[RunResult]) -> tuple[list[list[str]], list[list[str]]]:
     """Rows of two tables: each (target, n_train, mode) over seeds, and each transfer arm minus
     from_scratch, paired by seed (same subset, same head initialisation)."""
-    runs = [r for r in results if r.mode != "pretrain"]
-    groups: dict[tuple[str, int, str], dict[int, RunResult]] = {}
-    for r in runs:
-        groups.setdefault((r.target, r.n_train, r.mode), {})[r.seed] = r
+    groups = group_by_arm(results)
     arms, differences = [], []
     for (target, n_train, mode), by_seed in groups.items():
         acc, loss = MeanCI.of([r.test_acc for r in by_seed.values()]), MeanCI.of([r.test_loss for r in by_seed.values()])
@@ -601,16 +607,16 @@ def write_summary(results: list[RunResult], path: str) -> str:
 def log_learning_curves(results: list[RunResult], cfg: Config) -> None:
     """TensorBoard: mean test accuracy and loss over seeds against n_train (the step axis), one run per
     arm under learning_curve/, so each target's chart shows the arms side by side."""
+    groups = group_by_arm(results)
     for mode in cfg.modes:
         curve = lightning.pytorch.loggers.TensorBoardLogger(cfg.log_dir, name=f"learning_curve/{mode}",
                                                            version=cfg.version, default_hp_metric=False)
-        for target in cfg.targets:
-            for n_train in sorted(cfg.n_train):
-                runs = [r for r in results if (r.target, r.mode, r.n_train) == (target, mode, n_train)]
-                if runs:
-                    curve.log_metrics({f"{target}/test_accuracy": MeanCI.of([r.test_acc for r in runs]).mean,
-                                       f"{target}/test_loss": MeanCI.of([r.test_loss for r in runs]).mean},
-                                      step=n_train)
+        for (target, n_train, arm_mode), by_seed in sorted(groups.items()):
+            if arm_mode == mode:
+                runs = by_seed.values()
+                curve.log_metrics({f"{target}/test_accuracy": MeanCI.of([r.test_acc for r in runs]).mean,
+                                   f"{target}/test_loss": MeanCI.of([r.test_loss for r in runs]).mean},
+                                  step=n_train)
         curve.finalize("success")
 
 
