@@ -13,6 +13,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import transfer_mnist  # noqa: E402  (after the path above)
+
+
+def pytest_configure(config):
+    """The library warnings that main() filters are filtered in the tests too, from the same list."""
+    for message in transfer_mnist.LIBRARY_WARNINGS:
+        config.addinivalue_line("filterwarnings", f"ignore:{message}")
+
 N_TRAIN_IMAGES = 300  # per dataset: enough for --n-pretrain 40 and --n-train 20 with validation
 N_TEST_IMAGES = 60
 IDX_UBYTE = 0x08  # IDX type code of unsigned bytes
