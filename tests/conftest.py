@@ -71,3 +71,26 @@ def tiny_args(tiny_data, tmp_path) -> list[str]:
         "--n-pretrain", "40", "--n-train", "20", "--pretrain-epochs", "2", "--train-epochs", "3",
         "--accelerator", "cpu",
     ]
+
+
+def write_image_folder(root: Path, classes=("box", "disc", "bar"), per_class=None) -> Path:
+    """A tiny ImageFolder target: RGB PNGs of 40x40 pixels (not MNIST's size or mode), one folder per
+    class, each class a bright patch in its own place so that a small net can learn it."""
+    from PIL import Image
+
+    per_class = per_class or {"train": 16, "test": 4}
+    generator = torch.Generator().manual_seed(0)
+    for split, n in per_class.items():
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = torch.randint(0, 60, (40, 40, 3), generator=generator, dtype=torch.uint8)
+                pixels[4 + 10 * c : 12 + 10 * c, 5:35] = 255
+                Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return write_image_folder(tmp_path / "shapes")

@@ -1,0 +1,295 @@
+"""Adapting the experiment: registering targets and arms, image folders, settings, and the errors
+and files a user meets at the edges. Tiny data only (see conftest.py); no network."""
+
+import csv
+import dataclasses
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+import transfer_mnist as tm
+from conftest import write_image_folder
+
+
+def read_csv(path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+# ---- one entry per target and per arm -----------------------------------------------------
+def high_digits(labels: torch.Tensor) -> torch.Tensor:
+    return labels - 5
+
+
+def test_a_target_registered_at_run_time_runs_end_to_end(tiny_data, tiny_args, tmp_path, monkeypatch):
+    root, written = tiny_data
+    monkeypatch.setitem(tm.TARGETS, "digits-5-9", tm.Target(
+        torchvision.datasets.MNIST, ("5", "6", "7", "8", "9"), relabel=high_digits, keep=lambda y: y >= 5))
+    train_loader, _, test_loader, names = tm.load_data("digits-5-9", 20, str(root), seed=0)
+    digits = written["MNIST"]["t10k"]
+    assert torch.equal(test_loader.labels, digits[digits >= 5] - 5) and names == ("5", "6", "7", "8", "9")
+    assert set(train_loader.labels.tolist()) <= set(range(5))
+
+    assert tm.main(tiny_args + ["--targets", "digits-5-9", "--results-csv", str(tmp_path / "r.csv")]) == 0
+    rows = read_csv(tmp_path / "r.csv")
+    assert [(r["target"], r["mode"]) for r in rows] == [
+        ("mnist", "pretrain"), ("digits-5-9", "finetuned"), ("digits-5-9", "from_scratch")]
+    checkpoint = next((tmp_path / "logs" / "pretrain").glob("version_0/checkpoints/best.ckpt"))
+    assert (tmp_path / "logs" / "digits-5-9" / "finetuned" / "version_0" / "n20_seed0").is_dir()
+    assert torch.load(checkpoint, weights_only=True)["state_dict"]["classification_head.2.weight"].shape[0] == 10
+
+
+def test_an_arm_registered_at_run_time_is_a_mode(tiny_args, tmp_path, monkeypatch):
+    monkeypatch.setitem(tm.ARMS, "frozen_fast", tm.Arm(learning_rate=3e-2, pretrained=True, train_backbone=False))
+    made = []
+    fit_and_test = tm.fit_and_test
+    monkeypatch.setattr(tm, "fit_and_test", lambda module, *a, **k: (
+        made.append((module.hparams.learning_rate, module.parameter_counts())), fit_and_test(module, *a, **k))[1])
+    args = tiny_args + ["--targets", "even-odd", "--modes", "frozen_fast", "--results-csv", str(tmp_path / "r.csv")]
+    assert tm.main(args) == 0
+    assert [r["mode"] for r in read_csv(tmp_path / "r.csv")] == ["pretrain", "frozen_fast"]
+    learning_rate, counts = made[1]
+    head = sum(p.numel() for p in tm.classification_head(2).parameters())
+    assert learning_rate == 3e-2 and counts["trainable_params"] == head < counts["total_params"]
+
+
+def test_labels_outside_the_label_names_stop_before_training(tiny_args, tmp_path, monkeypatch, capsys):
+    # an easy slip: MNIST's ten digits under two label names, without a relabel
+    monkeypatch.setitem(tm.TARGETS, "parity-typo", tm.Target(torchvision.datasets.MNIST, ("even", "odd")))
+    assert tm.main(tiny_args + ["--targets", "parity-typo"]) == 2
+    err = one_error_line(capsys)
+    assert "target parity-typo has label" in err and "outside its 2 label names" in err
+    assert not (tmp_path / "logs").exists()  # nothing trained, nothing left
+
+
+# ---- your own images ----------------------------------------------------------------------
+def test_an_image_folder_is_read_as_grey_28x28_with_its_class_names(image_folder):
+    name = tm.register_image_folder(str(image_folder))
+    assert name == "shapes" and tm.TARGETS[name].label_names == ("bar", "box", "disc")  # sorted, as ImageFolder
+    images, labels = tm.read_split(tm.TARGETS[name], "unused", train=True)
+    assert images.shape == (48, 28, 28) and images.dtype == torch.uint8
+    assert labels.tolist() == [0] * 16 + [1] * 16 + [2] * 16
+    # the bright patch of "box" (class index 1, drawn in rows 4-11 of 40) stays near the top once resized
+    box = images[labels == 1].float().mean(0)
+    assert box[3:8].mean() > 150 and box[20:].mean() < 60
+    loader = tm.load_data(name, 20, "unused", seed=0)[0]
+    assert loader.images.shape == (20, 1, 28, 28)
+    assert loader.images.max().item() == pytest.approx((1 - tm.MNIST_MEAN) / tm.MNIST_STD)  # normalised alike
+
+
+def test_an_image_folder_target_runs_every_arm(tiny_args, image_folder, tmp_path):
+    args = tiny_args + ["--targets", str(image_folder), "even-odd", "--modes", "finetuned", "from_scratch", "frozen",
+                        "--seeds", "2", "--results-csv", str(tmp_path / "r.csv")]
+    assert tm.main(args) == 0
+    rows = read_csv(tmp_path / "r.csv")
+    shapes = [(r["mode"], r["seed"]) for r in rows if r["target"] == "shapes"]
+    assert shapes == [(mode, seed) for seed in "01" for mode in ("finetuned", "from_scratch", "frozen")]
+    assert (tmp_path / "logs" / "shapes" / "frozen" / "version_0" / "n20_seed1").is_dir()
+    assert "| shapes | 20 | frozen - from_scratch | 2 |" in (tmp_path / "r.md").read_text()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda root: os.rename(root / "test", root / "testing"), "has no test/ subfolder"),
+    (lambda root: [p.unlink() for p in (root / "train").glob("*/*.png")], "Found no valid file"),
+    (lambda root: os.rename(root / "test" / "bar", root / "test" / "stick"), "different classes (bar, stick)"),
+    (lambda root: None, "--n-train 40 needs 50 training images with validation, but {root} has 48"),
+])
+def test_image_folder_errors_name_the_folder(tiny_args, image_folder, damage, message, capsys):
+    damage(image_folder)
+    assert tm.main(tiny_args + ["--targets", str(image_folder), "--n-train", "40"]) == 2
+    err = one_error_line(capsys)
+    assert message.format(root=image_folder) in err and str(image_folder) in err
+
+
+def test_an_image_folder_cannot_shadow_a_registered_target(tiny_args, tmp_path, capsys):
+    folder = write_image_folder(tmp_path / "even-odd")
+    assert tm.main(tiny_args + ["--targets", str(folder)]) == 2
+    assert "named like the registered target even-odd" in one_error_line(capsys)
+
+
+# ---- one place per setting ----------------------------------------------------------------
+def test_the_command_line_is_derived_from_config():
+    defaults = tm.Config()
+    assert tm.parse_args([]) == defaults  # every flag's default is the field's
+    flags = {f.name for f in dataclasses.fields(tm.Config) if "help" in f.metadata}
+    assert flags == set(dataclasses.asdict(defaults)) - {"version"}
+    parsed = tm.parse_args(["--n-train", "50", "100", "50", "--seeds", "3", "--dry-run", "--modes", "frozen"])
+    assert (parsed.n_train, parsed.seeds, parsed.dry_run, parsed.modes) == ((50, 100), 3, True, ("frozen",))
+    assert defaults.lr == {name: arm.learning_rate for name, arm in tm.ARMS.items()}  # the post's rates
+    assert defaults.lr == {"finetuned": 5e-5, "from_scratch": 1e-4, "frozen": 1e-3}
+
+
+def test_lr_sets_one_arm_and_keeps_the_others():
+    cfg = tm.parse_args(["--lr", "finetuned=1e-3", "frozen=2e-2"])
+    assert cfg.lr == {"finetuned": 1e-3, "from_scratch": 1e-4, "frozen": 2e-2}
+
+
+@pytest.mark.parametrize("value", ["bogus=1e-3", "finetuned=-1e-3", "finetuned=0", "finetuned=fast", "finetuned",
+                                   "finetuned=nan"])
+def test_lr_refuses_unknown_arms_and_rates_that_are_not_positive(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tm.parse_args(["--lr", value])
+    assert exit_info.value.code == 2 and "--lr" in capsys.readouterr().err
+
+
+def test_the_arm_trains_at_the_rate_given_on_the_command_line(tiny_args, tmp_path, monkeypatch):
+    rates = []
+    fit_and_test = tm.fit_and_test
+    monkeypatch.setattr(tm, "fit_and_test", lambda module, *a, **k: (
+        rates.append(module.configure_optimizers().param_groups[0]["lr"]), fit_and_test(module, *a, **k))[1])
+    assert tm.main(tiny_args + ["--targets", "even-odd", "--lr", "finetuned=1e-3", "--pretrain-lr", "2e-4"]) == 0
+    assert rates == [2e-4, 1e-3, 1e-4]  # pretrain, finetuned (given), from_scratch (default)
+
+
+# ---- a template you can cut ---------------------------------------------------------------
+def test_the_experiment_core_runs_without_the_reporting(tiny_data, tmp_path, monkeypatch):
+    def deleted(*args, **kwargs):
+        raise AssertionError("the experiment core called the reporting")
+
+    for name in ("write_summary", "log_learning_curves", "summarize", "group_by_arm", "MeanCI", "format_table"):
+        monkeypatch.setattr(tm, name, deleted)
+    root, _ = tiny_data
+    cfg = tm.Config(data_dir=str(root), log_dir=str(tmp_path), n_pretrain=40, n_train=(20,), seeds=2,
+                    pretrain_epochs=1, train_epochs=2, accelerator="cpu")
+    results = tm.run_experiment(cfg, tm.ResultsCsv(str(tmp_path / "r.csv")))
+    assert len(results) == 1 + 2 * 2 * 2 == len(read_csv(tmp_path / "r.csv"))
+
+
+# ---- errors, and nothing left behind ------------------------------------------------------
+def test_a_log_dir_that_is_a_file_or_cannot_be_created_exits_2(tiny_args, tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    for log_dir, reason in ((tmp_path / "afile", "is a file"), (tmp_path / "afile" / "logs", "cannot be created"),
+                            (Path("/proc/no-such/logs"), "cannot be created")):
+        assert tm.main(tiny_args + ["--log-dir", str(log_dir)]) == 2
+        err = one_error_line(capsys)
+        assert f"--log-dir {log_dir}" in err and reason in err
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_results_csv_that_cannot_be_written_exits_2_and_leaves_nothing(tiny_args, tmp_path, capsys):
+    for path, reason in ((tmp_path, "is a folder"), (Path("/dev/full"), "No space left on device"),
+                         (tmp_path / "new" / "r.csv" / "x.csv", "cannot be written")):
+        if path.name == "x.csv":
+            (tmp_path / "new").mkdir()
+            (tmp_path / "new" / "r.csv").write_text("")
+        assert tm.main(tiny_args + ["--log-dir", str(tmp_path / "fresh" / "logs"), "--results-csv", str(path)]) == 2
+        err = one_error_line(capsys)
+        assert f"--results-csv {path}" in err and reason in err
+        assert not (tmp_path / "fresh").exists()  # the log folder this start made is gone again
+
+
+def test_a_full_disk_mid_run_keeps_the_finished_rows(tiny_args, tmp_path, monkeypatch, capsys):
+    train, calls = tm.train, []
+
+    def train_until_the_disk_fills(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "logs" / "events"))
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(tm, "train", train_until_the_disk_fills)
+    csv_path = tmp_path / "r.csv"
+    assert tm.main(tiny_args + ["--results-csv", str(csv_path)]) == 1
+    err = one_error_line(capsys)
+    assert "No space left on device" in err and str(csv_path) in err
+    rows = read_csv(csv_path)
+    assert [(r["target"], r["mode"]) for r in rows] == [("mnist", "pretrain"), ("even-odd", "finetuned")]
+
+
+def test_a_half_written_row_is_cut_when_the_disk_fills(tmp_path, monkeypatch):
+    out = tm.ResultsCsv(str(tmp_path / "r.csv"))
+    out.append(tm.RunResult("even-odd", "finetuned", 0, 200, 12, 0.25, 0.9))
+    before = (tmp_path / "r.csv").read_bytes()
+
+    class FullDisk:  # writes 5 bytes, then the disk is full
+        def __init__(self, f):
+            self.f, self.written = f, False
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def seek(self, *args):
+            return self.f.seek(*args)
+
+        def truncate(self, size):
+            return self.f.truncate(size)
+
+        def write(self, data):
+            if self.written:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written = True
+            return self.f.write(data[:5])
+
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda *a, **k: FullDisk(real_open(*a, **k)))
+    with pytest.raises(OSError):
+        out.append(tm.RunResult("even-odd", "from_scratch", 0, 200, 7, 0.5, 0.8))
+    monkeypatch.undo()
+    assert (tmp_path / "r.csv").read_bytes() == before
+
+
+def test_a_truncated_raw_file_is_named_as_damaged(tiny_data, tiny_args, tmp_path, capsys):
+    root, _ = tiny_data
+    damaged = tmp_path / "data"
+    for name in ("MNIST", "FashionMNIST"):
+        (damaged / name / "raw").mkdir(parents=True)
+        for file in (root / name / "raw").iterdir():
+            (damaged / name / "raw" / file.name).write_bytes(file.read_bytes())
+    images = damaged / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:5000])
+    assert tm.main(tiny_args + ["--data-dir", str(damaged)]) == 2
+    err = one_error_line(capsys)
+    assert f"{images} is damaged" in err and "delete it to download it again" in err
+    assert "could not be downloaded" not in err
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_failed_start_removes_the_data_folders_it_made(tmp_path, monkeypatch, capsys):
+    # an address that refuses at once: no test reaches the real download servers
+    monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
+    (tmp_path / "data").mkdir()
+    assert tm.main(["--data-dir", str(tmp_path / "data" / "new"), "--log-dir", str(tmp_path / "logs")]) == 2
+    assert "MNIST is not in" in one_error_line(capsys)
+    assert sorted(os.listdir(tmp_path)) == ["data"] and not os.listdir(tmp_path / "data")
+
+
+# ---- console and files --------------------------------------------------------------------
+def test_epochs_count_from_1_in_log_lines_csv_and_tensorboard(tiny_args, tmp_path, caplog):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    caplog.set_level("INFO", logger="transfer_mnist")
+    assert tm.main(tiny_args + ["--targets", "even-odd", "--modes", "from_scratch", "--train-epochs", "4"]) == 0
+    (row,) = [r for r in read_csv(tmp_path / "logs" / "results_version_0.csv") if r["mode"] == "from_scratch"]
+    accumulator = EventAccumulator(str(tmp_path / "logs" / "even-odd" / "from_scratch" / "version_0" / "n20_seed0"))
+    accumulator.Reload()
+    val = accumulator.Scalars("ce_loss/val")
+    assert [e.step for e in val] == [1, 2, 3, 4] and [e.step for e in accumulator.Scalars("ce_loss/train")] == [1, 2, 3, 4]
+    best = min(val, key=lambda e: e.value)
+    assert int(row["best_epoch"]) == best.step == accumulator.Scalars("accuracy/test")[0].step
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("even-odd/from_scratch: ")]
+    assert "even-odd/from_scratch: epoch 4/4, val loss" in "\n".join(lines)
+    assert any(f"best epoch {best.step}, test loss" in line and line.endswith(" s") for line in lines)
+
+
+def test_csv_numbers_carry_no_float32_noise(tiny_args, tmp_path):
+    assert tm.main(tiny_args + ["--targets", "even-odd"]) == 0
+    for row in read_csv(tmp_path / "logs" / "results_version_0.csv"):
+        for column in ("test_loss", "test_acc"):
+            assert len(row[column].lstrip("0.").replace(".", "").split("e")[0]) <= 6, row[column]
+            assert float(row[column]) == pytest.approx(float(row[column]), rel=1e-6)
