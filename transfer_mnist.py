@@ -84,17 +84,29 @@ TARGETS: dict[str, Target] = {
 class Arm:
     """One way to train a target: where its backbone starts, whether it learns, and Adam's rate."""
 
-    learning_rate: float  # the default; --lr ARM=RATE overrides it
+    learning_rate: float  # the default; --lr ARM=RATE overrides it, --lr-grid searches it
     pretrained: bool  # start from the pretrained backbone; an arm without it is the baseline the others are paired with
     train_backbone: bool = True  # False: the backbone is a fixed feature extractor and only the head learns
+    # Two stages (LP-FT): this share of the epoch budget first trains the head alone on the frozen
+    # backbone at head_lr, then the rest fine-tunes every weight at learning_rate
+    head_fraction: float = 0.0
+    head_lr: float = 0.0
 
 
+# Adam's rate for a fresh head on a frozen backbone: only the head learns, so a larger step is safe
+# (the best of 1e-4..3e-3 on seed 0's validation loss at 200 labels)
+HEAD_LR = 1e-3
 ARMS: dict[str, Arm] = {
     # The post's rates: "transfer learning needs smaller learning rates than training from scratch"
     "finetuned": Arm(learning_rate=5e-5, pretrained=True),
     "from_scratch": Arm(learning_rate=1e-4, pretrained=False),
-    # Only the head learns, so a larger step is safe: the best of 1e-4..3e-3 on seed 0's validation loss
-    "frozen": Arm(learning_rate=1e-3, pretrained=True, train_backbone=False),
+    "frozen": Arm(learning_rate=HEAD_LR, pretrained=True, train_backbone=False),
+    # LP-FT (Kumar et al. 2022; fastai's fine_tune): a head trained first does not send large, random
+    # gradients into the pretrained features when they start to learn. The head stage gets a fifth of
+    # the budget: by epoch 100 a head on the frozen backbone was within 0.05 of its best validation loss
+    # (seeds 0-1, 200 labels, both targets), while fine-tuning at the post's rate still improved near
+    # epoch 500. --lr lp_ft=RATE and --lr-grid set the fine-tuning stage's rate; the head's stays HEAD_LR.
+    "lp_ft": Arm(learning_rate=5e-5, pretrained=True, head_fraction=0.2, head_lr=HEAD_LR),
 }
 
 
@@ -131,6 +143,16 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
 def target_name(text: str) -> str:
     """A registered target, or a folder to read as an image-folder target."""
     if text in TARGETS or os.path.isdir(text):
@@ -143,13 +165,7 @@ def arm_rate(text: str) -> tuple[str, float]:
     arm, _, rate = text.partition("=")
     if arm not in ARMS:
         raise argparse.ArgumentTypeError(f"unknown arm {arm!r} in {text!r}; choose from {', '.join(ARMS)}")
-    try:
-        value = float(rate)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"the rate in {text!r} must be a positive number")
-    return arm, value
+    return arm, positive_float(rate)
 
 
 @dataclasses.dataclass
@@ -163,9 +179,13 @@ class Config:
                            "TensorBoard folder; each invocation adds a new version to it")
     results_csv: str | None = setting(None, "results CSV, one row per run; the summary goes beside it with a .md "
                                       "suffix (default: <log-dir>/results_<version>.csv)", metavar="PATH")
-    seed: int = setting(0, "first seed: draws the training subsets and initial weights, and seeds pretraining")
+    seed: int = setting(0, "first seed: draws the training subsets and initial weights, and seeds pretraining "
+                        "unless --pretrain-seed says otherwise")
     seeds: int = setting(1,  # one seed is the post's single run; the summary over seeds needs two or more
                          "repeat every target run for this many seeds, --seed upwards", type=positive_int)
+    # Pretraining runs once per invocation: the seeds sample the target side, where the noise is
+    pretrain_seed: int | None = setting(None, "seed of pretraining (default: --seed); fix it to split the seeds "
+                                        "of one sweep over machines, e.g. --seed 3 --seeds 2 --pretrain-seed 0")
     source: str = setting("mnist", "registered target (or image folder) to pretrain the backbone on",
                           type=target_name)
     n_pretrain: int = setting(10_000,  # the post's
@@ -180,6 +200,12 @@ class Config:
                                      "arms to run on every target", choices=ARMS)
     lr: dict[str, float] = setting({}, "Adam's learning rate of an arm, e.g. --lr finetuned=1e-3",
                                    type=arm_rate, metavar="ARM=RATE")
+    # Empty: the post's protocol, each arm at its own rate. A fair comparison gives every arm its own
+    # search over rates, chosen on validation data (Kornblith, Shlens and Le 2019)
+    lr_grid: tuple[float, ...] = setting((), "train every target run once per learning rate, the same grid for "
+                                         "every arm, and select per (target, arm, n_train, seed) the rate with the "
+                                         "lowest validation loss, e.g. 1e-5 3e-5 1e-4 3e-4 1e-3 3e-3",
+                                         type=positive_float, metavar="LR")
     n_train: tuple[int, ...] = setting((200,),  # the scarce-label regime the post is about
                                        "training images per target run, plus a quarter as many for validation; "
                                        "several sizes give a learning curve, e.g. 50 100 200 500")
@@ -193,6 +219,9 @@ class Config:
     overwrite: bool = setting(False, "delete the log folder first, instead of adding a new version beside the "
                               "earlier ones")
     dry_run: bool = setting(False, "smoke test: every stage for one epoch of two batches, logs in a temporary folder")
+    report: tuple[str, ...] = setting((), "no training: rebuild the summary, its Markdown and the figure from "
+                                      "results CSVs, merged; written beside the first CSV, or beside --results-csv "
+                                      "(which then gets the merged rows)", metavar="CSV")
     version: str = "version_0"  # set at start: the log version that all runs of this invocation share
 
     def __post_init__(self) -> None:
@@ -450,12 +479,22 @@ class LitModule(lightning.LightningModule):
         self.save_hyperparameters()  # into every checkpoint and hparams.yaml
         self.convnet = decapitated_lenet()
         self.classification_head = classification_head(len(label_names))
-        # A frozen backbone is a fixed feature extractor: no gradients, no optimizer state, only the head learns
-        self.convnet.requires_grad_(train_backbone)
+        self.set_stage(learning_rate, train_backbone)
         # channels-last convolutions and pooling: NCHW makes target runs 12% and pretraining 42% slower here
         self.convnet.to(memory_format=torch.channels_last)
+        self.epochs_before = 0  # epochs of an earlier stage (LP-FT): this stage's epochs count on from there
         self._epoch_sums: dict[str, torch.Tensor] = {}  # per stage: summed loss and correct predictions
         self._epoch_counts: dict[str, int] = {}  # per stage: samples seen
+
+    def set_stage(self, learning_rate: float, train_backbone: bool) -> None:
+        """What trains, and how fast, from the next fit on; the only place that freezes. A frozen backbone
+        is a fixed feature extractor: no gradients, no optimizer state, only the head learns."""
+        self.hparams.learning_rate, self.hparams.train_backbone = learning_rate, train_backbone
+        self.convnet.requires_grad_(train_backbone)
+
+    def epoch(self) -> int:
+        """The epoch being run, counted from 1 and on across stages, as in every log, table and file."""
+        return self.epochs_before + self.current_epoch + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classification_head(self.convnet(x))
@@ -481,7 +520,7 @@ class LitModule(lightning.LightningModule):
         metrics = {f"ce_loss/{stage}": mean_loss, f"accuracy/{stage}": accuracy}
         self.log_dict(metrics, logger=False)  # for EarlyStopping, KeepBestWeights and trainer.test()'s result
         if self.logger is not None and stage != "test":
-            self.logger.log_metrics({key: value.item() for key, value in metrics.items()}, step=self.current_epoch + 1)
+            self.logger.log_metrics({key: value.item() for key, value in metrics.items()}, step=self.epoch())
 
     def training_step(self, batch, batch_idx):
         return self._shared_step(batch, "train")
@@ -532,7 +571,9 @@ def transfer_backbone(module: LitModule, checkpoint_path: str) -> None:
 # ---- Experiment ---------------------------------------------------------------------------
 @dataclasses.dataclass
 class RunResult:
-    """One run: a row of the results CSV (every field but `seconds`, which differs between identical runs)."""
+    """One run: a row of the results CSV (every field but `seconds`, which differs between identical runs).
+    Losses and accuracies are kept to 6 significant digits, as the CSV holds them, so that a summary
+    rebuilt from the CSV (--report) is the very summary of the run."""
 
     target: str
     mode: str
@@ -541,6 +582,10 @@ class RunResult:
     best_epoch: int  # counted from 1, as in the progress lines and TensorBoard
     test_loss: float
     test_acc: float
+    learning_rate: float  # Adam's; for a two-stage arm, the fine-tuning stage's
+    val_loss: float  # the best validation loss: what selects the best epoch, and the rate from --lr-grid
+    selected: bool  # the rate chosen for its (target, mode, n_train, seed); every run is, without a grid
+    max_epochs: int  # the epoch budget: a best epoch near it means the run was still improving
     seconds: float = dataclasses.field(default=math.nan, metadata={"csv": False})  # wall time of the run
 
 
@@ -564,7 +609,7 @@ class KeepBestWeights(lightning.Callback):
     def on_validation_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         loss = trainer.callback_metrics[self.monitor].item()
         if loss < self.best_loss:
-            self.best_loss, self.best_epoch = loss, trainer.current_epoch + 1
+            self.best_loss, self.best_epoch = loss, pl_module.epoch()
             self.best_state = {key: value.detach().clone() for key, value in pl_module.state_dict().items()}
 
 
@@ -576,29 +621,29 @@ class ProgressLog(lightning.Callback):
         self.run_name, self.keep_best, self.lines = run_name, keep_best, lines
 
     def on_validation_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
-        epoch, every = trainer.current_epoch + 1, max(1, trainer.max_epochs // self.lines)
-        if epoch % every == 0 or epoch == trainer.max_epochs:
+        epoch, last = pl_module.epoch(), pl_module.epochs_before + trainer.max_epochs
+        if epoch % max(1, last // self.lines) == 0 or epoch == last:
             loss = trainer.callback_metrics[self.keep_best.monitor].item()
-            logger.info(f"{self.run_name}: epoch {epoch}/{trainer.max_epochs}, val loss {loss:.4f}, "
+            logger.info(f"{self.run_name}: epoch {epoch}/{last}, val loss {loss:.4f}, "
                         f"best {self.keep_best.best_loss:.4f} at epoch {self.keep_best.best_epoch}")
 
     def on_train_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         if trainer.current_epoch < trainer.max_epochs:  # EarlyStopping ended the run
-            logger.info(f"{self.run_name}: stopped after epoch {trainer.current_epoch}/{trainer.max_epochs}, "
-                        f"no better validation loss since epoch {self.keep_best.best_epoch}")
+            last = pl_module.epochs_before + trainer.max_epochs
+            logger.info(f"{self.run_name}: stopped after epoch {pl_module.epochs_before + trainer.current_epoch}/"
+                        f"{last}, no better validation loss since epoch {self.keep_best.best_epoch}")
 
 
-def fit_and_test(
+def fit_best(
     module: LitModule,
-    loaders: tuple[TensorLoader, TensorLoader, TensorLoader],
+    loaders: tuple[TensorLoader, TensorLoader],
     run_name: str,
     max_epochs: int,
     cfg: Config,
-    hparams: dict,
     sub_dir: str | None = None,
-) -> tuple[lightning.Trainer, KeepBestWeights, dict[str, float]]:
-    """Train for max_epochs, restore the best-validation weights, test them, log the run to TensorBoard
-    under <log_dir>/<run_name>/<version>[/<sub_dir>]."""
+) -> tuple[lightning.Trainer, KeepBestWeights]:
+    """Train for up to max_epochs and restore the best-validation weights; log to TensorBoard under
+    <log_dir>/<run_name>/<version>[/<sub_dir>]."""
     tb_logger = lightning.pytorch.loggers.TensorBoardLogger(
         cfg.log_dir, name=run_name, version=cfg.version, sub_dir=sub_dir,
         default_hp_metric=False,  # no -1 placeholder in the HPARAMS tab
@@ -625,7 +670,7 @@ def fit_and_test(
         **dry,
     )
     device = trainer.strategy.root_device
-    train_loader, val_loader, test_loader = (loader.to(device) for loader in loaders)
+    train_loader, val_loader = (loader.to(device) for loader in loaders)
     try:
         trainer.fit(module, train_loader, val_loader)
     except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after shutting the run down
@@ -635,18 +680,38 @@ def fit_and_test(
     if trainer.interrupted:  # older Lightning returns from fit() instead
         raise KeyboardInterrupt
     module.load_state_dict(keep_best.best_state)
-    trainer.test(module, test_loader, verbose=False)
+    return trainer, keep_best
+
+
+def fit_and_test(
+    module: LitModule,
+    loaders: tuple[TensorLoader, TensorLoader, TensorLoader],
+    run_name: str,
+    max_epochs: int,
+    cfg: Config,
+    hparams: dict,
+    sub_dir: str | None = None,
+) -> tuple[lightning.Trainer, KeepBestWeights, dict[str, float]]:
+    """fit_best(), then test the best-validation weights and log the run's hyperparameters with the result."""
+    trainer, keep_best = fit_best(module, loaders[:2], run_name, max_epochs, cfg, sub_dir)
+    trainer.test(module, loaders[2].to(trainer.strategy.root_device), verbose=False)
     metrics = {key: trainer.callback_metrics[key].item() for key in ("ce_loss/test", "accuracy/test")}
     # HPARAMS tab: one row per run, compared on the test metrics, which it also logs as scalars at the best epoch
-    tb_logger.log_hyperparams({**hparams, "best_epoch": keep_best.best_epoch}, metrics=metrics,
-                              step=keep_best.best_epoch)
-    tb_logger.finalize("success")  # flush now: trainer.test() already closed the file once
+    trainer.logger.log_hyperparams({**hparams, "best_epoch": keep_best.best_epoch}, metrics=metrics,
+                                   step=keep_best.best_epoch)
+    trainer.logger.finalize("success")  # flush now: trainer.test() already closed the file once
     return trainer, keep_best, metrics
 
 
+def six_digits(value: float) -> float:
+    """float32 metrics printed in full carry noise (0.9754999876022339): 6 significant digits hold them."""
+    return float(f"{value:.6g}")
+
+
 def run_result(hparams: dict, keep_best: KeepBestWeights, metrics: dict, started: float) -> RunResult:
-    result = RunResult(hparams["target"], hparams["mode"], hparams["seed"], hparams["n_train"],
-                       keep_best.best_epoch, metrics["ce_loss/test"], metrics["accuracy/test"],
+    result = RunResult(hparams["target"], hparams["mode"], hparams["seed"], hparams["n_train"], keep_best.best_epoch,
+                       six_digits(metrics["ce_loss/test"]), six_digits(metrics["accuracy/test"]),
+                       hparams["learning_rate"], six_digits(keep_best.best_loss), True, hparams["max_epochs"],
                        seconds=time.perf_counter() - started)
     logger.info(f"{result.target}/{result.mode}: best epoch {result.best_epoch}, test loss {result.test_loss:.4f}, "
                 f"test accuracy {result.test_acc:.4f}, {result.seconds:.1f} s")
@@ -656,11 +721,12 @@ def run_result(hparams: dict, keep_best: KeepBestWeights, metrics: dict, started
 def pretrain(cfg: Config) -> tuple[str, RunResult]:
     """Train a model on the source's classes (MNIST's 10 digits); return its best checkpoint and result."""
     started = time.perf_counter()
+    seed = cfg.seed if cfg.pretrain_seed is None else cfg.pretrain_seed
     logger.info(f"Pretraining on {cfg.n_pretrain} {cfg.source} images, all {len(TARGETS[cfg.source].label_names)} classes")
-    train_loader, val_loader, test_loader, label_names = load_data(cfg.source, cfg.n_pretrain, cfg.data_dir, cfg.seed)
-    lightning.seed_everything(cfg.seed, verbose=False)
+    train_loader, val_loader, test_loader, label_names = load_data(cfg.source, cfg.n_pretrain, cfg.data_dir, seed)
+    lightning.seed_everything(seed, verbose=False)
     module = LitModule(label_names, learning_rate=cfg.pretrain_lr)
-    hparams = {"target": cfg.source, "mode": "pretrain", "seed": cfg.seed, "n_train": cfg.n_pretrain,
+    hparams = {"target": cfg.source, "mode": "pretrain", "seed": seed, "n_train": cfg.n_pretrain,
                "learning_rate": cfg.pretrain_lr, "max_epochs": cfg.pretrain_epochs, **module.parameter_counts()}
     trainer, keep_best, metrics = fit_and_test(
         module, (train_loader, val_loader, test_loader), "pretrain", cfg.pretrain_epochs, cfg, hparams
@@ -675,12 +741,14 @@ def pretrain(cfg: Config) -> tuple[str, RunResult]:
     return checkpoint_path, run_result(hparams, keep_best, metrics, started)
 
 
-def train(pretrained_checkpoint: str, target: str, mode: str, cfg: Config, seed: int, n_train: int) -> RunResult:
-    """Train one arm on a target: from the pretrained checkpoint's backbone if the arm says so, else from
-    scratch; the backbone learns or stays frozen as the arm says."""
+def train(pretrained_checkpoint: str, target: str, mode: str, cfg: Config, seed: int, n_train: int,
+          learning_rate: float | None = None) -> RunResult:
+    """Train one arm on a target, at `learning_rate` (default: the arm's, as --lr sets it): from the
+    pretrained checkpoint's backbone if the arm says so, else from scratch; the backbone learns or stays
+    frozen as the arm says, or (LP-FT) stays frozen while the head alone trains first."""
     started = time.perf_counter()
-    arm, learning_rate = ARMS[mode], cfg.lr[mode]
-    logger.info(f"{target}/{mode}: {n_train} training images, seed {seed}")
+    arm, learning_rate = ARMS[mode], learning_rate or cfg.lr[mode]
+    logger.info(f"{target}/{mode}: {n_train} training images, seed {seed}, learning rate {learning_rate:g}")
     train_loader, val_loader, test_loader, label_names = load_data(target, n_train, cfg.data_dir, seed)
     # Same seed for every arm: same subset (above) and the same fresh head
     lightning.seed_everything(seed, verbose=False)
@@ -690,11 +758,38 @@ def train(pretrained_checkpoint: str, target: str, mode: str, cfg: Config, seed:
     hparams = {"target": target, "mode": mode, "seed": seed, "n_train": n_train, "learning_rate": learning_rate,
                "max_epochs": cfg.train_epochs, **module.parameter_counts()}
     logger.info(f"{target}/{mode}: {hparams['trainable_params']} of {hparams['total_params']} parameters train")
-    _, keep_best, metrics = fit_and_test(
-        module, (train_loader, val_loader, test_loader), f"{target}/{mode}", cfg.train_epochs, cfg, hparams,
-        sub_dir=f"n{n_train}_seed{seed}",
-    )
+    run_name, sub_dir = f"{target}/{mode}", f"n{n_train}_seed{seed}" + (f"_lr{learning_rate:g}" if cfg.lr_grid else "")
+    loaders = (train_loader, val_loader, test_loader)
+    if arm.head_fraction:
+        # Two fits rather than Lightning's BackboneFinetuning callback: that callback needs a `backbone`
+        # attribute and adds an optimizer param group mid-fit, which breaks fused Adam's assumptions,
+        # schedulers and resumed checkpoints. Here each stage is a plain fit with a fresh Adam, keeps
+        # its best-validation weights, and the second continues the first one's epoch count.
+        module.set_stage(arm.head_lr, train_backbone=False)
+        head_epochs = max(1, round(arm.head_fraction * cfg.train_epochs))
+        trainer, _ = fit_best(module, loaders[:2], run_name, head_epochs, cfg, sub_dir)
+        module.epochs_before = trainer.current_epoch
+        module.set_stage(learning_rate, train_backbone=True)
+    _, keep_best, metrics = fit_and_test(module, loaders, run_name, max(1, cfg.train_epochs - module.epochs_before),
+                                         cfg, hparams, sub_dir)
     return run_result(hparams, keep_best, metrics, started)
+
+
+def select_rates(group: list[RunResult]) -> list[RunResult]:
+    """Mark, per (target, mode, n_train, seed), the run with the lowest best-validation loss as selected
+    (the lower rate on a tie). Test data never enters the choice."""
+    best: dict[tuple, RunResult] = {}
+    for r in group:
+        key = (r.target, r.mode, r.n_train, r.seed)
+        if key not in best or (r.val_loss, r.learning_rate) < (best[key].val_loss, best[key].learning_rate):
+            best[key] = r
+    for r in group:
+        r.selected = best[(r.target, r.mode, r.n_train, r.seed)] is r
+    return group
+
+
+def csv_text(value: typing.Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 class ResultsCsv:
@@ -706,9 +801,7 @@ class ResultsCsv:
             csv.writer(f).writerow(RESULT_COLUMNS)
 
     def append(self, result: RunResult) -> None:
-        # 6 significant digits: float32 metrics printed in full carry noise (0.9754999876022339)
-        row = [f"{value:.6g}" if isinstance(value, float) else value
-               for value in (getattr(result, column) for column in RESULT_COLUMNS)]
+        row = [csv_text(getattr(result, column)) for column in RESULT_COLUMNS]
         line = io.StringIO()
         csv.writer(line).writerow(row)
         data = line.getvalue().encode()
@@ -723,35 +816,40 @@ class ResultsCsv:
 
 
 def run_experiment(cfg: Config, csv_out: ResultsCsv) -> list[RunResult]:
-    """Pretrain once, then run every arm on every target, training-set size and seed; each row goes to
-    the CSV as its run finishes."""
+    """Pretrain once, then run every arm on every target, training-set size and seed, once per rate of
+    --lr-grid. Rows go to the CSV as their runs finish (a grid's rows once its choice is made)."""
     results = []
 
-    def finished(result: RunResult) -> None:
-        results.append(result)
-        csv_out.append(result)
-        # Free the finished run now: Lightning's reference cycles keep its tensors until the cyclic
+    def finished(runs: list[RunResult]) -> None:
+        results.extend(runs)
+        for run in runs:
+            csv_out.append(run)
+        # Free the finished runs now: Lightning's reference cycles keep their tensors until the cyclic
         # collector happens to run. Measured: without this, resident memory grew from 1.1 to 1.45 GB
         # over 24 runs (2.7 GB over 121); each collection takes 0.16 s.
         gc.collect()
 
     checkpoint_path, result = pretrain(cfg)
-    finished(result)
+    finished([result])
     for target in cfg.targets:
         for n_train in cfg.n_train:
             for seed in range(cfg.seed, cfg.seed + cfg.seeds):
                 for mode in cfg.modes:
-                    finished(train(checkpoint_path, target, mode, cfg, seed, n_train))
+                    grid = [train(checkpoint_path, target, mode, cfg, seed, n_train, learning_rate)
+                            for learning_rate in cfg.lr_grid or (cfg.lr[mode],)]
+                    finished(select_rates(grid))
     return results
 
 
-# ---- Reporting: the run table; then (optional) the summary over seeds and the learning curves ----
-RUN_HEADER = ["target", "mode", "n_train", "seed", "best epoch", "test loss", "test acc"]
-
-
-def run_rows(results: list[RunResult]) -> list[list[str]]:
-    return [[r.target, r.mode, str(r.n_train), str(r.seed), str(r.best_epoch), f"{r.test_loss:.4f}",
-             f"{r.test_acc:.4f}"] for r in results]
+# ---- Reporting: the run table, and the results CSV read back (--report) -------------------
+def run_rows(results: list[RunResult]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the run table; with a learning-rate grid, which rate was selected."""
+    grid = any(not r.selected for r in results)
+    header = ["target", "mode", "n_train", "seed", "lr", "best epoch", "val loss", "test loss", "test acc"]
+    rows = [[r.target, r.mode, str(r.n_train), str(r.seed), f"{r.learning_rate:g}", str(r.best_epoch),
+             f"{r.val_loss:.4f}", f"{r.test_loss:.4f}", f"{r.test_acc:.4f}"] + (["yes" if r.selected else ""] * grid)
+            for r in results]
+    return header + ["selected"] * grid, rows
 
 
 def aligned(header: list[str], rows: list[list[str]]) -> str:
@@ -768,11 +866,42 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 def format_table(results: list[RunResult]) -> str:
     """One line per run, aligned, with its wall time."""
-    return aligned(RUN_HEADER + ["time"], [row + [f"{r.seconds:.1f} s"] for row, r in zip(run_rows(results), results)])
+    header, rows = run_rows(results)
+    return aligned(header + ["time"], [row + [f"{r.seconds:.1f} s"] for row, r in zip(rows, results)])
 
 
-# ---- Summary over seeds and learning curves (optional: delete this section, and main() keeps the run
-# table and the CSV; delete with it write_summary() and log_learning_curves() in main()) ----
+def read_results(paths: typing.Sequence[str]) -> list[RunResult]:
+    """The rows of results CSVs, merged. A row repeated across files is kept once; two rows of the same run
+    (target, mode, n_train, seed, learning rate) with different numbers are an error."""
+    kinds = typing.get_type_hints(RunResult)
+    parse = {int: int, float: float, str: str, bool: lambda text: {"true": True, "false": False}[text.lower()]}
+    results: dict[tuple, RunResult] = {}
+    for path in paths:
+        try:
+            with open(path, newline="") as f:
+                rows = list(csv.DictReader(f))
+        except (OSError, UnicodeDecodeError) as err:
+            raise ExperimentError(f"--report {path} cannot be read ({getattr(err, 'strerror', None) or err})") from None
+        missing = [column for column in RESULT_COLUMNS if rows and column not in rows[0]]
+        if not rows or missing:
+            raise ExperimentError(f"--report {path} is not a results CSV of this script "
+                                  f"({'no rows' if not rows else 'no column ' + ', '.join(missing)})")
+        for line, row in enumerate(rows, start=2):
+            try:
+                result = RunResult(**{column: parse[kinds[column]](row[column]) for column in RESULT_COLUMNS})
+            except (KeyError, ValueError, TypeError):
+                raise ExperimentError(f"--report {path}, line {line}: not a row of results ({row})") from None
+            key = (result.target, result.mode, result.n_train, result.seed, result.learning_rate)
+            earlier = results.setdefault(key, result)
+            if [csv_text(getattr(earlier, c)) for c in RESULT_COLUMNS] != [csv_text(getattr(result, c)) for c in RESULT_COLUMNS]:
+                raise ExperimentError(
+                    f"--report: {path}, line {line} and an earlier row are the same run ({result.target} {result.mode} "
+                    f"n_train {result.n_train} seed {result.seed} lr {result.learning_rate:g}) with different numbers")
+    return list(results.values())
+
+
+# ---- Summary over seeds and learning curves (optional: delete this section and the figure's below,
+# and main() keeps the run table and the CSV; delete with them the lines marked "summary" in main()) ----
 # Student's t quantile t(0.975, df) for df = 1..30: the 95% interval of a mean of few seeds
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
          2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
@@ -815,10 +944,10 @@ class MeanCI:
 
 
 def group_by_arm(results: list[RunResult]) -> dict[tuple[str, int, str], dict[int, RunResult]]:
-    """Target runs by (target, n_train, mode), then by seed; pretraining left out."""
+    """Selected target runs by (target, n_train, mode), then by seed; pretraining and unselected rates left out."""
     groups: dict[tuple[str, int, str], dict[int, RunResult]] = {}
     for r in results:
-        if r.mode in ARMS:
+        if r.mode in ARMS and r.selected:
             groups.setdefault((r.target, r.n_train, r.mode), {})[r.seed] = r
     return groups
 
@@ -842,24 +971,50 @@ def summarize(results: list[RunResult]) -> tuple[list[list[str]], list[list[str]
     return arms, differences
 
 
+def budget_rows(results: list[RunResult]) -> list[list[str]]:
+    """Per target and arm, over its selected runs: the rates chosen and how often, how often the choice
+    sat at an edge of the grid (a sign the grid is too narrow), and how many runs had their best epoch
+    in the last tenth of their budget (still improving: under-trained)."""
+    tried: dict[tuple, list[float]] = {}
+    for r in results:
+        tried.setdefault((r.target, r.mode, r.n_train, r.seed), []).append(r.learning_rate)
+    rows = []
+    for (target, mode) in dict.fromkeys((r.target, r.mode) for r in results if r.mode in ARMS):
+        chosen = [r for r in results if (r.target, r.mode) == (target, mode) and r.selected]
+        counts = {rate: sum(r.learning_rate == rate for r in chosen) for rate in sorted({r.learning_rate for r in chosen})}
+        grids = [tried[(r.target, r.mode, r.n_train, r.seed)] for r in chosen]
+        at_edge = sum(r.learning_rate in (min(g), max(g)) for r, g in zip(chosen, grids))
+        late = sum(r.best_epoch > 0.9 * r.max_epochs for r in chosen)
+        rows.append([target, mode, str(len(chosen)), ", ".join(f"{rate:g} ×{n}" for rate, n in counts.items()),
+                     f"{at_edge} of {len(chosen)}" if all(len(g) > 1 for g in grids) else "no grid",
+                     f"{late} of {len(chosen)}"])
+    return rows
+
+
 ARM_HEADER = ["target", "n_train", "mode", "seeds", "test acc mean ± sd", "95% CI", "test loss mean ± sd", "95% CI"]
 DIFF_HEADER = ["target", "n_train", "paired difference", "seeds", "Δ test acc mean ± sd", "95% CI",
                "Δ test loss mean ± sd", "95% CI"]
+BUDGET_HEADER = ["target", "mode", "runs", "learning rates chosen", "at an edge of the grid",
+                 "best epoch in the last tenth of the budget"]
 
 
 def write_summary(results: list[RunResult], path: str) -> str:
-    """Markdown at `path`: the summary over seeds, or the run table when every arm ran one seed.
-    Returns the summary as aligned text for the console ('' for one seed: the run table says it all)."""
+    """Markdown at `path`: the summary over seeds (the run table when every arm ran one seed), then the
+    learning rates chosen and the runs still improving at the end of their budget. Returns the summary as
+    aligned text for the console: '' for one seed, where the run table says it all."""
+    budget = budget_rows(results)
+    closing = f"## Learning rates and epoch budget\n\n{markdown(BUDGET_HEADER, budget)}\n"
     if all(len(by_seed) < 2 for by_seed in group_by_arm(results).values()):
         with open(path, "w") as f:
-            f.write(f"# Test results\n\n{markdown(RUN_HEADER, run_rows(results))}\n")
+            f.write(f"# Test results\n\n{markdown(*run_rows(results))}\n\n{closing}")
         return ""
     arms, differences = summarize(results)
     with open(path, "w") as f:
         f.write(f"# Test results over seeds\n\n{markdown(ARM_HEADER, arms)}\n\n")
         f.write("Paired by seed: both arms of a seed share the training subset and the head's initial weights.\n\n")
-        f.write(f"{markdown(DIFF_HEADER, differences)}\n")
-    return f"{aligned(ARM_HEADER, arms)}\n\n{aligned(DIFF_HEADER, differences)}"
+        f.write(f"{markdown(DIFF_HEADER, differences)}\n\n{closing}")
+    return "\n\n".join(aligned(*table) for table in ((ARM_HEADER, arms), (DIFF_HEADER, differences),
+                                                      (BUDGET_HEADER, budget)))
 
 
 def log_learning_curves(results: list[RunResult], cfg: Config) -> None:
@@ -876,6 +1031,56 @@ def log_learning_curves(results: list[RunResult], cfg: Config) -> None:
                                    f"{target}/test_loss": MeanCI.of([r.test_loss for r in runs]).mean},
                                   step=n_train)
         curve.finalize("success")
+
+
+# ---- Figure (optional, needs matplotlib: delete this section and the lines marked "figure" in main()) ----
+def curve_points(results: list[RunResult]) -> dict[str, dict[str, list[tuple[int, MeanCI]]]]:
+    """The figure's numbers: per target and arm, test accuracy over seeds at each n_train, from the
+    same selected runs and MeanCI as the summary."""
+    points: dict[str, dict[str, list[tuple[int, MeanCI]]]] = {}
+    for (target, n_train, mode), by_seed in sorted(group_by_arm(results).items(),
+                                                   key=lambda item: (item[0][1], list(ARMS).index(item[0][2]))):
+        points.setdefault(target, {}).setdefault(mode, []).append(
+            (n_train, MeanCI.of([r.test_acc for r in by_seed.values()])))
+    return points
+
+
+def draw_figure(results: list[RunResult]):
+    """Test accuracy against n_train, one panel per target: each arm's mean over seeds with its 95%
+    interval as a band (as error bars where there is one n_train)."""
+    from matplotlib.figure import Figure  # not pyplot: no global state, no window; PNG through Agg
+
+    points = curve_points(results)
+    figure = Figure(figsize=(4.8 * len(points), 4), layout="constrained")
+    for ax, (target, arms) in zip(figure.subplots(1, len(points), squeeze=False)[0], points.items()):
+        for mode, curve in arms.items():
+            sizes = [n for n, _ in curve]
+            mean, low, high = ([100 * getattr(ci, field) for _, ci in curve] for field in ("mean", "low", "high"))
+            if len(sizes) > 1:
+                (line,) = ax.plot(sizes, mean, marker="o", label=mode)
+                ax.fill_between(sizes, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+            else:
+                errors = [[max(0, m - lo) for m, lo in zip(mean, low)], [max(0, hi - m) for m, hi in zip(mean, high)]]
+                ax.errorbar(sizes, mean, yerr=errors, fmt="o", capsize=4, label=mode)
+        sizes = sorted({n for curve in arms.values() for n, _ in curve})
+        if len(sizes) > 1:
+            ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.minorticks_off()
+        ax.grid(alpha=0.3)
+        ax.set(title=target, xlabel="labelled training images", ylabel="test accuracy (%)")
+        ax.legend()
+    seeds = max(ci.n for arms in points.values() for curve in arms.values() for _, ci in curve)
+    figure.suptitle(f"Mean over {seeds} seed{'s' * (seeds > 1)}" + (", 95% interval" if seeds > 1 else ""))
+    return figure
+
+
+def log_figure(figure, cfg: Config) -> None:
+    """The figure in TensorBoard's IMAGES tab, as the run figure/<version>."""
+    tb_logger = lightning.pytorch.loggers.TensorBoardLogger(cfg.log_dir, name="figure", version=cfg.version,
+                                                           default_hp_metric=False)
+    tb_logger.experiment.add_figure("test_accuracy", figure, close=False)
+    tb_logger.finalize("success")
 
 
 # ---- Command line and start-up checks -----------------------------------------------------
@@ -899,7 +1104,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
             if origin in (tuple, dict):
                 options["nargs"] = "+"
             options.setdefault("type", args[0] if origin in (tuple, types.UnionType) else kind)
-        if default not in (None, False):
+        if default is not None and default is not False and default != ():
             shown = (" ".join(f"{k}={v:g}" for k, v in default.items()) if isinstance(default, dict)
                      else " ".join(map(str, default)) if isinstance(default, tuple) else default)
             options["help"] += f" (default: {shown})"
@@ -930,7 +1135,7 @@ def make_dirs(path: Path, created: list[Path]) -> None:
 
 def run_names() -> set[str]:
     """Top-level entries that this script writes into the log folder (besides results_*)."""
-    return {"pretrain", "learning_curve", *TARGETS}
+    return {"pretrain", "learning_curve", "figure", *TARGETS}
 
 
 def clear_log_dir(log_dir: Path) -> None:
@@ -1008,10 +1213,37 @@ def one_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
+def report(cfg: Config) -> int:
+    """--report: the run table, the summary, its Markdown and the figure, rebuilt from results CSVs."""
+    try:
+        results = select_rates(read_results(cfg.report))
+        out = Path(cfg.results_csv or cfg.report[0])
+        if cfg.results_csv:
+            try:
+                csv_out = ResultsCsv(cfg.results_csv)
+            except OSError as err:
+                raise ExperimentError(f"--results-csv {out} cannot be written ({err.strerror or err})") from None
+            for result in results:
+                csv_out.append(result)
+        summary = write_summary(results, str(out.with_suffix(".md")))  # summary
+        draw_figure(results).savefig(out.with_suffix(".png"))  # figure
+    except ExperimentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 1
+    print(f"\n{format_table(results)}\n\n{summary}\n" if summary else f"\n{format_table(results)}\n")
+    print(f"Rebuilt from {', '.join(cfg.report)}: {out.with_suffix('.md')} and {out.with_suffix('.png')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_libraries()
+    if cfg.report:
+        return report(cfg)
     with contextlib.ExitStack() as stack:
         if cfg.dry_run:  # a smoke test leaves no runs behind in the real log folder
             cfg.log_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="transfer_mnist_dry_run_"))
@@ -1024,11 +1256,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         logger.info(f"Settings: {', '.join(f'{key}={value}' for key, value in dataclasses.asdict(cfg).items())}")
-        summary_path = str(Path(csv_out.path).with_suffix(".md"))
+        summary_path, figure_path = (Path(csv_out.path).with_suffix(suffix) for suffix in (".md", ".png"))
         try:
             results = run_experiment(cfg, csv_out)
-            summary = write_summary(results, summary_path)
-            log_learning_curves(results, cfg)
+            summary = write_summary(results, str(summary_path))  # summary
+            log_learning_curves(results, cfg)  # summary
+            figure = draw_figure(results)  # figure
+            figure.savefig(figure_path)  # figure
+            log_figure(figure, cfg)  # figure
         except ExperimentError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -1045,7 +1280,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.dry_run:
         print("Dry run: every stage ran; its logs were in a temporary folder, now removed.")
     else:
-        print(f"Results: {csv_out.path} and {summary_path}. TensorBoard: tensorboard --logdir {cfg.log_dir}")
+        print(f"Results: {csv_out.path}, {summary_path} and {figure_path}. "
+              f"TensorBoard: tensorboard --logdir {cfg.log_dir}")
     return 0
 
 

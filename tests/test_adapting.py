@@ -128,12 +128,12 @@ def test_the_command_line_is_derived_from_config():
     parsed = tm.parse_args(["--n-train", "50", "100", "50", "--seeds", "3", "--dry-run", "--modes", "frozen"])
     assert (parsed.n_train, parsed.seeds, parsed.dry_run, parsed.modes) == ((50, 100), 3, True, ("frozen",))
     assert defaults.lr == {name: arm.learning_rate for name, arm in tm.ARMS.items()}  # the post's rates
-    assert defaults.lr == {"finetuned": 5e-5, "from_scratch": 1e-4, "frozen": 1e-3}
+    assert defaults.lr == {"finetuned": 5e-5, "from_scratch": 1e-4, "frozen": 1e-3, "lp_ft": 5e-5}
 
 
 def test_lr_sets_one_arm_and_keeps_the_others():
     cfg = tm.parse_args(["--lr", "finetuned=1e-3", "frozen=2e-2"])
-    assert cfg.lr == {"finetuned": 1e-3, "from_scratch": 1e-4, "frozen": 2e-2}
+    assert cfg.lr == {"finetuned": 1e-3, "from_scratch": 1e-4, "frozen": 2e-2, "lp_ft": 5e-5}
 
 
 @pytest.mark.parametrize("value", ["bogus=1e-3", "finetuned=-1e-3", "finetuned=0", "finetuned=fast", "finetuned",
@@ -210,7 +210,7 @@ def test_a_full_disk_mid_run_keeps_the_finished_rows(tiny_args, tmp_path, monkey
 
 def test_a_half_written_row_is_cut_when_the_disk_fills(tmp_path, monkeypatch):
     out = tm.ResultsCsv(str(tmp_path / "r.csv"))
-    out.append(tm.RunResult("even-odd", "finetuned", 0, 200, 12, 0.25, 0.9))
+    out.append(tm.RunResult("even-odd", "finetuned", 0, 200, 12, 0.25, 0.9, 1e-4, 0.3, True, 500))
     before = (tmp_path / "r.csv").read_bytes()
 
     class FullDisk:  # writes 5 bytes, then the disk is full
@@ -238,7 +238,7 @@ def test_a_half_written_row_is_cut_when_the_disk_fills(tmp_path, monkeypatch):
     real_open = open
     monkeypatch.setattr("builtins.open", lambda *a, **k: FullDisk(real_open(*a, **k)))
     with pytest.raises(OSError):
-        out.append(tm.RunResult("even-odd", "from_scratch", 0, 200, 7, 0.5, 0.8))
+        out.append(tm.RunResult("even-odd", "from_scratch", 0, 200, 7, 0.5, 0.8, 1e-4, 0.4, True, 500))
     monkeypatch.undo()
     assert (tmp_path / "r.csv").read_bytes() == before
 

@@ -334,7 +334,7 @@ def test_mean_and_95_percent_interval_on_known_numbers():
 
 def test_paired_difference_is_taken_seed_by_seed():
     def run(mode, seed, acc, loss):
-        return tm.RunResult("even-odd", mode, seed, 200, 10, loss, acc)
+        return tm.RunResult("even-odd", mode, seed, 200, 10, loss, acc, 1e-4, 0.3, True, 500)
     results = [run("finetuned", 0, 0.90, 0.3), run("from_scratch", 0, 0.80, 0.5),
                run("finetuned", 1, 0.80, 0.4), run("from_scratch", 1, 0.75, 0.6),
                run("finetuned", 2, 0.85, 0.2), run("from_scratch", 2, 0.80, 0.5)]
