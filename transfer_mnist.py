@@ -36,8 +36,12 @@ import gc
 import io
 import logging
 import math
+import multiprocessing
 import os
+import pickle
+import queue
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -219,6 +223,12 @@ class Config:
     overwrite: bool = setting(False, "delete the log folder first, instead of adding a new version beside the "
                               "earlier ones")
     dry_run: bool = setting(False, "smoke test: every stage for one epoch of two batches, logs in a temporary folder")
+    # The target runs are independent once pretraining is done: several small runs side by side use a
+    # machine better than one (torch cannot spread convolutions this small over many threads)
+    workers: int = setting(1, "processes that run the target runs side by side after pretraining; each run's "
+                           "numbers depend on --threads, not on this", type=positive_int)
+    threads: int | None = setting(None, "torch threads per target run (default: torch's own with one worker, "
+                                  "else the machine's cores divided by --workers, at least 1)", type=positive_int)
     report: tuple[str, ...] = setting((), "no training: rebuild the summary, its Markdown and the figure from "
                                       "results CSVs, merged; written beside the first CSV, or beside --results-csv "
                                       "(which then gets the merged rows)", metavar="CSV")
@@ -233,6 +243,10 @@ class Config:
 
 class ExperimentError(Exception):
     """Input the experiment cannot run on. main() prints the message in one line and exits with status 2."""
+
+
+class ExperimentFailure(Exception):
+    """A run failed for a reason outside the user's input (a worker killed, out of memory): exit status 1."""
 
 
 # ---- Data ---------------------------------------------------------------------------------
@@ -290,8 +304,8 @@ def damaged_file(raw: Path, train: bool) -> str:
     return f"the raw files in {raw} are damaged; delete them to download them again"
 
 
-# ---- Image-folder targets (optional: delete this section, its line in resolve_targets() and the
-# folder branch of read_split(), and --targets takes registered names only) ----
+# ---- Image-folder targets (optional: delete this section, the folder branch of read_split() and the
+# resolve_targets() call in check_inputs(), and --targets takes registered names only) ----
 FOLDER_TRANSFORM = torchvision.transforms.Compose([
     torchvision.transforms.Grayscale(num_output_channels=1),  # the backbone takes one channel
     torchvision.transforms.Resize((28, 28)),  # and MNIST's size
@@ -596,8 +610,8 @@ class KeepBestWeights(lightning.Callback):
     """Remembers the weights of the epoch with the lowest validation loss.
 
     This is what the post means by "Lightning model checkpoint 'best'", kept in memory: writing a
-    ModelCheckpoint file at every improvement made target runs 17% slower, measured. fit_and_test()
-    restores these weights before testing.
+    ModelCheckpoint file at every improvement made target runs 17% slower, measured. fit_best()
+    restores these weights at the end of the fit.
     """
 
     def __init__(self, monitor: str = MONITOR):
@@ -800,6 +814,15 @@ class ResultsCsv:
         with open(path, "w", newline="") as f:
             csv.writer(f).writerow(RESULT_COLUMNS)
 
+    def rewrite(self, results: list[RunResult]) -> None:
+        """Replace the file by these rows in this order, in one step (the old file stays if writing fails)."""
+        partial = f"{self.path}.partial"
+        with open(partial, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(RESULT_COLUMNS)
+            writer.writerows([csv_text(getattr(r, column)) for column in RESULT_COLUMNS] for r in results)
+        os.replace(partial, self.path)
+
     def append(self, result: RunResult) -> None:
         row = [csv_text(getattr(result, column)) for column in RESULT_COLUMNS]
         line = io.StringIO()
@@ -817,28 +840,133 @@ class ResultsCsv:
 
 def run_experiment(cfg: Config, csv_out: ResultsCsv) -> list[RunResult]:
     """Pretrain once, then run every arm on every target, training-set size and seed, once per rate of
-    --lr-grid. Rows go to the CSV as their runs finish (a grid's rows once its choice is made)."""
-    results = []
+    --lr-grid, in this process or in --workers processes. Rows go to the CSV as their runs finish (a
+    grid's rows once its choice is made); at the end the CSV holds them in the order of the loops below,
+    whatever order they finished in."""
+    checkpoint_path, result = pretrain(cfg)
+    csv_out.append(result)
+    runs = [(target, mode, seed, n_train, learning_rate)
+            for target in cfg.targets
+            for n_train in cfg.n_train
+            for seed in range(cfg.seed, cfg.seed + cfg.seeds)
+            for mode in cfg.modes
+            for learning_rate in cfg.lr_grid or (cfg.lr[mode],)]
+    grids: dict[tuple, list[int]] = {}  # (target, mode, seed, n_train) -> its runs, one per rate
+    for index, run in enumerate(runs):
+        grids.setdefault(run[:4], []).append(index)
+    done: dict[int, RunResult] = {}
 
-    def finished(runs: list[RunResult]) -> None:
-        results.extend(runs)
-        for run in runs:
-            csv_out.append(run)
-        # Free the finished runs now: Lightning's reference cycles keep their tensors until the cyclic
+    def finished(index: int, result: RunResult) -> None:
+        done[index] = result
+        grid = grids[runs[index][:4]]
+        if all(i in done for i in grid):
+            for row in select_rates([done[i] for i in grid]):
+                csv_out.append(row)
+        # Free the finished run now: Lightning's reference cycles keep its tensors until the cyclic
         # collector happens to run. Measured: without this, resident memory grew from 1.1 to 1.45 GB
         # over 24 runs (2.7 GB over 121); each collection takes 0.16 s.
         gc.collect()
 
-    checkpoint_path, result = pretrain(cfg)
-    finished([result])
-    for target in cfg.targets:
-        for n_train in cfg.n_train:
-            for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-                for mode in cfg.modes:
-                    grid = [train(checkpoint_path, target, mode, cfg, seed, n_train, learning_rate)
-                            for learning_rate in cfg.lr_grid or (cfg.lr[mode],)]
-                    finished(select_rates(grid))
+    gc.collect()
+    threads = cfg.threads or (max(1, available_cores() // cfg.workers) if cfg.workers > 1 else None)
+    if cfg.workers > 1:
+        run_in_workers(cfg, threads, checkpoint_path, runs, finished)
+    else:
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(threads or torch_threads)
+        try:
+            for index, (target, mode, seed, n_train, learning_rate) in enumerate(runs):
+                finished(index, train(checkpoint_path, target, mode, cfg, seed, n_train, learning_rate))
+        finally:
+            torch.set_num_threads(torch_threads)
+    results = [result] + [done[index] for index in range(len(runs))]
+    csv_out.rewrite(results)
     return results
+
+
+# ---- Parallel target runs (optional: delete this section and the `cfg.workers > 1` branch of
+# run_experiment(); --workers and --threads go with it) ----
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def worker(cfg: Config, registry: tuple[dict, dict], threads: int, checkpoint_path: str,
+           tasks: multiprocessing.Queue, results: multiprocessing.Queue) -> None:
+    """One worker process: take (index, run) from `tasks` until None, report each start and result."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the whole process group: the parent handles it
+    TARGETS.update(registry[0])  # targets and arms registered at run time in the parent (image folders, say)
+    ARMS.update(registry[1])
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_libraries()
+    torch.set_num_threads(threads)
+    while (task := tasks.get()) is not None:
+        index, (target, mode, seed, n_train, learning_rate) = task
+        results.put(("start", os.getpid(), index))
+        try:
+            result = train(checkpoint_path, target, mode, cfg, seed, n_train, learning_rate)
+        except Exception as err:  # ExperimentError, a full disk: the parent reports it and stops
+            results.put(("error", os.getpid(), err))
+            return
+        results.put(("done", os.getpid(), (index, result)))
+        gc.collect()
+
+
+def run_in_workers(cfg: Config, threads: int, checkpoint_path: str, runs: list[tuple],
+                   finished: Callable[[int, RunResult], None]) -> None:
+    """Run the target runs in cfg.workers processes; call finished(index, result) here as each ends.
+
+    The standard library's multiprocessing with the spawn start method (fork would copy torch's thread
+    pools and Lightning's state). A hand-made pool rather than concurrent.futures: when a worker dies,
+    it knows which run the worker had, and on Ctrl-C or any error it kills every worker at once.
+    """
+    context = multiprocessing.get_context("spawn")
+    tasks, results = context.Queue(), context.Queue()
+    registry = ({name: TARGETS[name] for name in (cfg.source, *cfg.targets)}, {name: ARMS[name] for name in cfg.modes})
+    processes = {}
+    try:
+        for _ in range(min(cfg.workers, len(runs))):
+            process = context.Process(target=worker, daemon=True,
+                                      args=(cfg, registry, threads, checkpoint_path, tasks, results))
+            try:
+                process.start()
+            except (pickle.PicklingError, AttributeError, TypeError) as err:
+                raise ExperimentError(f"--workers {cfg.workers} cannot send the targets and arms to worker processes "
+                                      f"({err}); register relabel/keep as module-level functions, not lambdas") from None
+            processes[process.pid] = process
+        logger.info(f"{len(runs)} target runs in {len(processes)} worker processes, {threads} torch thread(s) each")
+        for task in enumerate(runs):
+            tasks.put(task)
+        for _ in processes:
+            tasks.put(None)
+        running: dict[int, int] = {}  # worker pid -> index of its run
+        left = len(runs)
+        while left:
+            try:
+                kind, pid, payload = results.get(timeout=1)
+            except queue.Empty:
+                for pid, process in processes.items():
+                    if process.exitcode not in (None, 0):
+                        what = describe_run(runs[running[pid]]) if pid in running else "between runs"
+                        raise ExperimentFailure(f"a worker process died (exit code {process.exitcode}) "
+                                                f"while running {what}")
+                continue
+            if kind == "start":
+                running[pid] = payload
+            elif kind == "error":
+                raise payload
+            else:
+                del running[pid]
+                left -= 1
+                finished(*payload)
+    finally:
+        for process in processes.values():
+            process.kill()  # SIGKILL: Lightning installs its own SIGTERM handler in the workers
+            process.join()
+
+
+def describe_run(run: tuple) -> str:
+    target, mode, seed, n_train, learning_rate = run
+    return f"{target}/{mode} n_train {n_train} seed {seed} lr {learning_rate:g}"
 
 
 # ---- Reporting: the run table, and the results CSV read back (--report) -------------------
@@ -865,8 +993,10 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def format_table(results: list[RunResult]) -> str:
-    """One line per run, aligned, with its wall time."""
+    """One line per run, aligned, with its wall time (not in the CSV, so not after --report)."""
     header, rows = run_rows(results)
+    if all(math.isnan(r.seconds) for r in results):
+        return aligned(header, rows)
     return aligned(header + ["time"], [row + [f"{r.seconds:.1f} s"] for row, r in zip(rows, results)])
 
 
@@ -1233,7 +1363,9 @@ def report(cfg: Config) -> int:
     except OSError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 1
-    print(f"\n{format_table(results)}\n\n{summary}\n" if summary else f"\n{format_table(results)}\n")
+    print(f"\n{format_table(results)}\n")
+    if summary:
+        print(f"{summary}\n")
     print(f"Rebuilt from {', '.join(cfg.report)}: {out.with_suffix('.md')} and {out.with_suffix('.png')}")
     return 0
 
@@ -1267,7 +1399,7 @@ def main(argv: list[str] | None = None) -> int:
         except ExperimentError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        except OSError as err:  # a full disk, mostly: the rows of the finished runs stay in the CSV
+        except (OSError, ExperimentFailure) as err:  # a full disk, a killed worker: the finished rows stay
             print(f"error: {one_line(err)}; the finished runs are in {csv_out.path}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
