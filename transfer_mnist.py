@@ -843,8 +843,6 @@ def run_experiment(cfg: Config, csv_out: ResultsCsv) -> list[RunResult]:
     --lr-grid, in this process or in --workers processes. Rows go to the CSV as their runs finish (a
     grid's rows once its choice is made); at the end the CSV holds them in the order of the loops below,
     whatever order they finished in."""
-    checkpoint_path, result = pretrain(cfg)
-    csv_out.append(result)
     runs = [(target, mode, seed, n_train, learning_rate)
             for target in cfg.targets
             for n_train in cfg.n_train
@@ -867,18 +865,22 @@ def run_experiment(cfg: Config, csv_out: ResultsCsv) -> list[RunResult]:
         # over 24 runs (2.7 GB over 121); each collection takes 0.16 s.
         gc.collect()
 
-    gc.collect()
     threads = cfg.threads or (max(1, available_cores() // cfg.workers) if cfg.workers > 1 else None)
-    if cfg.workers > 1:
-        run_in_workers(cfg, threads, checkpoint_path, runs, finished)
-    else:
-        torch_threads = torch.get_num_threads()
-        torch.set_num_threads(threads or torch_threads)
-        try:
-            for index, (target, mode, seed, n_train, learning_rate) in enumerate(runs):
-                finished(index, train(checkpoint_path, target, mode, cfg, seed, n_train, learning_rate))
-        finally:
-            torch.set_num_threads(torch_threads)
+    # Worker processes start first, so that their imports overlap pretraining
+    with WorkerPool(cfg, threads, len(runs)) if cfg.workers > 1 else contextlib.nullcontext() as pool:
+        checkpoint_path, result = pretrain(cfg)
+        csv_out.append(result)
+        gc.collect()
+        if pool is not None:
+            pool.run(checkpoint_path, runs, finished)
+        else:
+            torch_threads = torch.get_num_threads()
+            torch.set_num_threads(threads or torch_threads)
+            try:
+                for index, (target, mode, seed, n_train, learning_rate) in enumerate(runs):
+                    finished(index, train(checkpoint_path, target, mode, cfg, seed, n_train, learning_rate))
+            finally:
+                torch.set_num_threads(torch_threads)
     results = [result] + [done[index] for index in range(len(runs))]
     csv_out.rewrite(results)
     return results
@@ -890,17 +892,16 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def worker(cfg: Config, registry: tuple[dict, dict], threads: int, checkpoint_path: str,
-           tasks: multiprocessing.Queue, results: multiprocessing.Queue) -> None:
-    """One worker process: take (index, run) from `tasks` until None, report each start and result."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the whole process group: the parent handles it
+def worker(cfg: Config, registry: tuple[dict, dict], threads: int, tasks: multiprocessing.Queue,
+           results: multiprocessing.Queue) -> None:
+    """One worker process: take (index, checkpoint, run) from `tasks` until None, report each start and result."""
     TARGETS.update(registry[0])  # targets and arms registered at run time in the parent (image folders, say)
     ARMS.update(registry[1])
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_libraries()
     torch.set_num_threads(threads)
     while (task := tasks.get()) is not None:
-        index, (target, mode, seed, n_train, learning_rate) = task
+        index, checkpoint_path, (target, mode, seed, n_train, learning_rate) = task
         results.put(("start", os.getpid(), index))
         try:
             result = train(checkpoint_path, target, mode, cfg, seed, n_train, learning_rate)
@@ -911,40 +912,63 @@ def worker(cfg: Config, registry: tuple[dict, dict], threads: int, checkpoint_pa
         gc.collect()
 
 
-def run_in_workers(cfg: Config, threads: int, checkpoint_path: str, runs: list[tuple],
-                   finished: Callable[[int, RunResult], None]) -> None:
-    """Run the target runs in cfg.workers processes; call finished(index, result) here as each ends.
+class WorkerPool:
+    """cfg.workers processes for the target runs, started on entering and all killed on leaving.
 
     The standard library's multiprocessing with the spawn start method (fork would copy torch's thread
     pools and Lightning's state). A hand-made pool rather than concurrent.futures: when a worker dies,
     it knows which run the worker had, and on Ctrl-C or any error it kills every worker at once.
     """
-    context = multiprocessing.get_context("spawn")
-    tasks, results = context.Queue(), context.Queue()
-    registry = ({name: TARGETS[name] for name in (cfg.source, *cfg.targets)}, {name: ARMS[name] for name in cfg.modes})
-    processes = {}
-    try:
-        for _ in range(min(cfg.workers, len(runs))):
-            process = context.Process(target=worker, daemon=True,
-                                      args=(cfg, registry, threads, checkpoint_path, tasks, results))
-            try:
-                process.start()
-            except (pickle.PicklingError, AttributeError, TypeError) as err:
-                raise ExperimentError(f"--workers {cfg.workers} cannot send the targets and arms to worker processes "
-                                      f"({err}); register relabel/keep as module-level functions, not lambdas") from None
-            processes[process.pid] = process
-        logger.info(f"{len(runs)} target runs in {len(processes)} worker processes, {threads} torch thread(s) each")
-        for task in enumerate(runs):
-            tasks.put(task)
-        for _ in processes:
-            tasks.put(None)
+
+    def __init__(self, cfg: Config, threads: int, n_runs: int):
+        self.cfg, self.threads, self.n_workers = cfg, threads, min(cfg.workers, n_runs)
+        self.context = multiprocessing.get_context("spawn")
+        self.tasks, self.results = self.context.Queue(), self.context.Queue()
+        self.processes: dict[int, multiprocessing.Process] = {}
+
+    def __enter__(self) -> WorkerPool:
+        cfg = self.cfg
+        registry = ({name: TARGETS[name] for name in (cfg.source, *cfg.targets)}, {name: ARMS[name] for name in cfg.modes})
+        # Ctrl-C reaches the whole process group: workers start with it ignored (even while importing),
+        # and the parent, which handles it, kills them
+        interrupt_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for _ in range(self.n_workers):
+                process = self.context.Process(target=worker, daemon=True,
+                                               args=(cfg, registry, self.threads, self.tasks, self.results))
+                try:
+                    process.start()
+                except (pickle.PicklingError, AttributeError, TypeError) as err:
+                    raise ExperimentError(f"--workers {cfg.workers} cannot send the targets and arms to worker "
+                                          f"processes ({err}); register relabel/keep as module-level functions, "
+                                          f"not lambdas") from None
+                self.processes[process.pid] = process
+        except BaseException:
+            self.__exit__()
+            raise
+        finally:
+            signal.signal(signal.SIGINT, interrupt_handler)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for process in self.processes.values():
+            process.kill()  # SIGKILL: Lightning installs its own SIGTERM handler in the workers
+            process.join()
+
+    def run(self, checkpoint_path: str, runs: list[tuple], finished: Callable[[int, RunResult], None]) -> None:
+        """Run every run in the workers; call finished(index, result) here as each one ends."""
+        logger.info(f"{len(runs)} target runs in {self.n_workers} worker processes, {self.threads} torch thread(s) each")
+        for index, run in enumerate(runs):
+            self.tasks.put((index, checkpoint_path, run))
+        for _ in self.processes:
+            self.tasks.put(None)
         running: dict[int, int] = {}  # worker pid -> index of its run
         left = len(runs)
         while left:
             try:
-                kind, pid, payload = results.get(timeout=1)
+                kind, pid, payload = self.results.get(timeout=1)
             except queue.Empty:
-                for pid, process in processes.items():
+                for pid, process in self.processes.items():
                     if process.exitcode not in (None, 0):
                         what = describe_run(runs[running[pid]]) if pid in running else "between runs"
                         raise ExperimentFailure(f"a worker process died (exit code {process.exitcode}) "
@@ -958,10 +982,6 @@ def run_in_workers(cfg: Config, threads: int, checkpoint_path: str, runs: list[t
                 del running[pid]
                 left -= 1
                 finished(*payload)
-    finally:
-        for process in processes.values():
-            process.kill()  # SIGKILL: Lightning installs its own SIGTERM handler in the workers
-            process.join()
 
 
 def describe_run(run: tuple) -> str:
@@ -1177,29 +1197,31 @@ def curve_points(results: list[RunResult]) -> dict[str, dict[str, list[tuple[int
 
 def draw_figure(results: list[RunResult]):
     """Test accuracy against n_train, one panel per target: each arm's mean over seeds with its 95%
-    interval as a band (as error bars where there is one n_train)."""
+    interval as a band; with one n_train, the arms side by side with error bars."""
     from matplotlib.figure import Figure  # not pyplot: no global state, no window; PNG through Agg
 
     points = curve_points(results)
     figure = Figure(figsize=(4.8 * len(points), 4), layout="constrained")
     for ax, (target, arms) in zip(figure.subplots(1, len(points), squeeze=False)[0], points.items()):
-        for mode, curve in arms.items():
-            sizes = [n for n, _ in curve]
+        sizes = sorted({n for curve in arms.values() for n, _ in curve})
+        for position, (mode, curve) in enumerate(arms.items()):
             mean, low, high = ([100 * getattr(ci, field) for _, ci in curve] for field in ("mean", "low", "high"))
             if len(sizes) > 1:
-                (line,) = ax.plot(sizes, mean, marker="o", label=mode)
-                ax.fill_between(sizes, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-            else:
-                errors = [[max(0, m - lo) for m, lo in zip(mean, low)], [max(0, hi - m) for m, hi in zip(mean, high)]]
-                ax.errorbar(sizes, mean, yerr=errors, fmt="o", capsize=4, label=mode)
-        sizes = sorted({n for curve in arms.values() for n, _ in curve})
+                (line,) = ax.plot([n for n, _ in curve], mean, marker="o", label=mode)
+                ax.fill_between([n for n, _ in curve], low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+            else:  # nan intervals (one seed) draw no bar
+                ax.errorbar([position], mean, yerr=[[mean[0] - low[0]], [high[0] - mean[0]]], fmt="o", capsize=4)
         if len(sizes) > 1:
             ax.set_xscale("log")
-        ax.set_xticks(sizes, [str(n) for n in sizes])
-        ax.minorticks_off()
+            ax.set_xticks(sizes, [str(n) for n in sizes])
+            ax.minorticks_off()
+            ax.set_xlabel("labelled training images")
+            ax.legend()
+        else:
+            ax.set_xticks(range(len(arms)), list(arms))
+            ax.set_xlabel(f"{sizes[0]} labelled training images")
         ax.grid(alpha=0.3)
-        ax.set(title=target, xlabel="labelled training images", ylabel="test accuracy (%)")
-        ax.legend()
+        ax.set(title=target, ylabel="test accuracy (%)")
     seeds = max(ci.n for arms in points.values() for curve in arms.values() for _, ci in curve)
     figure.suptitle(f"Mean over {seeds} seed{'s' * (seeds > 1)}" + (", 95% interval" if seeds > 1 else ""))
     return figure
@@ -1350,6 +1372,7 @@ def report(cfg: Config) -> int:
         out = Path(cfg.results_csv or cfg.report[0])
         if cfg.results_csv:
             try:
+                out.parent.mkdir(parents=True, exist_ok=True)
                 csv_out = ResultsCsv(cfg.results_csv)
             except OSError as err:
                 raise ExperimentError(f"--results-csv {out} cannot be written ({err.strerror or err})") from None

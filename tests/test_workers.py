@@ -66,7 +66,8 @@ def start(tiny_args, tmp_path, *extra) -> tuple[subprocess.Popen, Path, Path]:
     args = [a if a != "3" else "400" for a in tiny_args]  # target runs of a few seconds each
     process = subprocess.Popen([sys.executable, str(REPO / "transfer_mnist.py"), *args, "--results-csv", str(results),
                                 "--workers", "2", "--threads", "1", *extra],
-                               stdout=subprocess.DEVNULL, stderr=log.open("w"), cwd=tmp_path)
+                               stdout=subprocess.DEVNULL, stderr=log.open("w"), cwd=tmp_path,
+                               start_new_session=True)  # its own process group, as a terminal gives it
     return process, results, log
 
 
@@ -77,7 +78,7 @@ def test_ctrl_c_stops_every_worker_and_keeps_finished_rows(tiny_args, tmp_path):
     workers = workers_of(process.pid)
     assert wait_for(lambda: log.read_text().count("training images, seed") >= 2)  # both workers are training
     time.sleep(1)
-    process.send_signal(signal.SIGINT)
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in a terminal: the parent and every worker get it
     stopped = time.monotonic()
     code = process.wait(timeout=60)
     err = log.read_text()
