@@ -28,6 +28,19 @@ def one_error_line(capsys) -> str:
     return err
 
 
+def modules_trained(monkeypatch) -> list[dict]:
+    """Record, for every module that fit_and_test() trains, its learning rate as the optimizer gets it."""
+    made, fit_and_test = [], tm.fit_and_test
+
+    def recording(module, *args, **kwargs):
+        made.append({"learning_rate": module.hparams.learning_rate, "counts": module.parameter_counts(),
+                     "optimizer_lr": module.configure_optimizers().param_groups[0]["lr"]})
+        return fit_and_test(module, *args, **kwargs)
+
+    monkeypatch.setattr(tm, "fit_and_test", recording)
+    return made
+
+
 # ---- one entry per target and per arm -----------------------------------------------------
 def high_digits(labels: torch.Tensor) -> torch.Tensor:
     return labels - 5
@@ -53,14 +66,11 @@ def test_a_target_registered_at_run_time_runs_end_to_end(tiny_data, tiny_args, t
 
 def test_an_arm_registered_at_run_time_is_a_mode(tiny_args, tmp_path, monkeypatch):
     monkeypatch.setitem(tm.ARMS, "frozen_fast", tm.Arm(learning_rate=3e-2, pretrained=True, train_backbone=False))
-    made = []
-    fit_and_test = tm.fit_and_test
-    monkeypatch.setattr(tm, "fit_and_test", lambda module, *a, **k: (
-        made.append((module.hparams.learning_rate, module.parameter_counts())), fit_and_test(module, *a, **k))[1])
+    made = modules_trained(monkeypatch)
     args = tiny_args + ["--targets", "even-odd", "--modes", "frozen_fast", "--results-csv", str(tmp_path / "r.csv")]
     assert tm.main(args) == 0
     assert [r["mode"] for r in read_csv(tmp_path / "r.csv")] == ["pretrain", "frozen_fast"]
-    learning_rate, counts = made[1]
+    learning_rate, counts = made[1]["learning_rate"], made[1]["counts"]
     head = sum(p.numel() for p in tm.classification_head(2).parameters())
     assert learning_rate == 3e-2 and counts["trainable_params"] == head < counts["total_params"]
 
@@ -145,12 +155,9 @@ def test_lr_refuses_unknown_arms_and_rates_that_are_not_positive(value, capsys):
 
 
 def test_the_arm_trains_at_the_rate_given_on_the_command_line(tiny_args, tmp_path, monkeypatch):
-    rates = []
-    fit_and_test = tm.fit_and_test
-    monkeypatch.setattr(tm, "fit_and_test", lambda module, *a, **k: (
-        rates.append(module.configure_optimizers().param_groups[0]["lr"]), fit_and_test(module, *a, **k))[1])
+    made = modules_trained(monkeypatch)
     assert tm.main(tiny_args + ["--targets", "even-odd", "--lr", "finetuned=1e-3", "--pretrain-lr", "2e-4"]) == 0
-    assert rates == [2e-4, 1e-3, 1e-4]  # pretrain, finetuned (given), from_scratch (default)
+    assert [m["optimizer_lr"] for m in made] == [2e-4, 1e-3, 1e-4]  # pretrain, finetuned (given), from_scratch
 
 
 # ---- a template you can cut ---------------------------------------------------------------
@@ -158,7 +165,8 @@ def test_the_experiment_core_runs_without_the_reporting(tiny_data, tmp_path, mon
     def deleted(*args, **kwargs):
         raise AssertionError("the experiment core called the reporting")
 
-    for name in ("write_summary", "log_learning_curves", "summarize", "group_by_arm", "MeanCI", "format_table"):
+    for name in ("write_summary", "log_learning_curves", "summarize", "group_by_arm", "MeanCI", "format_table",
+                 "budget_rows", "curve_points", "draw_figure", "log_figure", "read_results"):
         monkeypatch.setattr(tm, name, deleted)
     root, _ = tiny_data
     cfg = tm.Config(data_dir=str(root), log_dir=str(tmp_path), n_pretrain=40, n_train=(20,), seeds=2,
