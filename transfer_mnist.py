@@ -1,25 +1,29 @@
-"""Transfer learning with PyTorch Lightning: does fine-tuning a pretrained network beat training
+r"""Transfer learning with PyTorch Lightning: does fine-tuning a pretrained network beat training
 from scratch when labels are scarce?
 
 A truncated LeNet-5 is pretrained on 10,000 labelled MNIST digits. Its convolutional backbone is
 then reused under a fresh classification head on targets that have only 200 labelled training
 images: even/odd digits (MNIST labels mod 2), FashionMNIST, or a folder of your own images. Each
 target is trained on the very same images by each arm: fine-tuned from the pretrained backbone,
-from scratch, or (--modes frozen) with the backbone frozen. Every run keeps the weights of its
-best validation epoch, is tested with them on the whole test set, and is logged to TensorBoard.
+from scratch, with the backbone frozen, or in two stages (LP-FT: the head first, then everything),
+each at its own learning rate or the best of a grid chosen on validation data. Every run keeps the
+weights of its best validation epoch, is tested with them on the whole test set, and is logged to
+TensorBoard.
 A corrected port of the blog post "Fine tuning example for transfer learning" (README.md).
 
 Run it:
     pip install -r requirements.txt
     python transfer_mnist.py                      # the post's protocol; downloads the data into ./data
     python transfer_mnist.py --dry-run            # every stage on two batches: a smoke test in seconds
-    python transfer_mnist.py --seeds 5 --n-train 50 100 200 500 --modes finetuned from_scratch frozen
+    python transfer_mnist.py --seeds 5 --n-train 50 100 200 500 --modes finetuned from_scratch frozen lp_ft \
+        --lr-grid 1e-4 3e-4 1e-3 3e-3 1e-2 3e-2 --workers 2   # the fair comparison, in about an hour
     python transfer_mnist.py --targets my_images  # my_images/{train,test}/<class>/*.png
     tensorboard --logdir pretraining_logs
 
-Headline, on a 2-core AMD EPYC (Zen 4) CPU without a GPU: the default run takes about 90 s. Over
-5 seeds at 200 labels, fine-tuning beats training from scratch on even/odd by 6.5 points of test
-accuracy (95% interval +3.8 to +9.1) and makes no difference on FashionMNIST (-0.1, -1.7 to +1.5).
+Headline, on a 2-core AMD EPYC (Zen 4) CPU without a GPU: the default run takes about 80 s. Over
+5 seeds at 200 labels, every arm at its best of six learning rates, fine-tuning beats training from
+scratch on even/odd by 6.2 points of test accuracy (95% interval +4.6 to +7.9) and makes no
+difference on FashionMNIST (-0.6, -2.0 to +0.8). README.md has the tables, the figure, the commands.
 
 To adapt it: a target is one TARGETS entry, an arm one ARMS entry, a setting one Config field;
 everything else, the command line included, is derived from them.
@@ -1206,6 +1210,7 @@ def draw_figure(results: list[RunResult]):
         sizes = sorted({n for curve in arms.values() for n, _ in curve})
         for position, (mode, curve) in enumerate(arms.items()):
             mean, low, high = ([100 * getattr(ci, field) for _, ci in curve] for field in ("mean", "low", "high"))
+            low, high = [max(0.0, v) for v in low], [min(100.0, v) for v in high]  # an interval of few seeds can pass 100%
             if len(sizes) > 1:
                 (line,) = ax.plot([n for n, _ in curve], mean, marker="o", label=mode)
                 ax.fill_between([n for n, _ in curve], low, high, color=line.get_color(), alpha=0.2, linewidth=0)
