@@ -722,8 +722,9 @@ def fit_and_test(
 
 
 def six_digits(value: float) -> float:
-    """float32 metrics printed in full carry noise (0.9754999876022339): 6 significant digits hold them."""
-    return float(f"{value:.6g}")
+    """float32 metrics printed in full carry noise (0.9754999876022339): 6 significant digits hold them,
+    the digits the CSV writes, so a run read back from it is the run."""
+    return float(csv_text(value))
 
 
 def run_result(hparams: dict, keep_best: KeepBestWeights, metrics: dict, started: float) -> RunResult:
@@ -807,6 +808,7 @@ def select_rates(group: list[RunResult]) -> list[RunResult]:
 
 
 def csv_text(value: typing.Any) -> str:
+    """A CSV cell; floats to 6 significant digits (see six_digits)."""
     return f"{value:.6g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
 
 
@@ -1370,6 +1372,13 @@ def one_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
+def show(results: list[RunResult], summary: str) -> None:
+    """The run table, then the summary over seeds when there is one."""
+    print(f"\n{format_table(results)}\n")
+    if summary:
+        print(f"{summary}\n")
+
+
 def report(cfg: Config) -> int:
     """--report: the run table, the summary, its Markdown and the figure, rebuilt from results CSVs."""
     try:
@@ -1391,9 +1400,7 @@ def report(cfg: Config) -> int:
     except OSError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 1
-    print(f"\n{format_table(results)}\n")
-    if summary:
-        print(f"{summary}\n")
+    show(results, summary)
     print(f"Rebuilt from {', '.join(cfg.report)}: {out.with_suffix('.md')} and {out.with_suffix('.png')}")
     return 0
 
@@ -1434,9 +1441,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nInterrupted: runs that finished are kept in {csv_out.path} and {cfg.log_dir} ({cfg.version}).",
                   file=sys.stderr)
             return 130
-    print(f"\n{format_table(results)}\n")
-    if summary:
-        print(f"{summary}\n")
+    show(results, summary)
     if cfg.dry_run:
         print("Dry run: every stage ran; its logs were in a temporary folder, now removed.")
     else:
