@@ -16,7 +16,7 @@ Run it:
     python transfer_mnist.py                      # the post's protocol; downloads the data into ./data
     python transfer_mnist.py --dry-run            # every stage on two batches: a smoke test in seconds
     python transfer_mnist.py --seeds 5 --n-train 50 100 200 500 --modes finetuned from_scratch frozen lp_ft \
-        --lr-grid 1e-4 3e-4 1e-3 3e-3 1e-2 3e-2 --workers 2   # the fair comparison, in about an hour
+        --lr-grid 1e-4 3e-4 1e-3 3e-3 1e-2 3e-2 --workers 2   # the fair comparison: about an hour on 2 cores
     python transfer_mnist.py --targets my_images  # my_images/{train,test}/<class>/*.png
     tensorboard --logdir pretraining_logs
 
@@ -254,6 +254,19 @@ class ExperimentFailure(Exception):
 
 
 # ---- Data ---------------------------------------------------------------------------------
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)  # what cross-entropy can take
+
+
+class LabelError(ExperimentError):
+    """A target's keep/relabel gave something other than a mask or class indices; check_data() names the target."""
+
+
+def describe_tensor(value: typing.Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
 @functools.cache
 def read_split(target: Target, data_dir: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (N, 28, 28) and int64 class indices of one split of a target, read once per process."""
@@ -263,10 +276,14 @@ def read_split(target: Target, data_dir: str, train: bool) -> tuple[torch.Tensor
         images, labels = read_image_folder(Path(target.folder, "train" if train else "test"))
     if target.keep is not None:
         mask = target.keep(labels)
+        if not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.shape == labels.shape):
+            raise LabelError(f"keep returned {describe_tensor(mask)}, not a bool mask of one entry per label")
         images, labels = images[mask], labels[mask]
     if target.relabel is not None:
         labels = target.relabel(labels)
-    return images, labels
+        if not (isinstance(labels, torch.Tensor) and labels.dtype in INDEX_DTYPES and labels.dim() == 1):
+            raise LabelError(f"relabel returned {describe_tensor(labels)}, not integer class indices")
+    return images, labels.long()  # the int64 that cross-entropy takes
 
 
 def read_torchvision(cls: type[torchvision.datasets.MNIST], data_dir: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -451,8 +468,11 @@ def check_data(cfg: Config) -> None:
         (name, cfg.n_train, "--n-train") for name in cfg.targets
     ]:
         target = TARGETS[name]
-        images, labels = read_split(target, cfg.data_dir, train=True)
-        _, test_labels = read_split(target, cfg.data_dir, train=False)
+        try:
+            images, labels = read_split(target, cfg.data_dir, train=True)
+            _, test_labels = read_split(target, cfg.data_dir, train=False)
+        except LabelError as err:
+            raise ExperimentError(f"target {name}: {err}; fix its entry in TARGETS") from None
         for split_labels in (labels, test_labels):
             wrong = split_labels[(split_labels < 0) | (split_labels >= len(target.label_names))]
             if len(wrong):
@@ -816,7 +836,7 @@ class ResultsCsv:
     """Appends each finished run's row at once, so an interrupted experiment keeps what it finished."""
 
     def __init__(self, path: str):
-        self.path = path
+        self.path, self.rows = path, 0
         with open(path, "w", newline="") as f:
             csv.writer(f).writerow(RESULT_COLUMNS)
 
@@ -842,6 +862,7 @@ class ResultsCsv:
             except OSError:  # a full disk: cut the half-written row, the finished ones stay intact
                 f.truncate(end)
                 raise
+        self.rows += 1
 
 
 def run_experiment(cfg: Config, csv_out: ResultsCsv) -> list[RunResult]:
@@ -872,21 +893,21 @@ def run_experiment(cfg: Config, csv_out: ResultsCsv) -> list[RunResult]:
         gc.collect()
 
     threads = cfg.threads or (max(1, available_cores() // cfg.workers) if cfg.workers > 1 else None)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(threads or torch_threads)  # pretraining too: the same --threads, the same numbers
     # Worker processes start first, so that their imports overlap pretraining
-    with WorkerPool(cfg, threads, len(runs)) if cfg.workers > 1 else contextlib.nullcontext() as pool:
-        checkpoint_path, result = pretrain(cfg)
-        csv_out.append(result)
-        gc.collect()
-        if pool is not None:
-            pool.run(checkpoint_path, runs, finished)
-        else:
-            torch_threads = torch.get_num_threads()
-            torch.set_num_threads(threads or torch_threads)
-            try:
+    try:
+        with WorkerPool(cfg, threads, len(runs)) if cfg.workers > 1 else contextlib.nullcontext() as pool:
+            checkpoint_path, result = pretrain(cfg)
+            csv_out.append(result)
+            gc.collect()
+            if pool is not None:
+                pool.run(checkpoint_path, runs, finished)
+            else:
                 for index, (target, mode, seed, n_train, learning_rate) in enumerate(runs):
                     finished(index, train(checkpoint_path, target, mode, cfg, seed, n_train, learning_rate))
-            finally:
-                torch.set_num_threads(torch_threads)
+    finally:
+        torch.set_num_threads(torch_threads)
     results = [result] + [done[index] for index in range(len(runs))]
     csv_out.rewrite(results)
     return results
@@ -1083,20 +1104,30 @@ class MeanCI:
     high: float
 
     @classmethod
-    def of(cls, values: list[float]) -> MeanCI:
+    def of(cls, values: list[float], bounds: tuple[float, float] = (-math.inf, math.inf)) -> MeanCI:
+        """The interval is cut to `bounds`, the metric's possible range: with few seeds t is large, and an
+        accuracy interval of 2 seeds can pass 100%."""
         n = len(values)
         mean = sum(values) / n
         if n < 2:
             return cls(n, mean, math.nan, math.nan, math.nan)
         sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
         half_width = t_975(n - 1) * sd / math.sqrt(n)
-        return cls(n, mean, sd, mean - half_width, mean + half_width)
+        return cls(n, mean, sd, max(bounds[0], mean - half_width), min(bounds[1], mean + half_width))
 
     def text(self, digits: int = 4) -> tuple[str, str]:
         """("mean ± sd", "[low, high]") for tables; one value has no spread."""
         if self.n < 2:
             return f"{self.mean:.{digits}f}", "n/a"
         return f"{self.mean:.{digits}f} ± {self.sd:.{digits}f}", f"[{self.low:.{digits}f}, {self.high:.{digits}f}]"
+
+
+ACCURACY_RANGE, LOSS_RANGE = (0.0, 1.0), (0.0, math.inf)  # where a mean's interval can lie
+
+
+def accuracy_ci(runs: typing.Iterable[RunResult]) -> MeanCI:
+    """Mean test accuracy over seeds with its 95% interval: the summary's and the figure's numbers."""
+    return MeanCI.of([r.test_acc for r in runs], ACCURACY_RANGE)
 
 
 def group_by_arm(results: list[RunResult]) -> dict[tuple[str, int, str], dict[int, RunResult]]:
@@ -1115,13 +1146,13 @@ def summarize(results: list[RunResult]) -> tuple[list[list[str]], list[list[str]
     baseline = next(name for name, arm in ARMS.items() if not arm.pretrained)
     arms, differences = [], []
     for (target, n_train, mode), by_seed in groups.items():
-        acc, loss = MeanCI.of([r.test_acc for r in by_seed.values()]), MeanCI.of([r.test_loss for r in by_seed.values()])
+        acc, loss = accuracy_ci(by_seed.values()), MeanCI.of([r.test_loss for r in by_seed.values()], LOSS_RANGE)
         arms.append([target, str(n_train), mode, str(acc.n), *acc.text(), *loss.text()])
         paired = groups.get((target, n_train, baseline))
         if not ARMS[mode].pretrained or paired is None:
             continue
         seeds = sorted(by_seed.keys() & paired.keys())
-        acc = MeanCI.of([by_seed[s].test_acc - paired[s].test_acc for s in seeds])
+        acc = MeanCI.of([by_seed[s].test_acc - paired[s].test_acc for s in seeds], (-1.0, 1.0))
         loss = MeanCI.of([by_seed[s].test_loss - paired[s].test_loss for s in seeds])
         differences.append([target, str(n_train), f"{mode} - {baseline}", str(acc.n), *acc.text(), *loss.text()])
     return arms, differences
@@ -1142,9 +1173,19 @@ def budget_rows(results: list[RunResult]) -> list[list[str]]:
         at_edge = sum(r.learning_rate in (min(g), max(g)) for r, g in zip(chosen, grids))
         late = sum(r.best_epoch > 0.9 * r.max_epochs for r in chosen)
         rows.append([target, mode, str(len(chosen)), ", ".join(f"{rate:g} ×{n}" for rate, n in counts.items()),
-                     f"{at_edge} of {len(chosen)}" if all(len(g) > 1 for g in grids) else "no grid",
+                     edge_text(at_edge, len(chosen), min(map(len, grids)), max(map(len, grids))),
                      f"{late} of {len(chosen)}"])
     return rows
+
+
+def edge_text(at_edge: int, chosen: int, fewest_rates: int, most_rates: int) -> str:
+    """'k of n' choices at the grid's lowest or highest rate; with fewer than 3 rates every choice is at
+    an edge, so the count would say nothing."""
+    if most_rates == 1:
+        return "no grid"
+    if fewest_rates < 3:
+        return f"n/a: a grid of {fewest_rates} rates is all edges"
+    return f"{at_edge} of {chosen}"
 
 
 ARM_HEADER = ["target", "n_train", "mode", "seeds", "test acc mean ± sd", "95% CI", "test loss mean ± sd", "95% CI"]
@@ -1165,12 +1206,15 @@ def write_summary(results: list[RunResult], path: str) -> str:
             f.write(f"# Test results\n\n{markdown(*run_rows(results))}\n\n{closing}")
         return ""
     arms, differences = summarize(results)
+    fewest = min(int(row[3]) for row in arms)
+    caution = (f"Intervals from {fewest} seeds are wide (t(0.975) is {t_975(fewest - 1):g} with {fewest} seeds, "
+               f"{t_975(4):g} with 5); they are cut to what the metric can reach.\n\n" if fewest in (2, 3) else "")
     with open(path, "w") as f:
-        f.write(f"# Test results over seeds\n\n{markdown(ARM_HEADER, arms)}\n\n")
+        f.write(f"# Test results over seeds\n\n{markdown(ARM_HEADER, arms)}\n\n{caution}")
         f.write("Paired by seed: both arms of a seed share the training subset and the head's initial weights.\n\n")
         f.write(f"{markdown(DIFF_HEADER, differences)}\n\n{closing}")
-    return "\n\n".join(aligned(*table) for table in ((ARM_HEADER, arms), (DIFF_HEADER, differences),
-                                                      (BUDGET_HEADER, budget)))
+    return "\n\n".join([aligned(ARM_HEADER, arms)] + [caution.strip()] * bool(caution)
+                       + [aligned(*table) for table in ((DIFF_HEADER, differences), (BUDGET_HEADER, budget))])
 
 
 def log_learning_curves(results: list[RunResult], cfg: Config) -> None:
@@ -1197,13 +1241,14 @@ def curve_points(results: list[RunResult]) -> dict[str, dict[str, list[tuple[int
     for (target, n_train, mode), by_seed in sorted(group_by_arm(results).items(),
                                                    key=lambda item: (item[0][1], list(ARMS).index(item[0][2]))):
         points.setdefault(target, {}).setdefault(mode, []).append(
-            (n_train, MeanCI.of([r.test_acc for r in by_seed.values()])))
+            (n_train, accuracy_ci(by_seed.values())))
     return points
 
 
 def draw_figure(results: list[RunResult]):
     """Test accuracy against n_train, one panel per target: each arm's mean over seeds with its 95%
-    interval as a band; with one n_train, the arms side by side with error bars."""
+    interval as a band; with one n_train, the arms side by side with error bars. One seed has no
+    interval: points only."""
     from matplotlib.figure import Figure  # not pyplot: no global state, no window; PNG through Agg
 
     points = curve_points(results)
@@ -1211,13 +1256,14 @@ def draw_figure(results: list[RunResult]):
     for ax, (target, arms) in zip(figure.subplots(1, len(points), squeeze=False)[0], points.items()):
         sizes = sorted({n for curve in arms.values() for n, _ in curve})
         for position, (mode, curve) in enumerate(arms.items()):
+            x = [n for n, _ in curve] if len(sizes) > 1 else [position]
             mean, low, high = ([100 * getattr(ci, field) for _, ci in curve] for field in ("mean", "low", "high"))
-            low, high = [max(0.0, v) for v in low], [min(100.0, v) for v in high]  # an interval of few seeds can pass 100%
-            if len(sizes) > 1:
-                (line,) = ax.plot([n for n, _ in curve], mean, marker="o", label=mode)
-                ax.fill_between([n for n, _ in curve], low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-            else:  # nan intervals (one seed) draw no bar
-                ax.errorbar([position], mean, yerr=[[mean[0] - low[0]], [high[0] - mean[0]]], fmt="o", capsize=4)
+            (line,) = ax.plot(x, mean, marker="o", linestyle="-" if len(sizes) > 1 else "none", label=mode)
+            if all(ci.n > 1 for _, ci in curve) and len(sizes) > 1:
+                ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+            elif all(ci.n > 1 for _, ci in curve):
+                ax.errorbar(x, mean, yerr=[[mean[0] - low[0]], [high[0] - mean[0]]], fmt="none",
+                            ecolor=line.get_color(), capsize=4)
         if len(sizes) > 1:
             ax.set_xscale("log")
             ax.set_xticks(sizes, [str(n) for n in sizes])
@@ -1226,11 +1272,12 @@ def draw_figure(results: list[RunResult]):
             ax.legend()
         else:
             ax.set_xticks(range(len(arms)), list(arms))
+            ax.set_xlim(-0.5, len(arms) - 0.5)  # the arms side by side, none on the frame
             ax.set_xlabel(f"{sizes[0]} labelled training images")
         ax.grid(alpha=0.3)
         ax.set(title=target, ylabel="test accuracy (%)")
     seeds = max(ci.n for arms in points.values() for curve in arms.values() for _, ci in curve)
-    figure.suptitle(f"Mean over {seeds} seed{'s' * (seeds > 1)}" + (", 95% interval" if seeds > 1 else ""))
+    figure.suptitle("1 seed, no interval" if seeds == 1 else f"Mean over {seeds} seeds, 95% interval")
     return figure
 
 
@@ -1348,6 +1395,10 @@ def check_inputs(cfg: Config, created: list[Path]) -> None:
             if missing and missing[-1] not in created:
                 created.append(missing[-1])
     check_data(cfg)
+    for name in dict.fromkeys((cfg.source, *cfg.targets)):
+        target = TARGETS[name]
+        logger.info(f"{name}: {target.folder or target.dataset.__name__}, {len(target.label_names)} classes "
+                    f"({', '.join(target.label_names)})")
 
 
 def quiet_libraries() -> None:
@@ -1432,6 +1483,8 @@ def main(argv: list[str] | None = None) -> int:
             figure.savefig(figure_path)  # figure
             log_figure(figure, cfg)  # figure
         except ExperimentError as err:
+            if not csv_out.rows:  # a failed start (workers that cannot receive the targets) leaves nothing
+                remove(created)
             print(f"error: {err}", file=sys.stderr)
             return 2
         except (OSError, ExperimentFailure) as err:  # a full disk, a killed worker: the finished rows stay
