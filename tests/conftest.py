@@ -4,6 +4,7 @@ The tests load them through torchvision's own MNIST / FashionMNIST classes, as t
 does with the real files, so no test needs the network.
 """
 
+import os
 import struct
 import sys
 from pathlib import Path
@@ -14,6 +15,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import transfer_mnist  # noqa: E402  (after the path above)
+
+# Ray binds to this machine's network address unless told otherwise: the tests stay on loopback
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
 def pytest_configure(config):

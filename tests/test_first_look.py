@@ -84,9 +84,9 @@ def test_the_edge_count_needs_a_grid_of_three_rates():
 def test_threads_apply_to_pretraining_too(tiny_args, tmp_path, monkeypatch):
     seen, pretrain, train = {}, tm.pretrain, tm.train
 
-    def recording_pretrain(cfg):
+    def recording_pretrain(cfg, seed):
         seen["pretrain"] = torch.get_num_threads()
-        return pretrain(cfg)
+        return pretrain(cfg, seed)
 
     def recording_train(*args, **kwargs):
         seen["train"] = torch.get_num_threads()
@@ -136,7 +136,7 @@ def test_the_console_names_each_target_s_dataset_and_classes(tiny_args, caplog):
 
 
 def test_a_start_that_fails_after_the_outputs_exist_leaves_nothing_behind(tiny_args, tmp_path, monkeypatch, capsys):
-    def cannot_start(cfg):
+    def cannot_start(cfg, seed):
         raise tm.ExperimentError("the workers cannot receive the targets")
 
     monkeypatch.setattr(tm, "pretrain", cannot_start)

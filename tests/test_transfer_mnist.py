@@ -111,7 +111,7 @@ def test_transfer_copies_exactly_the_backbone_under_a_fresh_head(tmp_path):
     fresh = tm.LitModule(["even", "odd"], learning_rate=1e-3)
     torch.manual_seed(0)
     module = tm.LitModule(["even", "odd"], learning_rate=1e-3)
-    tm.transfer_backbone(module, str(path))
+    tm.transfer_backbone(module, tm.read_backbone(str(path)))
 
     assert tensors_equal(module.convnet.state_dict(), pretrained.convnet.state_dict())
     assert tensors_equal(module.classification_head.state_dict(), fresh.classification_head.state_dict())
@@ -122,9 +122,9 @@ def test_transfer_rejects_a_checkpoint_that_does_not_fit(tmp_path):
     path = tmp_path / "other.ckpt"
     torch.save({"state_dict": {f"convnet.{k}": v for k, v in other.state_dict().items()}}, path)
     with pytest.raises(tm.ExperimentError, match="does not hold this script's backbone"):
-        tm.transfer_backbone(tm.LitModule(["a", "b"], learning_rate=1e-3), str(path))
+        tm.read_backbone(str(path))
     with pytest.raises(tm.ExperimentError, match="cannot read a Lightning checkpoint"):
-        tm.transfer_backbone(tm.LitModule(["a", "b"], learning_rate=1e-3), str(tmp_path / "missing.ckpt"))
+        tm.read_backbone(str(tmp_path / "missing.ckpt"))
 
 
 def test_test_stage_uses_the_best_validation_weights(tmp_path):

@@ -1,0 +1,213 @@
+"""Sweeps on Ray: local workers and a two-node cluster give the rows of one process; faults, Ctrl-C,
+GPU shares; and --resume. Tiny data; Ray stays on loopback (conftest.py sets
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). The Ray tests are few: each starts Ray and imports torch in its
+workers, seconds apiece."""
+
+import csv
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torchvision
+
+import transfer_mnist as tm
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def read_csv(path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def wait_for(condition, seconds: float = 180) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def session_processes(sid: int) -> list[str]:
+    """Processes still alive in a session (the script, Ray's processes, their workers)."""
+    return subprocess.run(["pgrep", "-a", "-s", str(sid)], capture_output=True, text=True).stdout.splitlines()
+
+
+def dies_once_in_a_worker(driver: int, marker: Path):
+    """A relabel that kills the Ray worker process running it the first time (as the out-of-memory killer
+    would), and maps digits to even/odd everywhere else. Nested: Ray sends it to the workers by value."""
+
+    def parity(labels):
+        if os.getpid() != driver and not marker.exists():
+            marker.touch()
+            os._exit(1)
+        return labels % 2
+
+    return parity
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny_data, tmp_path_factory):
+    """A small grid sweep (1 seed, 2 arms, 2 rates: 4 target runs) on a target whose first Ray worker dies,
+    and its rows from one process."""
+    root, _ = tiny_data
+    out = tmp_path_factory.mktemp("reference")
+    tm.TARGETS["flaky"] = tm.Target(torchvision.datasets.MNIST, ("even", "odd"),
+                                    relabel=dies_once_in_a_worker(os.getpid(), out / "died"))
+    args = ["--data-dir", str(root), "--n-pretrain", "40", "--n-train", "20", "--pretrain-epochs", "2",
+            "--train-epochs", "30", "--accelerator", "cpu", "--targets", "flaky",
+            "--modes", "finetuned", "from_scratch", "--lr-grid", "1e-3", "1e-2", "--threads", "1"]
+    assert tm.main(args + ["--log-dir", str(out / "logs"), "--results-csv", str(out / "one.csv")]) == 0
+    yield args, out / "one.csv"
+    del tm.TARGETS["flaky"]
+
+
+def test_local_workers_and_a_two_node_cluster_give_the_rows_of_one_process(sweep, tmp_path, caplog):
+    from ray.cluster_utils import Cluster
+
+    args, one = sweep
+    with caplog.at_level(logging.INFO, logger="transfer_mnist"):
+        assert tm.main(args + ["--workers", "2", "--log-dir", str(tmp_path / "local"),
+                               "--results-csv", str(tmp_path / "local.csv")]) == 0
+    assert (one.parent / "died").exists()  # a worker died in a run: Ray ran it again, with the same row
+    assert (tmp_path / "local.csv").read_bytes() == one.read_bytes()
+    assert (tmp_path / "local.md").read_bytes() == one.with_suffix(".md").read_bytes()
+    assert "Target runs on a local Ray instance: 2 CPUs, 0 GPUs; each run takes 1 CPU(s) and torch thread(s)" \
+        in caplog.messages
+    finished = [m for m in caplog.messages if m.startswith("[") and "/pretrain" not in m]
+    assert len(finished) == 4 and all(m.endswith("on 127.0.0.1") for m in finished)  # loopback only
+    assert (tmp_path / "local" / "flaky" / "from_scratch" / "version_0" / "n20_seed0_lr0.01").is_dir()
+
+    # two nodes of one CPU and one logical GPU each
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1, num_gpus=1)
+        caplog.clear()
+        # a quarter of a GPU per run: runs share a GPU, and say which they had
+        with caplog.at_level(logging.INFO, logger="transfer_mnist"):
+            assert tm.main(args + ["--cluster", cluster.address, "--gpus-per-run", "0.25", "--log-dir",
+                                   str(tmp_path / "cluster"), "--results-csv", str(tmp_path / "cluster.csv")]) == 0
+        assert (tmp_path / "cluster.csv").read_bytes() == one.read_bytes()
+        assert f"Target runs on the Ray cluster at {cluster.address}: 2 CPUs, 2 GPUs; each run takes 1 CPU(s) and " \
+               f"torch thread(s) and 0.25 of a GPU" in caplog.messages
+        finished = [m for m in caplog.messages if m.startswith("[") and "/pretrain" not in m]
+        assert len(finished) == 4 and all(m.endswith(", GPU 0") for m in finished)
+    finally:
+        cluster.shutdown()
+
+
+def test_gpu_shares_default_to_the_workers_on_a_gpu_accelerator():
+    assert tm.gpus_per_run(tm.Config(workers=4, accelerator="gpu")) == 0.25
+    assert tm.gpus_per_run(tm.Config(workers=4, accelerator="cpu")) == 0.0
+    assert tm.gpus_per_run(tm.Config(workers=4, accelerator="gpu", gpus_per_run=0.5)) == 0.5
+    with pytest.raises(SystemExit):
+        tm.parse_args(["--gpus-per-run", "1.5"])
+
+
+def test_one_process_does_not_import_ray(tiny_args, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # any `import ray` now fails
+    assert tm.main(tiny_args + ["--targets", "even-odd", "--modes", "finetuned"]) == 0
+
+
+def test_ctrl_c_stops_the_script_and_its_ray_instance_and_keeps_finished_rows(tiny_args, tmp_path):
+    args = [a if a != "3" else "300" for a in tiny_args]  # runs of a few seconds each
+    log = tmp_path / "stderr.log"
+    process = subprocess.Popen([sys.executable, str(REPO / "transfer_mnist.py"), *args, "--targets", "even-odd",
+                                "--modes", "finetuned", "--lr-grid", "1e-3", "1e-2", "--patience", "0",
+                                "--results-csv", str(tmp_path / "r.csv"), "--workers", "2", "--threads", "1"],
+                               stdout=subprocess.DEVNULL, stderr=log.open("w"), cwd=tmp_path,
+                               start_new_session=True)  # its own process group and session, as a terminal gives it
+    running = lambda: [line for line in session_processes(process.pid) if "ray::run_remote" in line]  # noqa: E731
+    assert wait_for(lambda: len(running()) == 2), log.read_text()
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the script and every process of its Ray instance get it
+    stopped = time.monotonic()
+    code = process.wait(timeout=60)
+    err = log.read_text()
+    assert code == 130 and time.monotonic() - stopped < 10, err
+    assert "Interrupted" in err and "Traceback" not in err, err
+    assert wait_for(lambda: not session_processes(process.pid), 5), session_processes(process.pid)
+    assert [r["mode"] for r in read_csv(tmp_path / "r.csv")] == ["pretrain"]  # the finished row stays
+
+
+def test_a_run_that_keeps_dying_ends_the_sweep_and_bad_input_is_not_retried(sweep, tmp_path, monkeypatch, capsys):
+    args, _ = sweep
+    driver, attempts = os.getpid(), tmp_path / "attempts"
+
+    def dies_in_workers(labels):  # nested: Ray sends it by value to the workers
+        if os.getpid() != driver:
+            os._exit(1)
+        return labels % 2
+
+    monkeypatch.setitem(tm.TARGETS, "flaky", tm.Target(torchvision.datasets.MNIST, ("even", "odd"),
+                                                       relabel=dies_in_workers))
+    one_run = args + ["--modes", "finetuned", "--lr-grid", "1e-3", "--workers", "2"]
+    assert tm.main(one_run + ["--log-dir", str(tmp_path / "a"), "--results-csv", str(tmp_path / "a.csv")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: flaky/finetuned n_train 20 seed 0 lr 0.001 failed {tm.RETRIES + 1} times: its worker "
+                   f"process died (WorkerCrashedError); the finished runs are in {tmp_path / 'a.csv'}")
+    assert [r["mode"] for r in read_csv(tmp_path / "a.csv")] == ["pretrain"]
+
+    def damaged_in_workers(labels):
+        if os.getpid() != driver:
+            with open(attempts, "a") as f:
+                f.write("x")
+            raise tm.ExperimentError("image folder x/train: cannot identify image file x/train/a/3.png")
+        return labels % 2
+
+    monkeypatch.setitem(tm.TARGETS, "flaky", tm.Target(torchvision.datasets.MNIST, ("even", "odd"),
+                                                       relabel=damaged_in_workers))
+    assert tm.main(one_run + ["--log-dir", str(tmp_path / "b"), "--results-csv", str(tmp_path / "b.csv")]) == 2
+    assert capsys.readouterr().err.strip() == "error: image folder x/train: cannot identify image file x/train/a/3.png"
+    assert attempts.read_text() == "x"  # tried once: bad input is not retried
+    assert [r["mode"] for r in read_csv(tmp_path / "b.csv")] == ["pretrain"]
+
+
+# ---- --resume -----------------------------------------------------------------------------
+def test_an_interrupted_sweep_resumes_to_the_uninterrupted_result(sweep, tmp_path, monkeypatch, capsys, caplog):
+    args, one = sweep
+    calls, train = [], tm.train
+
+    def interrupted_after_two(*a, **kw):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(a[1:3])
+        return train(*a, **kw)
+
+    monkeypatch.setattr(tm, "train", interrupted_after_two)
+    run = args + ["--log-dir", str(tmp_path / "logs"), "--results-csv", str(tmp_path / "r.csv")]
+    assert tm.main(run) == 130
+    assert len(read_csv(tmp_path / "r.csv")) == 1 + 2  # pretraining and one finished grid of two rates
+    assert (tmp_path / "r.json").is_file()  # the settings, saved at the start
+
+    def no_pretraining(cfg, seed):
+        raise AssertionError("a resumed sweep pretrained again")
+
+    monkeypatch.setattr(tm, "pretrain", no_pretraining)
+    monkeypatch.setattr(tm, "train", lambda *a, **kw: calls.append(a[1:3]) or train(*a, **kw))
+    with caplog.at_level(logging.INFO, logger="transfer_mnist"):
+        assert tm.main(["--resume", str(tmp_path / "r.csv")]) == 0  # alone: the saved settings
+    assert calls[2:] == [("flaky", "from_scratch")] * 2  # only the missing runs
+    assert f"Resuming {tmp_path / 'r.csv'}: 2 of 4 target runs and 1 of 1 pretraining runs done, skipped; " \
+           f"2 target runs remain" in caplog.messages
+    for suffix in (".csv", ".md", ".png"):
+        assert (tmp_path / "r").with_suffix(suffix).read_bytes() == one.with_suffix(suffix).read_bytes(), suffix
+
+    # the same command plus --resume: nothing left to run, the same files
+    calls.clear()
+    assert tm.main(run + ["--resume", str(tmp_path / "r.csv"), "--workers", "1"]) == 0
+    assert calls == [] and (tmp_path / "r.csv").read_bytes() == one.read_bytes()
+
+    # a setting that changes a run's numbers refuses, naming it
+    capsys.readouterr()
+    assert tm.main(run + ["--resume", str(tmp_path / "r.csv"), "--train-epochs", "31", "--seed", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --resume {tmp_path / 'r.csv'}: --seed 3 differs from the sweep's 0") and \
+        "also differing: train_epochs" in err and len(err.splitlines()) == 1
+    assert tm.main(["--resume", str(tmp_path / "missing.csv")]) == 2
+    assert "cannot read the sweep's settings" in capsys.readouterr().err

@@ -1,0 +1,122 @@
+"""A robust answer: augmentation, a backbone per seed and pooled rate selection. Tiny data only."""
+
+import csv
+
+import torch
+
+import transfer_mnist as tm
+
+
+def read_csv(path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run(seed=0, learning_rate=1e-3, val_loss=0.3, mode="finetuned", n_train=200, test_acc=0.9) -> tm.RunResult:
+    return tm.RunResult("even-odd", mode, seed, n_train, 10, 0.3, test_acc, learning_rate, val_loss, False, 500)
+
+
+# ---- augmentation -------------------------------------------------------------------------
+def test_augmentation_is_deterministic_per_seed_and_differs_between_images_and_epochs(tiny_data):
+    root, _ = tiny_data
+    train_loader, _, _, _ = tm.load_data("even-odd", 20, str(root), seed=0)
+    images = train_loader.images[:4]
+    same = tm.Augment(seed=3)
+    first, again = same(images), tm.Augment(seed=3)(images)
+    assert torch.equal(first, again)  # a rerun gives the same numbers
+    assert not torch.equal(first, tm.Augment(seed=4)(images))  # another seed, other transforms
+    assert not torch.equal(same(images), first)  # the next epoch draws new transforms
+    assert first.shape == images.shape and not torch.equal(first, images)
+    moved = (first - images).abs().flatten(1).sum(dim=1)
+    assert (moved > 0).all()
+    shifts = [torch.equal(first[i], first[j]) for i in range(4) for j in range(i)]
+    assert not any(shifts)  # every image its own transform
+    # the background stays background (border padding), and nothing is mirrored: the mean image moves little
+    background = images.min()
+    assert first.min() >= background - 1e-5
+
+
+def test_augmentation_touches_training_batches_only_and_keeps_labels(tiny_data, tmp_path, monkeypatch):
+    root, _ = tiny_data
+    seen = {"train": [], "val": [], "test": []}
+    shared_step = tm.LitModule._shared_step
+
+    def recording(self, batch, stage):
+        seen[stage].append((batch[0].clone(), batch[1].clone()))
+        return shared_step(self, batch, stage)
+
+    monkeypatch.setattr(tm.LitModule, "_shared_step", recording)
+    loaders = tm.load_data("even-odd", 20, str(root), seed=0)
+    module = tm.LitModule(("even", "odd"), learning_rate=1e-3, augment_seed=0)
+    cfg = tm.Config(log_dir=str(tmp_path), accelerator="cpu", devices="1", patience=0)
+    tm.fit_and_test(module, loaders, "aug", 2, cfg, {})
+    (train_images, train_labels), second_epoch = seen["train"][0], seen["train"][1]
+    assert torch.equal(train_labels, loaders[0].labels[: len(train_labels)])  # labels kept
+    assert not torch.equal(train_images, loaders[0].images[: len(train_labels)])  # images transformed
+    assert not torch.equal(second_epoch[0], train_images)  # new transforms each epoch
+    assert torch.equal(seen["val"][0][0], loaders[1].images) and torch.equal(seen["test"][0][0], loaders[2].images)
+
+
+def test_augment_changes_the_target_runs_and_not_the_default(tiny_args, tmp_path):
+    common = tiny_args + ["--targets", "even-odd", "--modes", "finetuned"]
+    assert tm.main(common + ["--results-csv", str(tmp_path / "plain.csv")]) == 0
+    assert tm.main(common + ["--augment", "--results-csv", str(tmp_path / "a1.csv")]) == 0
+    assert tm.main(common + ["--augment", "--results-csv", str(tmp_path / "a2.csv")]) == 0
+    plain, augmented = read_csv(tmp_path / "plain.csv"), read_csv(tmp_path / "a1.csv")
+    assert (tmp_path / "a1.csv").read_bytes() == (tmp_path / "a2.csv").read_bytes()
+    assert plain[0] == augmented[0]  # pretraining is not augmented
+    assert plain[1]["val_loss"] != augmented[1]["val_loss"]
+
+
+# ---- a backbone per seed ------------------------------------------------------------------
+def test_each_seed_pretrains_its_own_backbone_and_its_runs_start_from_it(tiny_args, tmp_path, monkeypatch):
+    used = []  # (seed of the target run, first backbone tensor it started from)
+    train = tm.train
+
+    def recording(backbone, target, mode, cfg, seed, *args):
+        used.append((seed, backbone["0.weight"].clone()))
+        return train(backbone, target, mode, cfg, seed, *args)
+
+    monkeypatch.setattr(tm, "train", recording)
+    assert tm.main(tiny_args + ["--targets", "even-odd", "--modes", "finetuned", "from_scratch", "--seeds", "2",
+                                "--backbone-per-seed", "--results-csv", str(tmp_path / "r.csv")]) == 0
+    rows = read_csv(tmp_path / "r.csv")
+    pretraining = [r for r in rows if r["mode"] == "pretrain"]
+    assert [r["seed"] for r in pretraining] == ["0", "1"] and pretraining[0]["test_loss"] != pretraining[1]["test_loss"]
+    for seed in (0, 1):
+        checkpoint = tm.read_backbone(str(tmp_path / "logs" / "pretrain" / "version_0" / f"seed{seed}" / "checkpoints"
+                                          / "best.ckpt"))
+        assert all(torch.equal(weight, checkpoint["0.weight"]) for s, weight in used if s == seed)
+    assert not torch.equal(used[0][1], used[-1][1])  # the seeds' backbones differ
+
+
+# ---- pooled selection ---------------------------------------------------------------------
+def test_pooled_selection_marks_one_rate_per_group_the_lowest_mean_validation_loss():
+    # per seed, seed 0 prefers 1e-3 and seed 1 prefers 1e-2; pooled, 1e-3 has the lower mean (0.25 < 0.3)
+    results = [run(0, 1e-3, 0.1), run(0, 1e-2, 0.2), run(1, 1e-3, 0.4), run(1, 1e-2, 0.4 - 0.01),
+               run(0, 1e-3, 0.5, mode="from_scratch"), run(0, 1e-2, 0.4, mode="from_scratch")]
+    tm.select_rates(results, "seed")
+    assert [r.selected for r in results] == [True, False, False, True, False, True]
+    tm.select_rates(results, "pooled")
+    assert [r.selected for r in results] == [True, False, True, False, False, True]
+    (finetuned, _) = tm.budget_rows(results)
+    assert finetuned[3] == "0.001 ×2"
+
+
+def test_report_select_pooled_reproduces_the_run_s_markdown(tiny_args, tmp_path):
+    args = tiny_args + ["--targets", "even-odd", "--modes", "finetuned", "from_scratch", "--seeds", "2",
+                        "--lr-grid", "1e-3", "1e-2", "3e-2"]
+    assert tm.main(args + ["--select", "pooled", "--results-csv", str(tmp_path / "pooled.csv")]) == 0
+    assert tm.main(args + ["--results-csv", str(tmp_path / "seed.csv")]) == 0
+    markdown = (tmp_path / "pooled.md").read_text()
+    assert "one rate per (target, arm, n_train): the lowest mean validation loss over seeds" in markdown
+    assert "each seed's own validation loss" in (tmp_path / "seed.md").read_text()
+    rows = read_csv(tmp_path / "pooled.csv")
+    for mode in ("finetuned", "from_scratch"):
+        chosen = {r["learning_rate"] for r in rows if r["mode"] == mode and r["selected"] == "true"}
+        assert len(chosen) == 1 and sum(r["selected"] == "true" for r in rows if r["mode"] == mode) == 2
+    # re-analysed without training: the per-seed sweep's rows, selected pooled, give the pooled run's Markdown
+    assert tm.main(["--report", str(tmp_path / "seed.csv"), "--select", "pooled",
+                    "--results-csv", str(tmp_path / "re.csv")]) == 0
+    assert (tmp_path / "re.md").read_bytes() == (tmp_path / "pooled.md").read_bytes()
+    assert (tmp_path / "re.csv").read_bytes() == (tmp_path / "pooled.csv").read_bytes()
