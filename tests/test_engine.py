@@ -211,3 +211,18 @@ def test_an_interrupted_sweep_resumes_to_the_uninterrupted_result(sweep, tmp_pat
         "also differing: train_epochs" in err and len(err.splitlines()) == 1
     assert tm.main(["--resume", str(tmp_path / "missing.csv")]) == 2
     assert "cannot read the sweep's settings" in capsys.readouterr().err
+
+
+def test_a_sweep_stopped_in_its_pretraining_resumes_from_the_start(sweep, tmp_path, monkeypatch):
+    args, one = sweep
+    pretrain = tm.pretrain
+
+    def interrupted(cfg, seed):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tm, "pretrain", interrupted)
+    assert tm.main(args + ["--log-dir", str(tmp_path / "logs"), "--results-csv", str(tmp_path / "r.csv")]) == 130
+    assert len((tmp_path / "r.csv").read_text().splitlines()) == 1  # the header only
+    monkeypatch.setattr(tm, "pretrain", pretrain)
+    assert tm.main(["--resume", str(tmp_path / "r.csv")]) == 0
+    assert (tmp_path / "r.csv").read_bytes() == one.read_bytes()
