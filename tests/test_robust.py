@@ -122,3 +122,22 @@ def test_report_select_pooled_reproduces_the_run_s_markdown(tiny_args, tmp_path)
                     "--results-csv", str(tmp_path / "re.csv")]) == 0
     assert (tmp_path / "re.md").read_bytes() == (tmp_path / "pooled.md").read_bytes()
     assert (tmp_path / "re.csv").read_bytes() == (tmp_path / "pooled.csv").read_bytes()
+
+
+def test_a_backbone_per_seed_sweep_resumes_with_its_backbones(tiny_args, tmp_path, monkeypatch):
+    args = tiny_args + ["--targets", "even-odd", "--modes", "finetuned", "--seeds", "2", "--backbone-per-seed"]
+    assert tm.main(args + ["--results-csv", str(tmp_path / "whole.csv")]) == 0
+    pretrain, calls = tm.pretrain, []
+
+    def stopped_at_the_second_seed(cfg, seed):
+        calls.append(seed)
+        if seed == 1:
+            raise KeyboardInterrupt
+        return pretrain(cfg, seed)
+
+    monkeypatch.setattr(tm, "pretrain", stopped_at_the_second_seed)
+    assert tm.main(args + ["--log-dir", str(tmp_path / "logs2"), "--results-csv", str(tmp_path / "r.csv")]) == 130
+    monkeypatch.setattr(tm, "pretrain", lambda cfg, seed: calls.append(seed) or pretrain(cfg, seed))
+    assert tm.main(["--resume", str(tmp_path / "r.csv")]) == 0
+    assert calls == [0, 1, 1]  # seed 0's backbone was reused, seed 1's pretrained on resuming
+    assert (tmp_path / "r.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
