@@ -1417,7 +1417,7 @@ def write_summary(results: list[RunResult], path: str, select: str = "seed") -> 
     aligned text for the console: '' for one seed, where the run table says it all."""
     budget = budget_rows(results)
     grid = any(not r.selected for r in results)
-    closing = (f"## Learning rates and epoch budget\n\n" + (f"Rate selection: {SELECTIONS[select]}.\n\n" if grid else "")
+    closing = ("## Learning rates and epoch budget\n\n" + (f"Rate selection: {SELECTIONS[select]}.\n\n" if grid else "")
                + f"{markdown(BUDGET_HEADER, budget)}\n")
     if all(len(by_seed) < 2 for by_seed in group_by_arm(results).values()):
         with open(path, "w") as f:
