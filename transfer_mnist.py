@@ -40,13 +40,17 @@ import csv
 import dataclasses
 import functools
 import gc
+import hashlib
 import importlib
+import importlib.metadata
 import io
 import json
 import logging
 import math
 import os
+import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -187,11 +191,29 @@ def arm_rate(text: str) -> tuple[str, float]:
     return arm, positive_float(rate)
 
 
+# --protocol fair: what an honest comparison needs, for every flag that the command line does not give
+FAIR = {
+    "seeds": 5,  # an interval over seeds; with 2 or 3, t(0.975) is 12.7 or 4.3
+    "modes": tuple(ARMS),  # every arm
+    # every arm at its best rate (Kornblith, Shlens and Le 2019); the arms' choices fall inside this grid
+    "lr_grid": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+    "select": "pooled",  # one rate over the seeds: 12-50 validation images pick a rate per seed noisily
+    "backbone_per_seed": True,  # pretraining's noise in the intervals too
+    "disjoint": True,  # no target image that pretraining learned with its digit label
+}
+
+
 @dataclasses.dataclass
 class Config:
     """One invocation's settings. Each field with a help text is the flag of the same name (n_train is
     --n-train); its type, default and help come from here, so change a default here."""
 
+    protocol: str = setting("post", "post: the blog post's protocol, as the defaults below say; fair: an honest "
+                            "comparison, with these settings unless the command line gives them: "
+                            + ", ".join(f"--{name.replace('_', '-')} " + (" ".join(f"{v:g}" for v in value)
+                                        if name == "lr_grid" else " ".join(value) if isinstance(value, tuple) else
+                                        "on" if value is True else str(value)) for name, value in FAIR.items()),
+                            choices=("post", "fair"))
     data_dir: str = setting("data", "folder holding MNIST/raw and FashionMNIST/raw as torchvision lays them "
                             "out; missing files are downloaded")
     log_dir: str = setting("pretraining_logs",  # the post's folder
@@ -239,6 +261,11 @@ class Config:
     # Over seeds 0-2 none of the 12 target runs tested other weights than with all 500 epochs
     patience: int = setting(100, "stop a run this many epochs after its best validation loss; 0 never stops "
                             "early (the post)", type=non_negative_int)
+    # Off: the post draws its subsets independently, so even-odd trains on some images that pretraining
+    # learned with their digit, which decides their parity: that flatters fine-tuning by about a point
+    disjoint: bool = setting(False, "draw each target's training and validation images only from those that its "
+                             "backbone was not pretrained on, where source and target read the same files "
+                             "(even-odd and mnist)")
     # Off: the post trains on the images as they are. With 200 labels augmentation is the strongest lever there is
     augment: bool = setting(False, "train the target runs on randomly shifted, rotated and scaled images (a new "
                             "transform per image and epoch, drawn from the run's seed); never validation or test")
@@ -254,9 +281,10 @@ class Config:
     threads: int | None = setting(None, "torch threads of every run, pretraining included; the same --threads "
                                   "gives the same numbers (default: torch's own in one process, the machine's "
                                   "cores divided by --workers with workers, 1 on a cluster)", type=positive_int)
-    cluster: str | None = setting(os.environ.get("RAY_ADDRESS") or None,
-                                  "run the target runs on a running Ray cluster: auto, or host:port as `ray start "
-                                  "--head` prints it (default: RAY_ADDRESS, else none)", metavar="ADDRESS")
+    # Only this flag joins a cluster: --workers always starts a Ray instance of its own
+    cluster: str | None = setting(None, "run the target runs on a running Ray cluster: auto (the one `ray start` "
+                                  "runs on this machine), or host:port as `ray start --head` prints it",
+                                  metavar="ADDRESS")
     gpus_per_run: float | None = setting(None, "share of a GPU that each target run asks Ray for, so that several "
                                          "runs share one GPU (default: 1/--workers on a GPU accelerator, else 0)",
                                          type=gpu_share)
@@ -282,6 +310,47 @@ class ExperimentFailure(Exception):
     """A run failed for a reason outside the user's input (a worker killed, out of memory): exit status 1."""
 
 
+class StopSignal:
+    """Ctrl-C (SIGINT) and SIGTERM stop the experiment whenever they arrive. The handler raises
+    KeyboardInterrupt and remembers the signal: code that swallows exceptions may meet it first (the
+    garbage collector runs Lightning's Profiler.__del__, which drops what is raised in it), and check(),
+    called between runs, raises it again."""
+
+    received: int | None = None
+    deferring = False
+
+    @classmethod
+    def handle(cls, signum: int, frame: typing.Any) -> None:
+        cls.received = signum
+        if not cls.deferring:
+            raise KeyboardInterrupt
+
+    @classmethod
+    @contextlib.contextmanager
+    def deferred(cls):
+        """A signal that arrives in here stops the experiment at the end of the block (around gc.collect():
+        an exception raised in a __del__ is printed as 'Exception ignored' and dropped)."""
+        cls.deferring = True
+        try:
+            yield
+        finally:
+            cls.deferring = False
+        cls.check()
+
+    @classmethod
+    def install(cls) -> None:
+        """Also after ray.init(), which sets a SIGTERM handler of its own. A SIGINT ignored from the start (a
+        job in the background of a script) stays ignored."""
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) is not signal.SIG_IGN or signum == signal.SIGTERM:
+                signal.signal(signum, cls.handle)
+
+    @classmethod
+    def check(cls) -> None:
+        if cls.received is not None:
+            raise KeyboardInterrupt
+
+
 # ---- Data ---------------------------------------------------------------------------------
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)  # what cross-entropy can take
 
@@ -297,22 +366,25 @@ def describe_tensor(value: typing.Any) -> str:
 
 
 @functools.cache
-def read_split(target: Target, data_dir: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images (N, 28, 28) and int64 class indices of one split of a target, read once per process."""
+def read_split(target: Target, data_dir: str, train: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 images (N, 28, 28) and int64 class indices of one split of a target, read once per process, and
+    each image's position in the split as the files hold it (before `keep`): what two targets that read
+    the same files (even-odd and mnist) can compare."""
     if target.folder is None:
         images, labels = read_torchvision(target.dataset, data_dir, train)
     else:
         images, labels = read_image_folder(Path(target.folder, "train" if train else "test"))
+    positions = torch.arange(len(labels))
     if target.keep is not None:
         mask = target.keep(labels)
         if not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.shape == labels.shape):
             raise LabelError(f"keep returned {describe_tensor(mask)}, not a bool mask of one entry per label")
-        images, labels = images[mask], labels[mask]
+        images, labels, positions = images[mask], labels[mask], positions[mask]
     if target.relabel is not None:
         labels = target.relabel(labels)
         if not (isinstance(labels, torch.Tensor) and labels.dtype in INDEX_DTYPES and labels.dim() == 1):
             raise LabelError(f"relabel returned {describe_tensor(labels)}, not integer class indices")
-    return images, labels.long()  # the int64 that cross-entropy takes
+    return images, labels.long(), positions  # the int64 that cross-entropy takes
 
 
 def read_torchvision(cls: type[torchvision.datasets.MNIST], data_dir: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -433,17 +505,48 @@ def split_sizes(n_train: int, n_available: int, flag: str = "--n-train", where: 
     return n_train, n_val
 
 
-def draw_subset(target: str, n_train: int, n_available: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the training and validation samples of one (target, seed).
+def draw_subset(target: str, n_train: int, available: torch.Tensor, seed: int,
+                where: str = "the dataset") -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the training and validation samples of one (target, seed), drawn from `available`.
 
     Every arm of a target calls this with the same seed, so they train and validate on the same
     images. The stream depends on the target's name too, so the even-odd subset is not a slice of
     the pretraining subset that the same seed draws from the same MNIST images.
     """
-    n_train, n_val = split_sizes(n_train, n_available)
+    n_train, n_val = split_sizes(n_train, len(available), where=where)
     generator = torch.Generator().manual_seed(zlib.crc32(f"{target}/{seed}".encode()))
-    order = torch.randperm(n_available, generator=generator)
+    order = available[torch.randperm(len(available), generator=generator)]
     return order[:n_train], order[n_train : n_train + n_val]
+
+
+def backbone_seed(cfg: Config, seed: int) -> int:
+    """The pretraining seed of the backbone that the target runs of `seed` start from."""
+    if cfg.backbone_per_seed:
+        return seed
+    return cfg.seed if cfg.pretrain_seed is None else cfg.pretrain_seed
+
+
+def shares_images(source: str, target: str) -> bool:
+    """Whether two targets read the same files (even-odd and mnist both read MNIST's training split)."""
+    return (TARGETS[source].dataset, TARGETS[source].folder) == (TARGETS[target].dataset, TARGETS[target].folder)
+
+
+def pretraining_images(cfg: Config, seed: int) -> torch.Tensor:
+    """Positions (read_split()) of the images that pretraining with `seed` trained and validated on."""
+    _, labels, positions = read_split(TARGETS[cfg.source], cfg.data_dir, train=True)
+    train_idx, val_idx = draw_subset(cfg.source, cfg.n_pretrain, torch.arange(len(labels)), seed)
+    return positions[torch.cat([train_idx, val_idx])]
+
+
+def available_images(cfg: Config, target: str, seed: int) -> tuple[torch.Tensor, str]:
+    """Indices of the target's training split that its runs of `seed` draw from, and what they are: every
+    image, or with --disjoint those that its backbone was not pretrained on."""
+    _, labels, positions = read_split(TARGETS[target], cfg.data_dir, train=True)
+    everything = torch.arange(len(labels))
+    if not (cfg.disjoint and shares_images(cfg.source, target)):
+        return everything, target
+    seen = torch.isin(positions, pretraining_images(cfg, backbone_seed(cfg, seed)))
+    return everything[~seen], f"{target} without the {int(seen.sum())} images that pretraining used"
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -475,16 +578,18 @@ class TensorLoader:
         return TensorLoader(self.images.to(device), self.labels.to(device), self.batch_size)
 
 
-def load_data(target: str, n_train: int, data_dir: str, seed: int) -> tuple[TensorLoader, TensorLoader, TensorLoader, tuple[str, ...]]:
+def load_data(target: str, n_train: int, data_dir: str, seed: int, available: torch.Tensor | None = None
+              ) -> tuple[TensorLoader, TensorLoader, TensorLoader, tuple[str, ...]]:
     """Train, validation and test loaders of a registered target, and its label names.
 
-    n_train training and n_train/4 validation images are drawn from the training split; the test
-    loader holds the whole test split.
+    n_train training and n_train/4 validation images are drawn from the training split (from its
+    `available` indices only, if given); the test loader holds the whole test split.
     """
     spec = TARGETS[target]
-    images, labels = read_split(spec, data_dir, train=True)
-    test_images, test_labels = read_split(spec, data_dir, train=False)
-    train_idx, val_idx = draw_subset(target, n_train, len(labels), seed)
+    images, labels, _ = read_split(spec, data_dir, train=True)
+    test_images, test_labels, _ = read_split(spec, data_dir, train=False)
+    train_idx, val_idx = draw_subset(target, n_train, torch.arange(len(labels)) if available is None else available,
+                                     seed)
     train_loader = TensorLoader(normalize(images[train_idx]), labels[train_idx], TRAIN_BATCH_SIZE)
     val_loader = TensorLoader(normalize(images[val_idx]), labels[val_idx], EVAL_BATCH_SIZE)
     test_loader = TensorLoader(normalize(test_images), test_labels, EVAL_BATCH_SIZE)
@@ -498,8 +603,8 @@ def check_data(cfg: Config) -> None:
     ]:
         target = TARGETS[name]
         try:
-            images, labels = read_split(target, cfg.data_dir, train=True)
-            _, test_labels = read_split(target, cfg.data_dir, train=False)
+            _, labels, _ = read_split(target, cfg.data_dir, train=True)
+            _, test_labels, _ = read_split(target, cfg.data_dir, train=False)
         except LabelError as err:
             raise ExperimentError(f"target {name}: {err}; fix its entry in TARGETS") from None
         for split_labels in (labels, test_labels):
@@ -510,7 +615,38 @@ def check_data(cfg: Config) -> None:
                     f"({', '.join(target.label_names[:4])}{', ...' if len(target.label_names) > 4 else ''}); "
                     f"fix its entry in TARGETS")
         for n_train in sizes:
-            split_sizes(n_train, len(labels), flag, target.folder or name)
+            if flag == "--n-pretrain":
+                split_sizes(n_train, len(labels), flag, target.folder or name)
+            for seed in range(cfg.seed, cfg.seed + cfg.seeds) if flag == "--n-train" else []:
+                available, where = available_images(cfg, name, seed)
+                split_sizes(n_train, len(available), flag, target.folder or where)
+
+
+def describe_subsets(cfg: Config) -> list[str]:
+    """Per target and n_train, over the seeds: training and validation images per class, and how many of
+    them pretraining saw (the backbone of that seed, on the same files)."""
+    lines, seeds = [], range(cfg.seed, cfg.seed + cfg.seeds)
+    span = lambda values: f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"  # noqa: E731
+    for name in cfg.targets:
+        names = TARGETS[name].label_names
+        _, labels, positions = read_split(TARGETS[name], cfg.data_dir, train=True)
+        for n_train in cfg.n_train:
+            counts, seen = [], []
+            for seed in seeds:
+                subsets = draw_subset(name, n_train, available_images(cfg, name, seed)[0], seed)
+                counts.append([torch.bincount(labels[idx], minlength=len(names)).tolist() for idx in subsets])
+                pretrained_on = pretraining_images(cfg, backbone_seed(cfg, seed)) if shares_images(cfg.source, name) \
+                    else torch.empty(0, dtype=torch.long)
+                seen.append([int(torch.isin(positions[idx], pretrained_on).sum()) for idx in subsets])
+            per_class = ", ".join(f"{label} {span([c[0][k] for c in counts])} + {span([c[1][k] for c in counts])}"
+                                  for k, label in enumerate(names))
+            overlap = (f"pretraining saw {span([s[0] for s in seen])} of the training and {span([s[1] for s in seen])} "
+                       f"of the validation images" + ("" if cfg.disjoint else " (--disjoint keeps them apart)")
+                       if shares_images(cfg.source, name) else f"pretraining ({cfg.source}) saw none of them")
+            lines.append(f"{name}: {n_train} training + {validation_size(n_train)} validation images a run"
+                         f"{f', seeds {seeds[0]}-{seeds[-1]}' if len(seeds) > 1 else ''}; per class {per_class}; "
+                         f"{overlap}")
+    return lines
 
 
 # ---- Model --------------------------------------------------------------------------------
@@ -547,7 +683,9 @@ class Augment:
     ROTATION, SCALING, SHIFT = math.radians(10), 0.1, 2 / 14  # up to 10 degrees, 10%, 2 of the 28 pixels
 
     def __init__(self, seed: int):
-        self.seed, self.generator = seed, None
+        # a stream of its own: seeded with the run's seed, as the weights are, its first rotation angles
+        # were a rescaling of conv1's initial weights
+        self.seed, self.generator = zlib.crc32(f"augment/{seed}".encode()), None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.generator is None or self.generator.device != images.device:
@@ -702,6 +840,11 @@ class RunResult:
 RESULT_COLUMNS = tuple(f.name for f in dataclasses.fields(RunResult) if f.metadata.get("csv", True))
 
 
+def not_nan(loss: float) -> float:
+    """A loss to compare: NaN (a diverged run) counts as the worst."""
+    return math.inf if math.isnan(loss) else loss
+
+
 class KeepBestWeights(lightning.Callback):
     """Remembers the weights of the epoch with the lowest validation loss.
 
@@ -718,7 +861,7 @@ class KeepBestWeights(lightning.Callback):
 
     def on_validation_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         loss = trainer.callback_metrics[self.monitor].item()
-        if loss < self.best_loss:
+        if self.best_state is None or not_nan(loss) < not_nan(self.best_loss):  # a diverged run keeps its first epoch
             self.best_loss, self.best_epoch = loss, pl_module.epoch()
             self.best_state = {key: value.detach().clone() for key, value in pl_module.state_dict().items()}
 
@@ -751,14 +894,15 @@ def fit_best(
     max_epochs: int,
     cfg: Config,
     sub_dir: str | None = None,
+    keep_best: KeepBestWeights | None = None,
 ) -> tuple[lightning.Trainer, KeepBestWeights]:
-    """Train for up to max_epochs and restore the best-validation weights; log to TensorBoard under
-    <log_dir>/<run_name>/<version>[/<sub_dir>]."""
+    """Train for up to max_epochs and restore the best-validation weights, those of an earlier stage if
+    `keep_best` (its tracker) holds better ones; log to TensorBoard under <log_dir>/<run_name>/<version>[/<sub_dir>]."""
     tb_logger = lightning.pytorch.loggers.TensorBoardLogger(
         cfg.log_dir, name=run_name, version=cfg.version, sub_dir=sub_dir,
         default_hp_metric=False,  # no -1 placeholder in the HPARAMS tab
     )
-    keep_best = KeepBestWeights()
+    keep_best = keep_best or KeepBestWeights()
     callbacks = [keep_best, ProgressLog(run_name, keep_best)]
     if cfg.patience:
         callbacks.append(lightning.pytorch.callbacks.EarlyStopping(MONITOR, patience=cfg.patience, mode="min"))
@@ -801,9 +945,10 @@ def fit_and_test(
     cfg: Config,
     hparams: dict,
     sub_dir: str | None = None,
+    keep_best: KeepBestWeights | None = None,
 ) -> tuple[lightning.Trainer, KeepBestWeights, dict[str, float]]:
     """fit_best(), then test the best-validation weights and log the run's hyperparameters with the result."""
-    trainer, keep_best = fit_best(module, loaders[:2], run_name, max_epochs, cfg, sub_dir)
+    trainer, keep_best = fit_best(module, loaders[:2], run_name, max_epochs, cfg, sub_dir, keep_best)
     trainer.test(module, loaders[2].to(trainer.strategy.root_device), verbose=False)
     metrics = {key: trainer.callback_metrics[key].item() for key in ("ce_loss/test", "accuracy/test")}
     # HPARAMS tab: one row per run, compared on the test metrics, which it also logs as scalars at the best epoch
@@ -824,9 +969,13 @@ def run_result(hparams: dict, keep_best: KeepBestWeights, metrics: dict, started
                        six_digits(metrics["ce_loss/test"]), six_digits(metrics["accuracy/test"]),
                        hparams["learning_rate"], six_digits(keep_best.best_loss), True, hparams["max_epochs"],
                        seconds=time.perf_counter() - started)
-    logger.info(f"{result.target}/{result.mode}: best epoch {result.best_epoch}, test loss {result.test_loss:.4f}, "
-                f"test accuracy {result.test_acc:.4f}, {result.seconds:.1f} s")
     return result
+
+
+def result_line(r: RunResult) -> str:
+    """A finished run in the console, printed once its row is in the CSV."""
+    return (f"{r.target}/{r.mode}: best epoch {r.best_epoch}, test loss {r.test_loss:.4f}, test accuracy "
+            f"{r.test_acc:.4f}, {r.seconds:.1f} s")
 
 
 def pretrain_checkpoint(cfg: Config, seed: int) -> str:
@@ -865,7 +1014,8 @@ def train(backbone: dict[str, torch.Tensor], target: str, mode: str, cfg: Config
     started = time.perf_counter()
     arm, learning_rate = ARMS[mode], learning_rate or cfg.lr[mode]
     logger.info(f"{target}/{mode}: {n_train} training images, seed {seed}, learning rate {learning_rate:g}")
-    train_loader, val_loader, test_loader, label_names = load_data(target, n_train, cfg.data_dir, seed)
+    train_loader, val_loader, test_loader, label_names = load_data(target, n_train, cfg.data_dir, seed,
+                                                                   available_images(cfg, target, seed)[0])
     # Same seed for every arm: same subset (above) and the same fresh head
     lightning.seed_everything(seed, verbose=False)
     module = LitModule(label_names, learning_rate=learning_rate, train_backbone=arm.train_backbone,
@@ -876,19 +1026,20 @@ def train(backbone: dict[str, torch.Tensor], target: str, mode: str, cfg: Config
                "max_epochs": cfg.train_epochs, **module.parameter_counts()}
     logger.info(f"{target}/{mode}: {hparams['trainable_params']} of {hparams['total_params']} parameters train")
     run_name, sub_dir = f"{target}/{mode}", f"n{n_train}_seed{seed}" + (f"_lr{learning_rate:g}" if cfg.lr_grid else "")
-    loaders = (train_loader, val_loader, test_loader)
+    loaders, keep_best = (train_loader, val_loader, test_loader), None
     if arm.head_fraction:
         # Two fits rather than Lightning's BackboneFinetuning callback: that callback needs a `backbone`
         # attribute and adds an optimizer param group mid-fit, which breaks fused Adam's assumptions,
-        # schedulers and resumed checkpoints. Here each stage is a plain fit with a fresh Adam, keeps
-        # its best-validation weights, and the second continues the first one's epoch count.
+        # schedulers and resumed checkpoints. Here each stage is a plain fit with a fresh Adam; the second
+        # continues the first one's epoch count and best-weights tracker, so the run is tested with the best
+        # epoch of either stage (the head's, if fine-tuning never improves on it).
         module.set_stage(arm.head_lr, train_backbone=False)
         head_epochs = max(1, round(arm.head_fraction * cfg.train_epochs))
-        trainer, _ = fit_best(module, loaders[:2], run_name, head_epochs, cfg, sub_dir)
+        trainer, keep_best = fit_best(module, loaders[:2], run_name, head_epochs, cfg, sub_dir)
         module.epochs_before = trainer.current_epoch
         module.set_stage(learning_rate, train_backbone=True)
     _, keep_best, metrics = fit_and_test(module, loaders, run_name, max(1, cfg.train_epochs - module.epochs_before),
-                                         cfg, hparams, sub_dir)
+                                         cfg, hparams, sub_dir, keep_best)
     return run_result(hparams, keep_best, metrics, started)
 
 
@@ -905,16 +1056,45 @@ def select_rates(results: list[RunResult], select: str = "seed") -> list[RunResu
     groups: dict[tuple, dict[float, list[float]]] = {}
     for r in results:
         groups.setdefault(selection_group(r, select), {}).setdefault(r.learning_rate, []).append(r.val_loss)
-    best = {group: min(rates, key=lambda rate: (sum(rates[rate]) / len(rates[rate]), rate))
+    best = {group: min(rates, key=lambda rate: (not_nan(sum(rates[rate]) / len(rates[rate])), rate))
             for group, rates in groups.items()}
     for r in results:
         r.selected = best[selection_group(r, select)] == r.learning_rate
     return results
 
 
+def settle(results: list[RunResult], select: str, grid: typing.Iterable[float] = ()) -> list[RunResult]:
+    """select_rates() in every complete selection group of rows read back (--report). A group that lacks a
+    rate of `grid` (the sweeps' saved --lr-grid), or a rate or seed that its (target, mode, n_train) has
+    elsewhere, the grid an interrupted sweep left half done, gets no selected row: it is not in the
+    summary until --resume completes it."""
+    grids: dict[tuple, tuple[set, set]] = {}  # (target, mode, n_train) -> (seeds, rates)
+    groups: dict[tuple, list[RunResult]] = {}
+    for r in results:
+        seeds, rates = grids.setdefault((r.target, r.mode, r.n_train), (set(), set(grid) if r.mode in ARMS else set()))
+        seeds.add(r.seed)
+        rates.add(r.learning_rate)
+        groups.setdefault(selection_group(r, select), []).append(r)
+    for group in groups.values():
+        seeds, rates = grids[(group[0].target, group[0].mode, group[0].n_train)]
+        seeds = seeds if select == "pooled" else {group[0].seed}
+        if {(r.seed, r.learning_rate) for r in group} >= {(s, rate) for s in seeds for rate in rates}:
+            select_rates(group, select)
+        else:
+            for r in group:
+                r.selected = False
+    return results
+
+
 def csv_text(value: typing.Any) -> str:
     """A CSV cell; floats to 6 significant digits (see six_digits)."""
     return f"{value:.6g}" if isinstance(value, float) else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def csv_row(r: RunResult) -> list[str]:
+    """A run's CSV cells; its learning rate exactly as given (repr), so that --resume recognises every rate."""
+    return [repr(r.learning_rate) if column == "learning_rate" else csv_text(getattr(r, column))
+            for column in RESULT_COLUMNS]
 
 
 class ResultsCsv:
@@ -932,11 +1112,12 @@ class ResultsCsv:
         with open(partial, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(RESULT_COLUMNS)
-            writer.writerows([csv_text(getattr(r, column)) for column in RESULT_COLUMNS] for r in results)
+            writer.writerows(csv_row(r) for r in results)
         os.replace(partial, self.path)
+        self.rows = len(results)
 
     def append(self, result: RunResult) -> None:
-        row = [csv_text(getattr(result, column)) for column in RESULT_COLUMNS]
+        row = csv_row(result)
         line = io.StringIO()
         csv.writer(line).writerow(row)
         data = line.getvalue().encode()
@@ -968,8 +1149,7 @@ def describe_run(run: tuple) -> str:
 
 def pretraining_runs(cfg: Config) -> list[tuple[str, str, int, int, float]]:
     """The pretraining runs, in sweep_runs()'s form: one for the invocation, or one per seed."""
-    seeds = range(cfg.seed, cfg.seed + cfg.seeds) if cfg.backbone_per_seed else [
-        cfg.seed if cfg.pretrain_seed is None else cfg.pretrain_seed]
+    seeds = dict.fromkeys(backbone_seed(cfg, seed) for seed in range(cfg.seed, cfg.seed + cfg.seeds))
     return [(cfg.source, "pretrain", seed, cfg.n_pretrain, cfg.pretrain_lr) for seed in seeds]
 
 
@@ -985,43 +1165,56 @@ def execute(cfg: Config, run: tuple, backbone: dict | None) -> tuple[RunResult, 
 def run_here(cfg: Config, jobs: dict, finished: Callable) -> None:
     """Each (run, backbone) of `jobs` in this process, one after the other; finished(key, result, backbone)."""
     for key, (run, backbone) in jobs.items():
-        finished(key, *execute(cfg, run, backbone))
+        StopSignal.check()
+        result, backbone = execute(cfg, run, backbone)
+        finished(key, result, backbone)
+        logger.info(result_line(result))
 
 
-def run_experiment(cfg: Config, csv_out: ResultsCsv, resumed: Resumed | None = None) -> list[RunResult]:
+def run_experiment(cfg: Config, csv_out: ResultsCsv, resumed: Resumed | None = None,
+                   on_pretrained: Callable[[int], None] | None = None) -> list[RunResult]:
     """Pretrain (once, or once per seed), then run every arm on every target, training-set size and seed,
     once per rate of --lr-grid, in this process or on Ray (--workers, --cluster). Rows go to the CSV as
-    their runs finish (a grid's rows once its rate is chosen); at the end the CSV holds them in the order of
-    pretraining_runs() and sweep_runs(), whatever order they finished in. A resumed sweep skips the runs,
-    pretraining included, that its CSV holds already."""
+    their runs finish; at the end the CSV holds them in the order of pretraining_runs() and sweep_runs(),
+    whatever order they finished in. A resumed sweep skips the runs, pretraining included, that its CSV
+    holds already. on_pretrained(seed) is called once seed's backbone checkpoint is written."""
     pretraining, runs = pretraining_runs(cfg), sweep_runs(cfg)
     grids: dict[tuple, list[int]] = {}  # the runs among which one rate is selected
     for index, run in enumerate(runs):
         grids.setdefault(selection_group(run, cfg.select), []).append(index)
     earlier = {run_key(r): r for r in resumed.rows} if resumed else {}
     done = {index: earlier[run] for index, run in enumerate(runs) if run in earlier}
-    written = set(done)  # rows the CSV holds already
     backbones = {run[2]: read_backbone(resumed.checkpoints[run[2]]) for run in pretraining if run in earlier}
+
+    def in_order() -> list[RunResult]:
+        return [earlier[run] for run in pretraining if run in earlier] + [done[i] for i in sorted(done)]
 
     def pretrained(seed: int, result: RunResult, backbone: dict) -> None:
         earlier[run_key(result)], backbones[seed] = result, backbone
         csv_out.append(result)
         if not os.path.isfile(pretrain_checkpoint(cfg, seed)):  # pretrained on another node: keep it for --resume
             save_backbone(backbone, pretrain_checkpoint(cfg, seed))
+        if on_pretrained:
+            on_pretrained(seed)
+        StopSignal.check()
 
     def finished(index: int, result: RunResult, _=None) -> None:
+        """Every row goes to the CSV as its run finishes, `selected` false until its grid is complete; then
+        the grid's choice is made and the CSV rewritten with it."""
         done[index] = result
         grid = grids[selection_group(runs[index], cfg.select)]
-        if all(i in done for i in grid):
+        complete = all(i in done for i in grid)
+        result.selected = complete
+        if complete and len(grid) > 1:
             select_rates([done[i] for i in grid], cfg.select)
-            for i in grid:
-                if i not in written:
-                    csv_out.append(done[i])
-                    written.add(i)
+            csv_out.rewrite(in_order())
+        else:
+            csv_out.append(result)
         # Free the finished run now: Lightning's reference cycles keep its tensors until the cyclic
         # collector happens to run. Measured: without this, resident memory grew from 1.1 to 1.45 GB
         # over 24 runs (2.7 GB over 121); each collection takes 0.16 s.
-        gc.collect()
+        with StopSignal.deferred():
+            gc.collect()
 
     todo = {index: run for index, run in enumerate(runs) if index not in done}
     if resumed:
@@ -1035,11 +1228,13 @@ def run_experiment(cfg: Config, csv_out: ResultsCsv, resumed: Resumed | None = N
         with RaySweep(cfg, threads) if cfg.workers > 1 or cfg.cluster else contextlib.nullcontext() as engine:
             run_all = engine.run if engine is not None else functools.partial(run_here, cfg)
             run_all({run[2]: (run, None) for run in pretraining if run[2] not in backbones}, pretrained)
-            backbone_of = {run[2]: backbones[run[2] if cfg.backbone_per_seed else pretraining[0][2]] for run in runs}
+            backbone_of = {run[2]: backbones[backbone_seed(cfg, run[2])] for run in runs}
             run_all({index: (run, backbone_of[run[2]]) for index, run in todo.items()}, finished)
     finally:
         torch.set_num_threads(torch_threads)
-    results = [earlier[run] for run in pretraining] + [done[index] for index in range(len(runs))]
+    for grid in grids.values():  # grids completed by rows of an earlier, interrupted invocation too
+        select_rates([done[i] for i in grid], cfg.select)
+    results = in_order()
     csv_out.rewrite(results)
     return results
 
@@ -1060,18 +1255,21 @@ def run_threads(cfg: Config) -> int | None:
 
 # ---- Resume (optional: delete this section, --resume and the `resumed` lines of main() and
 # run_experiment()) ----
-# What a resumed sweep may change: where things are and how the runs are spread, not what a run computes
-# (--threads changes the last digits of a run's floats: the same --threads gives the same rows)
+# What a resumed sweep may change: where things are and how the runs are spread, not what a run computes.
+# --threads may change too, with a warning: it changes the order of float sums, so a whole run's numbers
 RESUME_MAY_CHANGE = {"data_dir", "log_dir", "results_csv", "workers", "threads", "cluster", "gpus_per_run",
                      "devices", "resume"}
+CODE_END = "# ---- Reporting"  # the code above this line makes the rows; what is below only reports them
 
 
 @dataclasses.dataclass
 class Resumed:
-    """What an interrupted sweep left: its rows, pretraining included, and its backbones' checkpoints."""
+    """What an interrupted sweep left: its rows, pretraining included, its backbones' checkpoints and what
+    made its rows (made_by())."""
 
     rows: list[RunResult]
     checkpoints: dict[int, str]  # pretraining seed -> checkpoint
+    made_by: dict[str, typing.Any]
 
 
 def run_key(r: RunResult) -> tuple:
@@ -1084,22 +1282,69 @@ def settings_path(csv_path: str | Path) -> Path:
     return Path(csv_path).with_suffix(".json")
 
 
-def save_settings(cfg: Config, csv_path: Path, checkpoints: dict[int, str]) -> None:
-    settings = {"config": dataclasses.asdict(cfg),
-                "checkpoints": {seed: os.path.abspath(path) for seed, path in checkpoints.items()}}
+def sha256(path: str | Path, text: str | None = None) -> str:
+    return hashlib.sha256(text.encode() if text is not None else Path(path).read_bytes()).hexdigest()
+
+
+def made_by(threads: int, accelerator: str) -> dict[str, typing.Any]:
+    """What makes a row besides the settings: this script's code (a digest of everything above the reporting
+    section but the module docstring, and one of the whole file), the libraries, the kind of CPU, the torch
+    threads and the accelerator."""
+    script = Path(__file__).read_text()
+    code = script[script.index('"""', 4) + 3:script.index(f"\n{CODE_END}")]  # not the docstring's headline
+    versions = {}
+    for package in ("torch", "torchvision", "lightning", "ray"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"code_sha256": sha256("", code), "script_sha256": sha256("", script), **versions,
+            "cpu": cpu_model(), "threads": threads, "accelerator": accelerator}
+
+
+def cpu_model() -> str:
+    """The kind of CPU: float kernels differ between kinds, and 500 epochs amplify that."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def save_settings(cfg: Config, csv_path: str, checkpoints: dict[int, str], made: dict[str, typing.Any]) -> None:
+    """The settings beside the CSV: the resolved Config, what made the rows, and each backbone's checkpoint
+    (relative to the CSV, so a sweep moved with its log folder resumes) with a digest once it is written."""
+    settings = {"config": dataclasses.asdict(cfg), "made_by": made,
+                "checkpoints": {seed: {"path": os.path.relpath(path, Path(csv_path).parent), "sha256": None}
+                                for seed, path in checkpoints.items()}}
     settings_path(csv_path).write_text(json.dumps(settings, indent=1) + "\n")
+
+
+def record_backbone(csv_path: str, seed: int) -> None:
+    """Add the digest of seed's freshly written backbone to the settings: --resume checks it."""
+    path = settings_path(csv_path)
+    settings = json.loads(path.read_text())
+    checkpoint = settings["checkpoints"][str(seed)]
+    checkpoint["sha256"] = sha256(Path(csv_path).parent / checkpoint["path"])
+    path.write_text(json.dumps(settings, indent=1) + "\n")
 
 
 def resume_settings(cfg: Config, given: set[str]) -> tuple[Config, Resumed]:
     """The saved settings of the sweep in --resume CSV, with what `given` (the flags on this command line)
-    may change; a flag that would change a run's numbers must match the saved value."""
+    may change; a flag that would change a run's numbers must match the saved value, and nothing that
+    destroys (--overwrite) is restored."""
     path = settings_path(cfg.resume)
     try:
         saved = json.loads(path.read_text())
         settings = Config(**saved["config"])
+        checkpoints = {int(seed): Path(cfg.resume).parent / c["path"] for seed, c in saved["checkpoints"].items()}
+        digests = {int(seed): c["sha256"] for seed, c in saved["checkpoints"].items()}
+        made = saved["made_by"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ExperimentError(f"--resume {cfg.resume}: cannot read the sweep's settings from {path} "
                               f"({one_line(err)}); only a results CSV this script wrote can be resumed") from None
+    if "overwrite" in given:
+        raise ExperimentError(f"--resume {cfg.resume} continues that sweep; --overwrite would delete it")
     differ = [name for name in sorted(given - RESUME_MAY_CHANGE)
               if getattr(cfg, name) != getattr(settings, name)]
     if differ:
@@ -1113,27 +1358,44 @@ def resume_settings(cfg: Config, given: set[str]) -> tuple[Config, Resumed]:
         settings.version = ""  # another log folder: the resumed runs take a new version there
     for name in given & RESUME_MAY_CHANGE:
         setattr(settings, name, getattr(cfg, name))
-    if "threads" in given and cfg.threads != saved["config"]["threads"]:
-        logger.warning(f"--threads {cfg.threads} differs from the sweep's {saved['config']['threads']}: "
-                       f"the remaining rows may differ in their last digits")
+    settings.overwrite = False  # it cleared the log folder once, at the sweep's start; never again
+    if "threads" not in given:  # the sweep's threads, whatever --workers is now
+        settings.threads = made["threads"]
+    elif cfg.threads != made["threads"]:
+        logger.warning(f"--threads {cfg.threads} differs from the sweep's {made['threads']}: the remaining rows "
+                       f"come from another order of float sums, and may differ from an uninterrupted sweep's")
     try:  # a sweep stopped during its first pretraining has a header and no rows
         with open(cfg.resume) as f:
-            rows = read_results([cfg.resume]) if len(f.readlines()) > 1 else []
+            rows = read_results([cfg.resume], "--resume") if len(f.readlines()) > 1 else []
     except OSError as err:
         raise ExperimentError(f"--resume {cfg.resume} cannot be read ({one_line(err)})") from None
-    checkpoints = {int(seed): path for seed, path in saved["checkpoints"].items()}
-    for r in rows:
-        if r.mode not in ARMS and not os.path.isfile(checkpoints[r.seed]):
-            raise ExperimentError(f"--resume {cfg.resume}: the sweep's pretrained backbone {checkpoints[r.seed]} is "
-                                  f"missing; resume where it was written, or start a new sweep")
+    for seed in {r.seed for r in rows if r.mode not in ARMS}:
+        checkpoint = checkpoints[seed]
+        if not checkpoint.is_file():
+            raise ExperimentError(f"--resume {cfg.resume}: the sweep's pretrained backbone {checkpoint} is missing; "
+                                  f"resume where it was written, or start a new sweep")
+        if digests[seed] != sha256(checkpoint):
+            raise ExperimentError(f"--resume {cfg.resume}: the sweep's pretrained backbone {checkpoint} has changed "
+                                  f"since it was written (another sweep in the same --log-dir?); start a new sweep")
     settings.resume, settings.results_csv = cfg.resume, cfg.resume
-    return settings, Resumed(rows, checkpoints)
+    return settings, Resumed(rows, {seed: str(path) for seed, path in checkpoints.items()}, made)
+
+
+def check_made_by(resumed: Resumed, now: dict[str, typing.Any], resume: str) -> None:
+    """--resume adds rows only where the same code, libraries and accelerator would make them."""
+    names = {"code_sha256": "the code above the reporting section"}
+    for key, value in resumed.made_by.items():
+        if key not in ("script_sha256", "threads") and now.get(key) != value:
+            raise ExperimentError(f"--resume {resume}: the sweep's rows were made with {names.get(key, key)} "
+                                  f"{str(value)[:12]}, this is {str(now.get(key))[:12]}; resume with what made them, "
+                                  f"or start a new sweep")
 
 
 # ---- Sweeps on Ray (optional: delete this section and the `engine` lines of run_experiment(); --workers,
 # --cluster and --gpus-per-run go with it) ----
 # A run whose worker process dies (killed, out of memory, its node lost) runs again, at most this many
-# times: the same seed gives the same row. An exception inside a run is not retried: a bug or bad input.
+# times, whatever killed it (Ray's memory monitor too): the same seed gives the same row. An exception
+# inside a run is not retried: a bug or bad input.
 RETRIES = 2
 
 
@@ -1145,20 +1407,55 @@ def gpus_per_run(cfg: Config) -> float:
     return 1 / cfg.workers if on_gpu else 0.0
 
 
-def run_remote(cfg: Config, registry: tuple[dict, dict], backbone: dict | None, run: tuple,
+def run_devices(cfg: Config, gpu_ids: list) -> Config:
+    """A run's settings on the devices Ray gave it. Ray shows a task only the GPUs it was given, but leaves
+    every GPU visible to a task that asked for none: such a run is put on the CPU, its GPUs hidden."""
+    if gpu_ids:
+        return cfg
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    return dataclasses.replace(cfg, accelerator="cpu") if cfg.accelerator in ("auto", "gpu", "cuda") else cfg
+
+
+RECEIVED: dict[str, tuple[dict, dict]] = {}  # in a worker process: registries by object id, unpickled once
+
+
+def run_remote(cfg: Config, registry: list, backbone: dict | None, run: tuple,
                threads: int) -> tuple[RunResult, dict | None, str]:
     """One run in a Ray worker process (execute()); returns its row, its backbone if it pretrained one, and
-    where it ran (node, GPU)."""
+    where it ran (node, GPU). `registry` holds the object id of the driver's targets and arms: unpickled once
+    per worker process, so a target's keep/relabel stays the same object and its data is read once
+    (read_split's cache), not once per run."""
     import ray
 
-    TARGETS.update(registry[0])  # targets and arms registered at run time in the driver (image folders, say)
-    ARMS.update(registry[1])
+    key = registry[0].hex()
+    if key not in RECEIVED:
+        RECEIVED[key] = ray.get(registry[0])
+    TARGETS.update(RECEIVED[key][0])  # targets and arms registered at run time in the driver (image folders, say)
+    ARMS.update(RECEIVED[key][1])
     quiet_libraries()
     torch.set_num_threads(threads)
-    result, backbone = execute(cfg, run, backbone)
-    gc.collect()
     gpus = ray.get_gpu_ids()
-    return result, backbone, ray.util.get_node_ip_address() + (f", GPU {', '.join(map(str, gpus))}" if gpus else "")
+    result, backbone = execute(run_devices(cfg, gpus), run, backbone)
+    gc.collect()
+    return result, backbone, ray.util.get_node_ip_address() + (f", GPU {', '.join(map(str, gpus))}" if gpus else ", CPU")
+
+
+def local_processes(roots: list[int], session: str) -> set[int]:
+    """Processes of a local Ray instance: those started by its own processes (`roots`), and by those, ...,
+    and any whose command line names its session (Linux's /proc; none elsewhere)."""
+    children: dict[int, list[int]] = {}
+    found: set[int] = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            children.setdefault(int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(int(proc.name))
+            if session in (proc / "cmdline").read_text():
+                found.add(int(proc.name))
+    todo = list(roots)
+    while todo:
+        started = children.get(todo.pop(), [])
+        found.update(started)
+        todo += started
+    return found - {os.getpid()}
 
 
 class RaySweep:
@@ -1174,16 +1471,22 @@ class RaySweep:
         cfg = self.cfg
         if not cfg.cluster:  # a local instance binds to loopback only: a sweep opens no port on the network
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Ray's memory monitor retries the runs it kills without limit unless told (its own count, beside
+        # max_retries); the driver owns the tasks, so this holds on a cluster too
+        os.environ.setdefault("RAY_task_oom_retries", str(RETRIES))
         import ray
 
         self.ray = ray
         quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR,
                  "runtime_env": {"py_modules": [__file__]}}
+        # "local": a new instance of our own, even where `ray start` runs or left its address behind
+        local = {"address": "local", "num_cpus": cfg.workers * self.threads,
+                 "num_gpus": torch.cuda.device_count() if self.gpus else 0}
         try:
-            local = {"num_cpus": cfg.workers * self.threads, "num_gpus": torch.cuda.device_count() if self.gpus else 0}
             ray.init(**({"address": cfg.cluster} if cfg.cluster else local), **quiet)
         except Exception as err:  # ConnectionError, or a ValueError/RuntimeError for an address Ray cannot use
             raise ExperimentError(f"cannot start Ray on {cfg.cluster or 'this machine'}: {one_line(err)}") from None
+        StopSignal.install()  # ray.init() replaced the SIGTERM handler
         resources = ray.cluster_resources()
         if self.gpus and not resources.get("GPU"):
             self.__exit__()
@@ -1198,34 +1501,60 @@ class RaySweep:
 
     def __exit__(self, *exc_info) -> None:
         for task in self.pending:  # Ctrl-C or an error: nothing of this sweep keeps running on the cluster
-            self.ray.cancel(task, force=True)
-        self.ray.shutdown()  # a local instance stops with every process it started
+            with contextlib.suppress(Exception):  # an instance that died has nothing left to cancel
+                self.ray.cancel(task, force=True)
+        node = None if self.cfg.cluster else self.ray._private.worker._global_node
+        if node is None:
+            self.ray.shutdown()
+            return
+        session = node.session_name
+        started = local_processes([p.process.pid for infos in node.all_processes.values() for p in infos], session)
+        self.ray.shutdown()  # a local instance stops with every process it started,
+        for pid in started | local_processes([], session):  # unless it lost its GCS: the raylet's agents outlive it
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
     def run(self, jobs: dict, finished: Callable) -> None:
         """Submit each (run, backbone) of `jobs`; call finished(key, result, backbone) here as each one ends."""
         ray, cfg = self.ray, self.cfg
         # absolute paths: a worker process does not start in this folder
         cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir), log_dir=os.path.abspath(cfg.log_dir))
-        registry = ({name: TARGETS[name] for name in (cfg.source, *cfg.targets)}, {name: ARMS[name] for name in cfg.modes})
+        registry = [ray.put(({name: TARGETS[name] for name in (cfg.source, *cfg.targets)},
+                             {name: ARMS[name] for name in cfg.modes}))]  # a list: Ray passes the id, not the value
         task = ray.remote(run_remote).options(num_cpus=self.threads, num_gpus=self.gpus, max_retries=RETRIES,
                                               retry_exceptions=False)
         stored = {id(backbone): ray.put(backbone) for _, backbone in jobs.values() if backbone is not None}  # once each
         self.pending = {task.remote(cfg, registry, stored.get(id(backbone)), run, self.threads): key
                         for key, (run, backbone) in jobs.items()}
         while self.pending:
-            for ref in ray.wait(list(self.pending), num_returns=1, timeout=1.0)[0]:  # a timeout lets Ctrl-C in
+            StopSignal.check()
+            for ref in self.wait():
                 key = self.pending.pop(ref)
                 run = jobs[key][0]
                 try:
                     result, backbone, where = ray.get(ref)
                 except ray.exceptions.RayTaskError as err:  # raised inside the run: ExperimentError, a full disk
                     raise (err.cause if isinstance(err.cause, (ExperimentError, OSError)) else err) from None
+                except ray.exceptions.LocalRayletDiedError:
+                    raise ExperimentFailure(self.died("raylet")) from None
                 except ray.exceptions.RayError as err:  # its worker died every time
                     raise ExperimentFailure(f"{describe_run(run)} failed {RETRIES + 1} times: its worker "
                                             f"process died ({type(err).__name__})") from None
+                finished(key, result, backbone)
                 logger.info(f"[{len(jobs) - len(self.pending)}/{len(jobs)}] {describe_run(run)}: best epoch "
                             f"{result.best_epoch}, test accuracy {result.test_acc:.4f}, {result.seconds:.1f} s on {where}")
-                finished(key, result, backbone)
+
+    def wait(self) -> list:
+        """The tasks that finished within a second (the timeout lets Ctrl-C in). A local instance that lost
+        one of its processes ends the sweep: without its GCS it runs on but cannot be shut down cleanly."""
+        node = None if self.cfg.cluster else self.ray._private.worker._global_node  # no public API for this
+        dead = sorted({kind for kind, _ in node.dead_processes()}) if node else []
+        if dead:
+            raise ExperimentFailure(self.died(", ".join(dead)))
+        return self.ray.wait(list(self.pending), num_returns=1, timeout=1.0)[0]
+
+    def died(self, process: str) -> str:
+        return f"the local Ray instance stopped under the script: its {process} process died"
 
 
 # ---- Reporting: the run table, and the results CSV read back (--report) -------------------
@@ -1259,9 +1588,9 @@ def format_table(results: list[RunResult]) -> str:
     return aligned(header + ["time"], [row + [f"{r.seconds:.1f} s"] for row, r in zip(rows, results)])
 
 
-def read_results(paths: typing.Sequence[str]) -> list[RunResult]:
+def read_results(paths: typing.Sequence[str], flag: str = "--report") -> list[RunResult]:
     """The rows of results CSVs, merged. A row repeated across files is kept once; two rows of the same run
-    (target, mode, n_train, seed, learning rate) with different numbers are an error."""
+    (target, mode, n_train, seed, learning rate) with different numbers are an error. Errors name `flag`."""
     kinds = typing.get_type_hints(RunResult)
     parse = {int: int, float: float, str: str, bool: lambda text: {"true": True, "false": False}[text.lower()]}
     results: dict[tuple, RunResult] = {}
@@ -1270,21 +1599,21 @@ def read_results(paths: typing.Sequence[str]) -> list[RunResult]:
             with open(path, newline="") as f:
                 rows = list(csv.DictReader(f))
         except (OSError, UnicodeDecodeError) as err:
-            raise ExperimentError(f"--report {path} cannot be read ({getattr(err, 'strerror', None) or err})") from None
+            raise ExperimentError(f"{flag} {path} cannot be read ({getattr(err, 'strerror', None) or err})") from None
         missing = [column for column in RESULT_COLUMNS if rows and column not in rows[0]]
         if not rows or missing:
-            raise ExperimentError(f"--report {path} is not a results CSV of this script "
+            raise ExperimentError(f"{flag} {path} is not a results CSV of this script "
                                   f"({'no rows' if not rows else 'no column ' + ', '.join(missing)})")
         for line, row in enumerate(rows, start=2):
             try:
                 result = RunResult(**{column: parse[kinds[column]](row[column]) for column in RESULT_COLUMNS})
             except (KeyError, ValueError, TypeError):
-                raise ExperimentError(f"--report {path}, line {line}: not a row of results ({row})") from None
+                raise ExperimentError(f"{flag} {path}, line {line}: not a row of results ({row})") from None
             key = (result.target, result.mode, result.n_train, result.seed, result.learning_rate)
             earlier = results.setdefault(key, result)
-            if [csv_text(getattr(earlier, c)) for c in RESULT_COLUMNS] != [csv_text(getattr(result, c)) for c in RESULT_COLUMNS]:
+            if csv_row(earlier) != csv_row(result):
                 raise ExperimentError(
-                    f"--report: {path}, line {line} and an earlier row are the same run ({result.target} {result.mode} "
+                    f"{flag}: {path}, line {line} and an earlier row are the same run ({result.target} {result.mode} "
                     f"n_train {result.n_train} seed {result.seed} lr {result.learning_rate:g}) with different numbers")
     return list(results.values())
 
@@ -1370,34 +1699,67 @@ def summarize(results: list[RunResult]) -> tuple[list[list[str]], list[list[str]
     return arms, differences
 
 
-def budget_rows(results: list[RunResult]) -> list[list[str]]:
-    """Per target and arm, over its selected runs: the rates chosen and how often, how often the choice
-    sat at an edge of the grid (a sign the grid is too narrow), and how many runs had their best epoch
-    in the last tenth of their budget (still improving: under-trained)."""
+def still_improving(r: RunResult) -> bool:
+    """Its best epoch in the last tenth of its budget: more epochs might have helped (under-trained)."""
+    return r.best_epoch > 0.9 * r.max_epochs
+
+
+def rate_choices(results: list[RunResult]) -> dict[tuple[str, str], list[tuple[RunResult, list[float]]]]:
+    """Per (target, arm): each selected run with the rates tried for its (target, mode, n_train, seed)."""
     tried: dict[tuple, list[float]] = {}
     for r in results:
         tried.setdefault((r.target, r.mode, r.n_train, r.seed), []).append(r.learning_rate)
+    choices: dict[tuple[str, str], list] = {}
+    for r in results:
+        if r.mode in ARMS and r.selected:
+            choices.setdefault((r.target, r.mode), []).append((r, tried[(r.target, r.mode, r.n_train, r.seed)]))
+    return choices
+
+
+def at_an_edge(choices: list[tuple[RunResult, list[float]]]) -> int | None:
+    """How many choices sat at the lowest or highest rate of their grid (a sign it is too narrow); None
+    under 3 rates, where every choice is at an edge."""
+    if min(len(grid) for _, grid in choices) < 3:
+        return None
+    return sum(r.learning_rate in (min(grid), max(grid)) for r, grid in choices)
+
+
+def budget_rows(results: list[RunResult]) -> list[list[str]]:
+    """Per target and arm, over its selected runs: the rates chosen and how often, how often the choice
+    sat at an edge of the grid, and how many runs were still improving at the end of their budget."""
     rows = []
-    for (target, mode) in dict.fromkeys((r.target, r.mode) for r in results if r.mode in ARMS):
-        chosen = [r for r in results if (r.target, r.mode) == (target, mode) and r.selected]
+    for (target, mode), choices in rate_choices(results).items():
+        chosen = [r for r, _ in choices]
         counts = {rate: sum(r.learning_rate == rate for r in chosen) for rate in sorted({r.learning_rate for r in chosen})}
-        grids = [tried[(r.target, r.mode, r.n_train, r.seed)] for r in chosen]
-        at_edge = sum(r.learning_rate in (min(g), max(g)) for r, g in zip(chosen, grids))
-        late = sum(r.best_epoch > 0.9 * r.max_epochs for r in chosen)
+        rates = [len(grid) for _, grid in choices]
+        edge = at_an_edge(choices)
         rows.append([target, mode, str(len(chosen)), ", ".join(f"{rate:g} ×{n}" for rate, n in counts.items()),
-                     edge_text(at_edge, len(chosen), min(map(len, grids)), max(map(len, grids))),
-                     f"{late} of {len(chosen)}"])
+                     "no grid" if max(rates) == 1 else f"n/a: a grid of {min(rates)} rates is all edges"
+                     if edge is None else f"{edge} of {len(chosen)}",
+                     f"{sum(map(still_improving, chosen))} of {len(chosen)}"])
     return rows
 
 
-def edge_text(at_edge: int, chosen: int, fewest_rates: int, most_rates: int) -> str:
-    """'k of n' choices at the grid's lowest or highest rate; with fewer than 3 rates every choice is at
-    an edge, so the count would say nothing."""
-    if most_rates == 1:
-        return "no grid"
-    if fewest_rates < 3:
-        return f"n/a: a grid of {fewest_rates} rates is all edges"
-    return f"{at_edge} of {chosen}"
+def fragile(results: list[RunResult]) -> list[str]:
+    """Where the answer is fragile, in words: for the end of the console and the Markdown."""
+    warnings = [f"pretraining (seed {r.seed}) was still improving: best validation loss at epoch {r.best_epoch} of "
+                f"{r.max_epochs}, test accuracy {r.test_acc:.4f}; a backbone this weak may understate what "
+                f"fine-tuning gains (--pretrain-epochs)" for r in results if r.mode not in ARMS and still_improving(r)]
+    choices = [choice for per_arm in rate_choices(results).values() for choice in per_arm]
+    late = sum(still_improving(r) for r, _ in choices)
+    if late:
+        warnings.append(f"{late} of {len(choices)} target runs still improving in the last tenth of their epochs "
+                        f"(--train-epochs)")
+    if any(len(grid) > 1 for _, grid in choices):
+        edge = at_an_edge(choices)
+        if edge:
+            warnings.append(f"{edge} of {len(choices)} learning-rate choices at an edge of the grid: widen --lr-grid")
+        elif edge is None:
+            warnings.append("a grid of fewer than 3 rates cannot tell whether the best rate lies outside it")
+    elif choices:
+        warnings.append("every arm ran at one fixed learning rate, not its best: --protocol fair gives each arm "
+                        "its best of a grid, over 5 seeds, on images that pretraining did not see")
+    return warnings
 
 
 ARM_HEADER = ["target", "n_train", "mode", "seeds", "test acc mean ± sd", "95% CI", "test loss mean ± sd", "95% CI"]
@@ -1419,6 +1781,8 @@ def write_summary(results: list[RunResult], path: str, select: str = "seed") -> 
     grid = any(not r.selected for r in results)
     closing = ("## Learning rates and epoch budget\n\n" + (f"Rate selection: {SELECTIONS[select]}.\n\n" if grid else "")
                + f"{markdown(BUDGET_HEADER, budget)}\n")
+    if fragile(results):
+        closing += "\n## Warnings\n\n" + "".join(f"- {warning}\n" for warning in fragile(results))
     if all(len(by_seed) < 2 for by_seed in group_by_arm(results).values()):
         with open(path, "w") as f:
             f.write(f"# Test results\n\n{markdown(*run_rows(results))}\n\n{closing}")
@@ -1523,8 +1887,8 @@ def make_parser(show_defaults: bool = True) -> argparse.ArgumentParser:
         if "help" not in field.metadata:
             continue
         options, default, kind = dict(field.metadata), getattr(defaults, field.name), hints[field.name]
-        if kind is bool:
-            options["action"] = "store_true"
+        if kind is bool:  # what --protocol fair turns on can be turned off: --no-disjoint
+            options["action"] = argparse.BooleanOptionalAction if field.name in FAIR else "store_true"
         else:
             origin, args = typing.get_origin(kind), typing.get_args(kind)
             if origin in (tuple, dict):
@@ -1550,8 +1914,17 @@ def given_flags(argv: list[str] | None = None) -> set[str]:
     return set(vars(make_parser(show_defaults=False).parse_args(argv)))
 
 
-def check_devices(cfg: Config) -> None:
-    """The experiment runs on one device; say so before any training if --accelerator/--devices disagree."""
+def resolve_protocol(cfg: Config, given: set[str]) -> None:
+    """--protocol fair: FAIR's value for every setting that the command line does not give."""
+    if cfg.protocol == "fair":
+        for name, value in FAIR.items():
+            if name not in given:
+                setattr(cfg, name, value)
+
+
+def check_devices(cfg: Config) -> str:
+    """The experiment runs on one device; say so before any training if --accelerator/--devices disagree.
+    Returns the accelerator that Lightning resolves --accelerator to (cpu, cuda, mps, ...)."""
     try:
         trainer = lightning.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, logger=False,
                                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
@@ -1560,6 +1933,7 @@ def check_devices(cfg: Config) -> None:
                               f"{str(err).strip().splitlines()[0]}") from None
     if trainer.world_size > 1:
         raise ExperimentError("this experiment runs on one device; pass --devices 1")
+    return type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
 
 
 def make_dirs(path: Path, created: list[Path]) -> None:
@@ -1616,13 +1990,13 @@ def prepare_outputs(cfg: Config, created: list[Path]) -> ResultsCsv:
         raise ExperimentError(f"--results-csv {csv_path} cannot be written ({err.strerror or err})") from None
 
 
-def check_inputs(cfg: Config, created: list[Path]) -> None:
+def check_inputs(cfg: Config, created: list[Path]) -> str:
     """Everything that can be checked before training: targets, devices, the data, its labels and sizes.
-    Data folders that a failed download leaves are added to `created`."""
+    Data folders that a failed download leaves are added to `created`. Returns the resolved accelerator."""
     resolve_targets(cfg)
     if cfg.backbone_per_seed and cfg.pretrain_seed is not None:
         raise ExperimentError("--backbone-per-seed pretrains each seed's backbone with that seed; drop --pretrain-seed")
-    check_devices(cfg)
+    accelerator = check_devices(cfg)
     for name in (cfg.source, *cfg.targets):
         if TARGETS[name].folder is None:
             raw = Path(cfg.data_dir, TARGETS[name].dataset.__name__, "raw")
@@ -1634,6 +2008,9 @@ def check_inputs(cfg: Config, created: list[Path]) -> None:
         target = TARGETS[name]
         logger.info(f"{name}: {target.folder or target.dataset.__name__}, {len(target.label_names)} classes "
                     f"({', '.join(target.label_names)})")
+    for line in describe_subsets(cfg):
+        logger.info(line)
+    return accelerator
 
 
 def quiet_libraries() -> None:
@@ -1659,17 +2036,43 @@ def one_line(err: BaseException) -> str:
 
 
 def show(results: list[RunResult], summary: str) -> None:
-    """The run table, then the summary over seeds when there is one."""
+    """The run table, the summary over seeds when there is one, and where the answer is fragile."""
     print(f"\n{format_table(results)}\n")
     if summary:
         print(f"{summary}\n")
+    for warning in fragile(results):
+        print(f"Warning: {warning}")
 
 
-def report(cfg: Config) -> int:
-    """--report: the run table, the summary, its Markdown and the figure, rebuilt from results CSVs."""
+def report_output(cfg: Config, given: set[str]) -> Path:
+    """Where --report writes: --results-csv, else beside the first CSV. It never replaces a sweep's own
+    Markdown and figure with other numbers: a merge, or another selection than the sweep's, is written
+    under a name that says so (X.merged.md, X.pooled.md)."""
+    if cfg.results_csv:
+        return Path(cfg.results_csv)
+    first = Path(cfg.report[0])
+    own_select = saved_config(first).get("select", "seed")
+    parts = ["merged"] * (len(cfg.report) > 1) + [cfg.select] * ("select" in given and cfg.select != own_select)
+    return first.with_name(".".join([first.stem, *parts, "csv"])) if parts else first
+
+
+def saved_config(csv_path: Path) -> dict:
+    """The settings saved beside a results CSV, or {} where there are none (a CSV from elsewhere)."""
     try:
-        results = select_rates(read_results(cfg.report), cfg.select)
-        out = Path(cfg.results_csv or cfg.report[0])
+        return json.loads(settings_path(csv_path).read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def report(cfg: Config, given: set[str]) -> int:
+    """--report: the run table, the summary, its Markdown and the figure, rebuilt from results CSVs; the rate
+    selection is the first sweep's own unless --select says otherwise."""
+    try:
+        if "select" not in given:
+            cfg.select = saved_config(Path(cfg.report[0])).get("select", cfg.select)
+        grid = {rate for path in cfg.report for rate in saved_config(Path(path)).get("lr_grid", ())}
+        results = settle(read_results(cfg.report), cfg.select, grid)
+        out = report_output(cfg, given)
         if cfg.results_csv:
             try:
                 out.parent.mkdir(parents=True, exist_ok=True)
@@ -1691,32 +2094,47 @@ def report(cfg: Config) -> int:
     return 0
 
 
+def resume_command(csv_path: str) -> str:
+    script = os.path.relpath(__file__)
+    return f"python {script if not script.startswith('..') else __file__} --resume {csv_path}"
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_libraries()
+    given = given_flags(argv)
     if cfg.report:
-        return report(cfg)
-    resumed = None
+        return report(cfg, given)
+    resumed, csv_out = None, None
     with contextlib.ExitStack() as stack:
         if cfg.dry_run:  # a smoke test leaves no runs behind in the real log folder
             cfg.log_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="transfer_mnist_dry_run_"))
+        handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+        stack.callback(lambda: [signal.signal(signum, handler) for signum, handler in handlers.items()])
+        StopSignal.received = None
+        StopSignal.install()
         created: list[Path] = []  # files and folders this start made: removed if it fails
         try:
             if cfg.resume:  # resume
                 if cfg.dry_run:
                     raise ExperimentError("--resume continues a real sweep; it does not go with --dry-run")
-                cfg, resumed = resume_settings(cfg, given_flags(argv))
+                cfg, resumed = resume_settings(cfg, given)
+            else:
+                resolve_protocol(cfg, given)
             as_given = dataclasses.replace(cfg)  # before image folders become target names
-            check_inputs(cfg, created)
+            accelerator = check_inputs(cfg, created)
+            made = made_by(run_threads(cfg) or torch.get_num_threads(), accelerator)
+            if resumed:  # resume
+                check_made_by(resumed, made, cfg.resume)
             csv_out = prepare_outputs(cfg, created)
             if not cfg.resume:  # resume: the settings beside the CSV
                 created.append(settings_path(csv_out.path))
                 save_settings(dataclasses.replace(as_given, version=cfg.version), csv_out.path,
-                              {run[2]: pretrain_checkpoint(cfg, run[2]) for run in pretraining_runs(cfg)})
+                              {run[2]: pretrain_checkpoint(cfg, run[2]) for run in pretraining_runs(cfg)}, made)
         except OSError as err:
             remove(created)
-            print(f"error: cannot write {settings_path(csv_out.path)} ({one_line(err)})", file=sys.stderr)
+            print(f"error: cannot write {err.filename or 'the results'} ({one_line(err)})", file=sys.stderr)
             return 2
         except ExperimentError as err:
             remove(created)
@@ -1725,7 +2143,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.info(f"Settings: {', '.join(f'{key}={value}' for key, value in dataclasses.asdict(cfg).items())}")
         summary_path, figure_path = (Path(csv_out.path).with_suffix(suffix) for suffix in (".md", ".png"))
         try:
-            results = run_experiment(cfg, csv_out, resumed)
+            results = run_experiment(cfg, csv_out, resumed,
+                                     on_pretrained=functools.partial(record_backbone, csv_out.path))  # resume
             summary = write_summary(results, str(summary_path), cfg.select)  # summary
             log_learning_curves(results, cfg)  # summary
             figure = draw_figure(results)  # figure
@@ -1737,12 +2156,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         except (OSError, ExperimentFailure) as err:  # a full disk, a killed worker: the finished rows stay
-            print(f"error: {one_line(err)}; the finished runs are in {csv_out.path}", file=sys.stderr)
+            print(f"error: {one_line(err)}; the finished runs are in {csv_out.path}; to go on: "
+                  f"{resume_command(csv_out.path)}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
-            print(f"\nInterrupted: runs that finished are kept in {csv_out.path} and {cfg.log_dir} ({cfg.version}).",
-                  file=sys.stderr)
-            return 130
+            print(f"\nInterrupted: every finished run is in {csv_out.path} (logs: {cfg.log_dir}, {cfg.version}). "
+                  f"To go on: {resume_command(csv_out.path)}", file=sys.stderr)
+            return 128 + (StopSignal.received or signal.SIGINT)
     show(results, summary)
     if cfg.dry_run:
         print("Dry run: every stage ran; its logs were in a temporary folder, now removed.")

@@ -88,7 +88,7 @@ def test_labels_outside_the_label_names_stop_before_training(tiny_args, tmp_path
 def test_an_image_folder_is_read_as_grey_28x28_with_its_class_names(image_folder):
     name = tm.register_image_folder(str(image_folder))
     assert name == "shapes" and tm.TARGETS[name].label_names == ("bar", "box", "disc")  # sorted, as ImageFolder
-    images, labels = tm.read_split(tm.TARGETS[name], "unused", train=True)
+    images, labels, _ = tm.read_split(tm.TARGETS[name], "unused", train=True)
     assert images.shape == (48, 28, 28) and images.dtype == torch.uint8
     assert labels.tolist() == [0] * 16 + [1] * 16 + [2] * 16
     # the bright patch of "box" (class index 1, drawn in rows 4-11 of 40) stays near the top once resized

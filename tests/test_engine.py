@@ -81,7 +81,7 @@ def test_local_workers_and_a_two_node_cluster_give_the_rows_of_one_process(sweep
     assert "Target runs on a local Ray instance: 2 CPUs, 0 GPUs; each run takes 1 CPU(s) and torch thread(s)" \
         in caplog.messages
     finished = [m for m in caplog.messages if m.startswith("[") and "/pretrain" not in m]
-    assert len(finished) == 4 and all(m.endswith("on 127.0.0.1") for m in finished)  # loopback only
+    assert len(finished) == 4 and all(m.endswith("on 127.0.0.1, CPU") for m in finished)  # loopback only
     assert (tmp_path / "local" / "flaky" / "from_scratch" / "version_0" / "n20_seed0_lr0.01").is_dir()
 
     # two nodes of one CPU and one logical GPU each
@@ -150,7 +150,8 @@ def test_a_run_that_keeps_dying_ends_the_sweep_and_bad_input_is_not_retried(swee
     assert tm.main(one_run + ["--log-dir", str(tmp_path / "a"), "--results-csv", str(tmp_path / "a.csv")]) == 1
     err = capsys.readouterr().err.strip()
     assert err == (f"error: flaky/finetuned n_train 20 seed 0 lr 0.001 failed {tm.RETRIES + 1} times: its worker "
-                   f"process died (WorkerCrashedError); the finished runs are in {tmp_path / 'a.csv'}")
+                   f"process died (WorkerCrashedError); the finished runs are in {tmp_path / 'a.csv'}; to go on: "
+                   f"python {os.path.relpath(tm.__file__)} --resume {tmp_path / 'a.csv'}")
     assert [r["mode"] for r in read_csv(tmp_path / "a.csv")] == ["pretrain"]
 
     def damaged_in_workers(labels):

@@ -77,10 +77,10 @@ def test_lp_ft_trains_the_head_on_a_frozen_backbone_then_everything(tiny_args, t
     stages = []  # per fit: (max_epochs, state before, state after, trainable names)
     fit_best = tm.fit_best
 
-    def recording_fit_best(module, loaders, run_name, max_epochs, cfg, sub_dir=None):
+    def recording_fit_best(module, loaders, run_name, max_epochs, cfg, sub_dir=None, keep_best=None):
         before = {k: v.clone() for k, v in module.state_dict().items()}
         trainable = {name for name, p in module.named_parameters() if p.requires_grad}
-        out = fit_best(module, loaders, run_name, max_epochs, cfg, sub_dir)
+        out = fit_best(module, loaders, run_name, max_epochs, cfg, sub_dir, keep_best)
         stages.append((run_name, max_epochs, before, {k: v.clone() for k, v in module.state_dict().items()}, trainable))
         return out
 

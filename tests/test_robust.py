@@ -114,7 +114,8 @@ def test_report_select_pooled_reproduces_the_run_s_markdown(tiny_args, tmp_path)
         chosen = {r["learning_rate"] for r in rows if r["mode"] == mode and r["selected"] == "true"}
         assert len(chosen) == 1 and sum(r["selected"] == "true" for r in rows if r["mode"] == mode) == 2
     # re-analysed without training: per seed, then pooled again, which gives the run's files byte for byte
-    assert tm.main(["--report", str(tmp_path / "pooled.csv"), "--results-csv", str(tmp_path / "seed.csv")]) == 0
+    assert tm.main(["--report", str(tmp_path / "pooled.csv"), "--select", "seed",
+                    "--results-csv", str(tmp_path / "seed.csv")]) == 0
     assert "each seed's own validation loss" in (tmp_path / "seed.md").read_text()
     per_seed = tm.select_rates(tm.read_results([str(tmp_path / "seed.csv")]), "seed")
     assert [r.selected for r in per_seed] == [r["selected"] == "true" for r in read_csv(tmp_path / "seed.csv")]

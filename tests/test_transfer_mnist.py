@@ -51,7 +51,7 @@ def test_even_odd_labels_are_digit_labels_mod_2(tiny_data):
     root, written = tiny_data
     digits = written["MNIST"]["train"]
     train_loader, val_loader, test_loader, names = tm.load_data("even-odd", 20, str(root), seed=3)
-    train_idx, val_idx = tm.draw_subset("even-odd", 20, len(digits), seed=3)
+    train_idx, val_idx = tm.draw_subset("even-odd", 20, torch.arange(len(digits)), seed=3)
     assert names == ("even", "odd")
     assert torch.equal(train_loader.labels, digits[train_idx] % 2)
     assert torch.equal(val_loader.labels, digits[val_idx] % 2)
@@ -80,13 +80,13 @@ def test_subset_sizes_and_both_arms_share_one_subset(tiny_data):
     for a, b in zip(first[:3], second[:3]):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
     assert not torch.equal(first[0].images, other_seed[0].images)
-    train_idx, val_idx = tm.draw_subset("fashion-mnist", 20, 300, seed=5)
+    train_idx, val_idx = tm.draw_subset("fashion-mnist", 20, torch.arange(300), seed=5)
     assert not set(train_idx.tolist()) & set(val_idx.tolist())
 
 
 def test_pretraining_subset_is_drawn_independently_of_even_odd(tiny_data):
-    pre_train, _ = tm.draw_subset("mnist", 40, 300, seed=0)
-    target_train, _ = tm.draw_subset("even-odd", 20, 300, seed=0)
+    pre_train, _ = tm.draw_subset("mnist", 40, torch.arange(300), seed=0)
+    target_train, _ = tm.draw_subset("even-odd", 20, torch.arange(300), seed=0)
     assert not torch.equal(pre_train[:20], target_train)
 
 
@@ -373,8 +373,8 @@ def test_seeds_sizes_and_arms(tiny_args, tmp_path, monkeypatch):
     drawn = {}  # (n_train, seed) -> training images of every load for that size and seed
     load_data = tm.load_data
 
-    def recording_load_data(target, n_train, data_dir, seed):
-        loaders = load_data(target, n_train, data_dir, seed)
+    def recording_load_data(target, n_train, data_dir, seed, available=None):
+        loaders = load_data(target, n_train, data_dir, seed, available)
         if target == "even-odd":
             drawn.setdefault((n_train, seed), []).append(loaders[0].images)
         return loaders
