@@ -292,7 +292,8 @@ class Config:
                                  "(CSV's .json): skip its finished runs and its pretraining", metavar="CSV")
     report: tuple[str, ...] = setting((), "no training: rebuild the summary, its Markdown and the figure from "
                                       "results CSVs, merged; written beside the first CSV, or beside --results-csv "
-                                      "(which then gets the merged rows)", metavar="CSV")
+                                      "(which then gets the merged rows). LABEL=CSV ... compares sweeps side by "
+                                      "side (a label on several CSVs merges them)", metavar="CSV")
     version: str = "version_0"  # set at start: the log version that all runs of this invocation share
 
     def __post_init__(self) -> None:
@@ -1680,23 +1681,59 @@ def group_by_arm(results: list[RunResult]) -> dict[tuple[str, int, str], dict[in
     return groups
 
 
+def baseline_arm() -> str:
+    """The arm that is not pretrained: the others are paired with it."""
+    return next(name for name, arm in ARMS.items() if not arm.pretrained)
+
+
+def paired(groups: dict, target: str, n_train: int, mode: str) -> tuple[MeanCI, MeanCI] | None:
+    """Test accuracy and loss of a pretrained arm minus the baseline's, paired by seed (same subset, same
+    head initialisation); None for the baseline, or without it."""
+    by_seed, base = groups[(target, n_train, mode)], groups.get((target, n_train, baseline_arm()))
+    if not ARMS[mode].pretrained or base is None:
+        return None
+    seeds = sorted(by_seed.keys() & base.keys())
+    return (MeanCI.of([by_seed[s].test_acc - base[s].test_acc for s in seeds], (-1.0, 1.0)),
+            MeanCI.of([by_seed[s].test_loss - base[s].test_loss for s in seeds]))
+
+
 def summarize(results: list[RunResult]) -> tuple[list[list[str]], list[list[str]]]:
     """Rows of two tables: each (target, n_train, mode) over seeds, and each pretrained arm minus the
-    baseline (the arm that is not pretrained), paired by seed (same subset, same head initialisation)."""
+    baseline, paired by seed."""
     groups = group_by_arm(results)
-    baseline = next(name for name, arm in ARMS.items() if not arm.pretrained)
     arms, differences = [], []
     for (target, n_train, mode), by_seed in groups.items():
         acc, loss = accuracy_ci(by_seed.values()), MeanCI.of([r.test_loss for r in by_seed.values()], LOSS_RANGE)
         arms.append([target, str(n_train), mode, str(acc.n), *acc.text(), *loss.text()])
-        paired = groups.get((target, n_train, baseline))
-        if not ARMS[mode].pretrained or paired is None:
-            continue
-        seeds = sorted(by_seed.keys() & paired.keys())
-        acc = MeanCI.of([by_seed[s].test_acc - paired[s].test_acc for s in seeds], (-1.0, 1.0))
-        loss = MeanCI.of([by_seed[s].test_loss - paired[s].test_loss for s in seeds])
-        differences.append([target, str(n_train), f"{mode} - {baseline}", str(acc.n), *acc.text(), *loss.text()])
+        if difference := paired(groups, target, n_train, mode):
+            differences.append([target, str(n_train), f"{mode} - {baseline_arm()}", str(acc.n),
+                                *difference[0].text(), *difference[1].text()])
     return arms, differences
+
+
+def points(ci: MeanCI) -> str:
+    """A difference of accuracies in percentage points, with its 95% interval: +6.2 [+4.6, +7.9]."""
+    return f"{100 * ci.mean:+.1f}" + (f" [{100 * ci.low:+.1f}, {100 * ci.high:+.1f}]" if ci.n > 1 else "")
+
+
+def difference_text(groups: dict, target: str, n_train: int, mode: str) -> str:
+    difference = paired(groups, target, n_train, mode) if (target, n_train, mode) in groups else None
+    return points(difference[0]) if difference else "–"
+
+
+def percent_table(results: list[RunResult]) -> tuple[list[str], list[list[str]]]:
+    """Per (target, n_train): each arm's mean test accuracy in %, and each pretrained arm minus the baseline
+    in points with its 95% interval: the compact table that README.md quotes."""
+    groups = group_by_arm(results)
+    modes = [mode for mode in ARMS if any(key[2] == mode for key in groups)]
+    pretrained = [mode for mode in modes if ARMS[mode].pretrained and baseline_arm() in modes]
+    rows = []
+    for target, n_train in dict.fromkeys((key[0], key[1]) for key in sorted(groups, key=lambda k: (k[0], k[1]))):
+        rows.append([target, str(n_train)]
+                    + [f"{100 * accuracy_ci(groups[(target, n_train, m)].values()).mean:.1f}"
+                       if (target, n_train, m) in groups else "–" for m in modes]
+                    + [difference_text(groups, target, n_train, m) for m in pretrained])
+    return ["target", "n_train", *modes, *[f"{mode} − {baseline_arm()}" for mode in pretrained]], rows
 
 
 def still_improving(r: RunResult) -> bool:
@@ -1794,7 +1831,9 @@ def write_summary(results: list[RunResult], path: str, select: str = "seed") -> 
     with open(path, "w") as f:
         f.write(f"# Test results over seeds\n\n{markdown(ARM_HEADER, arms)}\n\n{caution}")
         f.write("Paired by seed: both arms of a seed share the training subset and the head's initial weights.\n\n")
-        f.write(f"{markdown(DIFF_HEADER, differences)}\n\n{closing}")
+        f.write(f"{markdown(DIFF_HEADER, differences)}\n\n")
+        f.write(f"In percent: mean test accuracy, and the paired difference in points with its 95% interval.\n\n"
+                f"{markdown(*percent_table(results))}\n\n{closing}")
     return "\n\n".join([aligned(ARM_HEADER, arms)] + [caution.strip()] * bool(caution)
                        + [aligned(*table) for table in ((DIFF_HEADER, differences), (BUDGET_HEADER, budget))])
 
@@ -1869,6 +1908,47 @@ def log_figure(figure, cfg: Config) -> None:
                                                            default_hp_metric=False)
     tb_logger.experiment.add_figure("test_accuracy", figure, close=False)
     tb_logger.finalize("success")
+
+
+# ---- Comparing sweeps (optional: delete this section and the LABEL= branch of report()) ----
+def comparison_table(sweeps: dict[str, list[RunResult]]) -> tuple[list[str], list[list[str]]]:
+    """Each pretrained arm minus the baseline per target and n_train, in points with its 95% interval,
+    side by side for several sweeps (--report LABEL=CSV ...)."""
+    groups = {label: group_by_arm(results) for label, results in sweeps.items()}
+    keys = sorted({key for by_arm in groups.values() for key in by_arm if ARMS[key[2]].pretrained},
+                  key=lambda key: (key[0], key[1], list(ARMS).index(key[2])))
+    rows = [[target, str(n_train), f"{mode} − {baseline_arm()}",
+             *[difference_text(by_arm, target, n_train, mode) for by_arm in groups.values()]]
+            for target, n_train, mode in keys]
+    return ["target", "n_train", "difference", *sweeps], rows
+
+
+def draw_comparison(sweeps: dict[str, list[RunResult]]):
+    """comparison_table() as a figure: one panel per target and n_train, the pretrained arms along x, each
+    sweep's paired difference with the baseline as a point with its 95% interval."""
+    from matplotlib.figure import Figure
+
+    groups = {label: group_by_arm(results) for label, results in sweeps.items()}
+    panels = sorted({key[:2] for by_arm in groups.values() for key in by_arm})
+    modes = [mode for mode in ARMS if ARMS[mode].pretrained and any(key[2] == mode for g in groups.values() for key in g)]
+    figure = Figure(figsize=(max(6.4, 4.8 * len(panels)), 4), layout="constrained")
+    for ax, (target, n_train) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+        for i, (label, by_arm) in enumerate(groups.items()):
+            found = [(x, d[0]) for x, mode in enumerate(modes) if (target, n_train, mode) in by_arm
+                     and (d := paired(by_arm, target, n_train, mode))]
+            x = [x + 0.12 * (i - (len(groups) - 1) / 2) for x, _ in found]  # the sweeps side by side
+            mean = [100 * ci.mean for _, ci in found]
+            spread = [[100 * (ci.mean - ci.low) if ci.n > 1 else 0 for _, ci in found],
+                      [100 * (ci.high - ci.mean) if ci.n > 1 else 0 for _, ci in found]]
+            ax.errorbar(x, mean, yerr=spread, fmt="o", capsize=3, label=label)
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_xticks(range(len(modes)), modes)
+        ax.set_xlim(-0.5, len(modes) - 0.5)
+        ax.grid(alpha=0.3)
+        ax.set(title=f"{target}, {n_train} labelled images", ylabel=f"test accuracy − {baseline_arm()} (points)")
+        ax.legend()
+    figure.suptitle(f"Paired difference with {baseline_arm()}: mean over seeds, 95% interval")
+    return figure
 
 
 # ---- Command line and start-up checks -----------------------------------------------------
@@ -2064,23 +2144,30 @@ def saved_config(csv_path: Path) -> dict:
         return {}
 
 
+def load_sweep(paths: list[str], cfg: Config, given: set[str]) -> tuple[list[RunResult], str]:
+    """The rows of results CSVs, merged, their rates selected as --select says, else as the first sweep did."""
+    select = cfg.select if "select" in given else saved_config(Path(paths[0])).get("select", cfg.select)
+    grid = {rate for path in paths for rate in saved_config(Path(path)).get("lr_grid", ())}
+    return settle(read_results(paths), select, grid), select
+
+
 def report(cfg: Config, given: set[str]) -> int:
-    """--report: the run table, the summary, its Markdown and the figure, rebuilt from results CSVs; the rate
-    selection is the first sweep's own unless --select says otherwise."""
+    """--report: the run table, the summary, its Markdown and the figure, rebuilt from results CSVs; with
+    LABEL=CSV arguments, the sweeps compared side by side, and each one's summary and figure."""
+    labelled = ["=" in arg for arg in cfg.report]
     try:
-        if "select" not in given:
-            cfg.select = saved_config(Path(cfg.report[0])).get("select", cfg.select)
-        grid = {rate for path in cfg.report for rate in saved_config(Path(path)).get("lr_grid", ())}
-        results = settle(read_results(cfg.report), cfg.select, grid)
+        if any(labelled) and not all(labelled):
+            raise ExperimentError("--report takes CSVs, or LABEL=CSV for each to compare sweeps; not both")
+        if all(labelled):  # comparing sweeps
+            return compare(cfg, given)
+        results, cfg.select = load_sweep(list(cfg.report), cfg, given)
         out = report_output(cfg, given)
         if cfg.results_csv:
             try:
                 out.parent.mkdir(parents=True, exist_ok=True)
-                csv_out = ResultsCsv(cfg.results_csv)
+                ResultsCsv(cfg.results_csv).rewrite(results)
             except OSError as err:
                 raise ExperimentError(f"--results-csv {out} cannot be written ({err.strerror or err})") from None
-            for result in results:
-                csv_out.append(result)
         summary = write_summary(results, str(out.with_suffix(".md")), cfg.select)  # summary
         draw_figure(results).savefig(out.with_suffix(".png"))  # figure
     except ExperimentError as err:
@@ -2091,6 +2178,33 @@ def report(cfg: Config, given: set[str]) -> int:
         return 1
     show(results, summary)
     print(f"Rebuilt from {', '.join(cfg.report)}: {out.with_suffix('.md')} and {out.with_suffix('.png')}")
+    return 0
+
+
+def compare(cfg: Config, given: set[str]) -> int:
+    """--report LABEL=CSV ...: the paired differences of each sweep side by side, as Markdown and a figure at
+    --results-csv (.md, .png; default: comparison beside the first CSV), and each sweep's own summary and
+    figure beside them (<name>.<label>.md). The same label on several CSVs merges them."""
+    paths: dict[str, list[str]] = {}
+    for arg in cfg.report:
+        label, _, path = arg.partition("=")
+        paths.setdefault(label, []).append(path)
+    out = Path(cfg.results_csv or Path(next(iter(paths.values()))[0]).with_name("comparison.csv"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sweeps = {}
+    for label, csvs in paths.items():
+        sweeps[label], select = load_sweep(csvs, cfg, given)
+        name = out.with_name(f"{out.stem}.{''.join(c if c.isalnum() or c in '-_' else '_' for c in label)}.md")
+        write_summary(sweeps[label], str(name), select)
+        draw_figure(sweeps[label]).savefig(name.with_suffix(".png"))
+    table = comparison_table(sweeps)
+    out.with_suffix(".md").write_text(
+        f"# Paired differences with {baseline_arm()}\n\n{markdown(*table)}\n\nTest accuracy in points, mean over "
+        f"seeds with its 95% interval. Sweeps: " + "; ".join(f"{label}: {', '.join(c)}" for label, c in paths.items())
+        + ".\n")
+    draw_comparison(sweeps).savefig(out.with_suffix(".png"))
+    print(f"\n{aligned(*table)}\n\nCompared: {out.with_suffix('.md')} and {out.with_suffix('.png')}, and each "
+          f"sweep's summary beside them")
     return 0
 
 
