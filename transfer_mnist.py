@@ -15,11 +15,10 @@ Run it:
     pip install -r requirements.txt
     python transfer_mnist.py                      # the post's protocol; downloads the data into ./data
     python transfer_mnist.py --dry-run            # every stage on two batches: a smoke test in seconds
-    python transfer_mnist.py --seeds 5 --n-train 50 100 200 500 --modes finetuned from_scratch frozen lp_ft \
-        --lr-grid 1e-4 3e-4 1e-3 3e-3 1e-2 3e-2 --workers 2   # the fair comparison: about an hour on 2 cores
+    python transfer_mnist.py --protocol fair --workers 2   # the honest answer: 5 seeds, every arm at its best rate
     python transfer_mnist.py ... --cluster auto   # the same on a Ray cluster (`ray start` on every node)
     python transfer_mnist.py --resume pretraining_logs/results_version_0.csv   # an interrupted sweep
-    python transfer_mnist.py --targets my_images  # my_images/{train,test}/<class>/*.png
+    python transfer_mnist.py --protocol fair --targets my_images   # my_images/{train,test}/<class>/*.png
     tensorboard --logdir pretraining_logs
 
 Headline, on a 2-core AMD EPYC (Zen 4) CPU without a GPU: the default run takes about 80 s. Over
@@ -1721,11 +1720,12 @@ def difference_text(groups: dict, target: str, n_train: int, mode: str) -> str:
     return points(difference[0]) if difference else "–"
 
 
-def percent_table(results: list[RunResult]) -> tuple[list[str], list[list[str]]]:
+def percent_table(results: list[RunResult], modes: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
     """Per (target, n_train): each arm's mean test accuracy in %, and each pretrained arm minus the baseline
-    in points with its 95% interval: the compact table that README.md quotes."""
+    in points with its 95% interval: the compact table that README.md quotes. Columns: `modes`, or the
+    arms that ran."""
     groups = group_by_arm(results)
-    modes = [mode for mode in ARMS if any(key[2] == mode for key in groups)]
+    modes = modes or [mode for mode in ARMS if any(key[2] == mode for key in groups)]
     pretrained = [mode for mode in modes if ARMS[mode].pretrained and baseline_arm() in modes]
     rows = []
     for target, n_train in dict.fromkeys((key[0], key[1]) for key in sorted(groups, key=lambda k: (k[0], k[1]))):
@@ -2198,9 +2198,13 @@ def compare(cfg: Config, given: set[str]) -> int:
         write_summary(sweeps[label], str(name), select)
         draw_figure(sweeps[label]).savefig(name.with_suffix(".png"))
     table = comparison_table(sweeps)
+    modes = [mode for mode in ARMS if any(r.mode == mode for results in sweeps.values() for r in results)]
+    header = ["sweep", *percent_table([], modes)[0]]
+    means = [[label, *row] for label, results in sweeps.items() for row in percent_table(results, modes)[1]]
     out.with_suffix(".md").write_text(
-        f"# Paired differences with {baseline_arm()}\n\n{markdown(*table)}\n\nTest accuracy in points, mean over "
-        f"seeds with its 95% interval. Sweeps: " + "; ".join(f"{label}: {', '.join(c)}" for label, c in paths.items())
+        f"# Sweeps compared\n\nMean test accuracy in %, and each pretrained arm minus {baseline_arm()} in points "
+        f"with its 95% interval:\n\n{markdown(header, means)}\n\nThe paired differences side by side:\n\n"
+        f"{markdown(*table)}\n\nSweeps: " + "; ".join(f"{label}: {', '.join(c)}" for label, c in paths.items())
         + ".\n")
     draw_comparison(sweeps).savefig(out.with_suffix(".png"))
     print(f"\n{aligned(*table)}\n\nCompared: {out.with_suffix('.md')} and {out.with_suffix('.png')}, and each "
