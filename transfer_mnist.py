@@ -141,38 +141,23 @@ def setting(default: typing.Any, help: str, **parser_options: typing.Any) -> typ
     return dataclasses.field(**value, metadata={"help": help, **parser_options})
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, not {text}")
-    return value
+def number(kind: type, low: float, high: float, what: str, open_low: bool = False) -> Callable[[str], typing.Any]:
+    """An argparse type: a `kind` from low to high (above low if open_low), else the error says `what`."""
+    def parse(text: str) -> typing.Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not (low < value if open_low else low <= value) or not value <= high:
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text}")
+        return value
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
-    return value
-
-
-def gpu_share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a share of one GPU, from 0 to 1, not {text}")
-    return value
+positive_int = number(int, 1, math.inf, "a positive whole number")
+non_negative_int = number(int, 0, math.inf, "0 or more")
+positive_float = number(float, 0, math.nextafter(math.inf, 0), "a positive number", open_low=True)
+gpu_share = number(float, 0, 1, "a share of one GPU, from 0 to 1")
 
 
 def target_name(text: str) -> str:
