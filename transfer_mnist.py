@@ -1764,9 +1764,12 @@ def budget_rows(results: list[RunResult]) -> list[list[str]]:
 
 def fragile(results: list[RunResult]) -> list[str]:
     """Where the answer is fragile, in words: for the end of the console and the Markdown."""
-    warnings = [f"pretraining (seed {r.seed}) was still improving: best validation loss at epoch {r.best_epoch} of "
-                f"{r.max_epochs}, test accuracy {r.test_acc:.4f}; a backbone this weak may understate what "
-                f"fine-tuning gains (--pretrain-epochs)" for r in results if r.mode not in ARMS and still_improving(r)]
+    weak = [r for r in results if r.mode not in ARMS and still_improving(r)]
+    warnings = [f"pretraining (seed{'s' * (len(weak) > 1)} {', '.join(str(r.seed) for r in weak)}) was still "
+                f"improving: best validation loss at epoch {'/'.join(sorted({str(r.best_epoch) for r in weak}))} of "
+                f"{weak[0].max_epochs}, test accuracy {min(r.test_acc for r in weak):.4f}"
+                + (f"-{max(r.test_acc for r in weak):.4f}" if len(weak) > 1 else "")
+                + "; a backbone this weak may understate what fine-tuning gains (--pretrain-epochs)"] if weak else []
     choices = [choice for per_arm in rate_choices(results).values() for choice in per_arm]
     late = sum(still_improving(r) for r, _ in choices)
     if late:
