@@ -1917,13 +1917,16 @@ def draw_comparison(sweeps: dict[str, list[RunResult]]):
     from matplotlib.figure import Figure
 
     groups = {label: group_by_arm(results) for label, results in sweeps.items()}
-    panels = sorted({key[:2] for by_arm in groups.values() for key in by_arm})
+    targets, sizes = (sorted({key[i] for by_arm in groups.values() for key in by_arm}) for i in (0, 1))
     modes = [mode for mode in ARMS if ARMS[mode].pretrained and any(key[2] == mode for g in groups.values() for key in g)]
-    figure = Figure(figsize=(max(6.4, 4.8 * len(panels)), 4), layout="constrained")
-    for ax, (target, n_train) in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+    figure = Figure(figsize=(max(6.4, 4.8 * len(targets)), 4 * len(sizes)), layout="constrained")
+    axes = figure.subplots(len(sizes), len(targets), squeeze=False)
+    for ax, (n_train, target) in zip(axes.flat, [(n, t) for n in sizes for t in targets]):  # a row per n_train
         for i, (label, by_arm) in enumerate(groups.items()):
             found = [(x, d[0]) for x, mode in enumerate(modes) if (target, n_train, mode) in by_arm
                      and (d := paired(by_arm, target, n_train, mode))]
+            if not found:
+                continue
             x = [x + 0.12 * (i - (len(groups) - 1) / 2) for x, _ in found]  # the sweeps side by side
             mean = [100 * ci.mean for _, ci in found]
             spread = [[100 * (ci.mean - ci.low) if ci.n > 1 else 0 for _, ci in found],
