@@ -211,7 +211,8 @@ def test_workers_start_their_own_instance_read_a_lambda_target_once_and_leave_gp
     assert os.environ["RAY_task_oom_retries"] == str(tm.RETRIES)  # the memory monitor's retries are bounded
     reads = [line.split()[0] for line in (tmp_path / "reads").read_text().splitlines()]
     per_worker = {pid: reads.count(pid) for pid in set(reads) if pid != str(os.getpid())}
-    assert per_worker and all(n == 2 for n in per_worker.values()), per_worker  # train and test split, once each
+    assert 0 < len(per_worker) < 8  # 8 runs, fewer worker processes: some ran several
+    assert all(n == 2 for n in per_worker.values()), per_worker  # the train and test split, once per worker
 
     (tmp_path / "reads").unlink()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1, "include_dashboard": False})
