@@ -215,15 +215,15 @@ def test_workers_start_their_own_instance_read_a_lambda_target_once_and_leave_gp
     assert all(n == 2 for n in per_worker.values()), per_worker  # the train and test split, once per worker
 
     (tmp_path / "reads").unlink()
+
+    # on a two-node cluster with a logical GPU per node: no GPU from Ray, none visible; half a GPU, that one only
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1, "include_dashboard": False})
     try:
         cluster.add_node(num_cpus=1, num_gpus=1)
-        assert tm.main(args + ["--seeds", "1", "--cluster", cluster.address, "--gpus-per-run", "0",
-                               "--log-dir", str(tmp_path / "b")]) == 0
-        assert seen_gpus(tmp_path / "reads") == {""}  # no GPU from Ray: none visible
-        assert tm.main(args + ["--seeds", "1", "--cluster", cluster.address, "--gpus-per-run", "0.5",
-                               "--log-dir", str(tmp_path / "c")]) == 0
-        assert seen_gpus(tmp_path / "reads") == {"0"}  # half of its node's GPU 0: that one only
+        for share, seen in (("0", {""}), ("0.5", {"0"})):
+            assert tm.main(args + ["--seeds", "1", "--cluster", cluster.address, "--gpus-per-run", share,
+                                   "--log-dir", str(tmp_path / share)]) == 0
+            assert seen_gpus(tmp_path / "reads") == seen, share
     finally:
         cluster.shutdown()
 
