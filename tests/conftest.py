@@ -18,6 +18,29 @@ import transfer_mnist  # noqa: E402  (after the path above)
 
 # Ray binds to this machine's network address unless told otherwise: the tests stay on loopback
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+# `python -m sweeps` in a subprocess started in another folder finds the package
+REPO = Path(__file__).resolve().parent.parent
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+SWEEPS = [sys.executable, "-m", "sweeps"]
+
+
+def template_args(log_dir, *argv: str, **settings):
+    """The template's settings for a fit on the CPU, logging under log_dir, with `settings` set on them."""
+    args = transfer_mnist.parse_args(["--log-dir", str(log_dir), "--accelerator", "cpu", "--devices", "1", *argv])
+    for name, value in settings.items():
+        setattr(args, name, value)
+    return args
+
+
+# what fit_and_test() logs and makes the run's row of
+HPARAMS = {"target": "t", "mode": "m", "seed": 0, "n_train": 1, "learning_rate": 1e-3, "max_epochs": 1}
+
+
+def sweep_settings(argv: list[str]):
+    """The completed settings of a `python -m sweeps` command line."""
+    from sweeps.settings import parse
+
+    return parse(argv)[0]
 
 
 def pytest_configure(config):

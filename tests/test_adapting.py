@@ -2,17 +2,21 @@
 and files a user meets at the edges. Tiny data only (see conftest.py); no network."""
 
 import csv
-import dataclasses
 import errno
 import os
+import shutil
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from conftest import REPO, sweep_settings, write_image_folder
 
 import transfer_mnist as tm
-from conftest import write_image_folder
+from sweeps import cli, folders, runs
 
 
 def read_csv(path) -> list[dict[str, str]]:
@@ -55,7 +59,7 @@ def test_a_target_registered_at_run_time_runs_end_to_end(tiny_data, tiny_args, t
     assert torch.equal(test_loader.labels, digits[digits >= 5] - 5) and names == ("5", "6", "7", "8", "9")
     assert set(train_loader.labels.tolist()) <= set(range(5))
 
-    assert tm.main(tiny_args + ["--targets", "digits-5-9", "--results-csv", str(tmp_path / "r.csv")]) == 0
+    assert cli.main(tiny_args + ["--targets", "digits-5-9", "--results-csv", str(tmp_path / "r.csv")]) == 0
     rows = read_csv(tmp_path / "r.csv")
     assert [(r["target"], r["mode"]) for r in rows] == [
         ("mnist", "pretrain"), ("digits-5-9", "finetuned"), ("digits-5-9", "from_scratch")]
@@ -68,7 +72,7 @@ def test_an_arm_registered_at_run_time_is_a_mode(tiny_args, tmp_path, monkeypatc
     monkeypatch.setitem(tm.ARMS, "frozen_fast", tm.Arm(learning_rate=3e-2, pretrained=True, train_backbone=False))
     made = modules_trained(monkeypatch)
     args = tiny_args + ["--targets", "even-odd", "--modes", "frozen_fast", "--results-csv", str(tmp_path / "r.csv")]
-    assert tm.main(args) == 0
+    assert cli.main(args) == 0
     assert [r["mode"] for r in read_csv(tmp_path / "r.csv")] == ["pretrain", "frozen_fast"]
     learning_rate, counts = made[1]["learning_rate"], made[1]["counts"]
     head = sum(p.numel() for p in tm.classification_head(2).parameters())
@@ -78,15 +82,15 @@ def test_an_arm_registered_at_run_time_is_a_mode(tiny_args, tmp_path, monkeypatc
 def test_labels_outside_the_label_names_stop_before_training(tiny_args, tmp_path, monkeypatch, capsys):
     # an easy slip: MNIST's ten digits under two label names, without a relabel
     monkeypatch.setitem(tm.TARGETS, "parity-typo", tm.Target(torchvision.datasets.MNIST, ("even", "odd")))
-    assert tm.main(tiny_args + ["--targets", "parity-typo"]) == 2
+    assert cli.main(tiny_args + ["--targets", "parity-typo"]) == 2
     err = one_error_line(capsys)
-    assert "target parity-typo has label" in err and "outside its 2 label names" in err
+    assert "target parity-typo: label " in err and "is outside its 2 label names" in err
     assert not (tmp_path / "logs").exists()  # nothing trained, nothing left
 
 
 # ---- your own images ----------------------------------------------------------------------
 def test_an_image_folder_is_read_as_grey_28x28_with_its_class_names(image_folder):
-    name = tm.register_image_folder(str(image_folder))
+    name = folders.register_image_folder(str(image_folder))
     assert name == "shapes" and tm.TARGETS[name].label_names == ("bar", "box", "disc")  # sorted, as ImageFolder
     images, labels, _ = tm.read_split(tm.TARGETS[name], "unused", train=True)
     assert images.shape == (48, 28, 28) and images.dtype == torch.uint8
@@ -102,7 +106,7 @@ def test_an_image_folder_is_read_as_grey_28x28_with_its_class_names(image_folder
 def test_an_image_folder_target_runs_every_arm(tiny_args, image_folder, tmp_path):
     args = tiny_args + ["--targets", str(image_folder), "even-odd", "--modes", "finetuned", "from_scratch", "frozen",
                         "--seeds", "2", "--results-csv", str(tmp_path / "r.csv")]
-    assert tm.main(args) == 0
+    assert cli.main(args) == 0
     rows = read_csv(tmp_path / "r.csv")
     shapes = [(r["mode"], r["seed"]) for r in rows if r["target"] == "shapes"]
     assert shapes == [(mode, seed) for seed in "01" for mode in ("finetuned", "from_scratch", "frozen")]
@@ -118,61 +122,116 @@ def test_an_image_folder_target_runs_every_arm(tiny_args, image_folder, tmp_path
 ])
 def test_image_folder_errors_name_the_folder(tiny_args, image_folder, damage, message, capsys):
     damage(image_folder)
-    assert tm.main(tiny_args + ["--targets", str(image_folder), "--n-train", "40"]) == 2
+    assert cli.main(tiny_args + ["--targets", str(image_folder), "--n-train", "40"]) == 2
     err = one_error_line(capsys)
     assert message.format(root=image_folder) in err and str(image_folder) in err
 
 
 def test_an_image_folder_cannot_shadow_a_registered_target(tiny_args, tmp_path, capsys):
     folder = write_image_folder(tmp_path / "even-odd")
-    assert tm.main(tiny_args + ["--targets", str(folder)]) == 2
+    assert cli.main(tiny_args + ["--targets", str(folder)]) == 2
     assert "named like the registered target even-odd" in one_error_line(capsys)
 
 
 # ---- one place per setting ----------------------------------------------------------------
-def test_the_command_line_is_derived_from_config():
-    defaults = tm.Config()
-    assert tm.parse_args([]) == defaults  # every flag's default is the field's
-    flags = {f.name for f in dataclasses.fields(tm.Config) if "help" in f.metadata}
-    assert flags == set(dataclasses.asdict(defaults)) - {"version"}
-    parsed = tm.parse_args(["--n-train", "50", "100", "50", "--seeds", "3", "--dry-run", "--modes", "frozen"])
+def test_both_command_lines_default_to_the_post_s_protocol():
+    template, sweep = tm.parse_args([]), sweep_settings([])
+    post = {"n_pretrain": 10_000, "pretrain_epochs": 50, "pretrain_lr": 1e-4, "train_epochs": 500, "patience": 100,
+            "seed": 0, "source": "mnist", "log_dir": "pretraining_logs", "data_dir": "data", "disjoint": False}
+    assert {name: getattr(template, name) for name in post} == post == {name: getattr(sweep, name) for name in post}
+    assert (template.n_train, template.targets, template.modes) == (200, ["even-odd", "fashion-mnist"],
+                                                                   ["finetuned", "from_scratch"])
+    assert (sweep.n_train, sweep.targets, sweep.modes) == ((200,), ("even-odd", "fashion-mnist"),
+                                                          ("finetuned", "from_scratch"))
+    assert template.lr == sweep.lr == {name: arm.learning_rate for name, arm in tm.ARMS.items()}  # the post's rates
+    assert template.lr == {"finetuned": 5e-5, "from_scratch": 1e-4, "frozen": 1e-3, "lp_ft": 5e-5}
+    parsed = sweep_settings(["--n-train", "50", "100", "50", "--seeds", "3", "--dry-run", "--modes", "frozen"])
     assert (parsed.n_train, parsed.seeds, parsed.dry_run, parsed.modes) == ((50, 100), 3, True, ("frozen",))
-    assert defaults.lr == {name: arm.learning_rate for name, arm in tm.ARMS.items()}  # the post's rates
-    assert defaults.lr == {"finetuned": 5e-5, "from_scratch": 1e-4, "frozen": 1e-3, "lp_ft": 5e-5}
+
+
+def test_the_template_points_harness_flags_to_the_harness(capsys):
+    for flag in (["--protocol", "fair"], ["--seeds", "5"], ["--lr-grid", "1e-3"], ["--workers", "2"], ["--report", "x"]):
+        with pytest.raises(SystemExit) as exit_info:
+            tm.parse_args(flag + ["--n-train", "50"])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+        assert err.endswith(f"python -m sweeps {' '.join(flag)} --n-train 50") and f"without {flag[0]}" in err
 
 
 def test_lr_sets_one_arm_and_keeps_the_others():
-    cfg = tm.parse_args(["--lr", "finetuned=1e-3", "frozen=2e-2"])
-    assert cfg.lr == {"finetuned": 1e-3, "from_scratch": 1e-4, "frozen": 2e-2, "lp_ft": 5e-5}
+    for cfg in (tm.parse_args(["--lr", "finetuned=1e-3", "frozen=2e-2"]),
+                sweep_settings(["--lr", "finetuned=1e-3", "frozen=2e-2"])):
+        assert cfg.lr == {"finetuned": 1e-3, "from_scratch": 1e-4, "frozen": 2e-2, "lp_ft": 5e-5}
 
 
 @pytest.mark.parametrize("value", ["bogus=1e-3", "finetuned=-1e-3", "finetuned=0", "finetuned=fast", "finetuned",
                                    "finetuned=nan"])
 def test_lr_refuses_unknown_arms_and_rates_that_are_not_positive(value, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        tm.parse_args(["--lr", value])
-    assert exit_info.value.code == 2 and "--lr" in capsys.readouterr().err
+    for parse in (tm.parse_args, sweep_settings):
+        with pytest.raises(SystemExit) as exit_info:
+            parse(["--lr", value])
+        assert exit_info.value.code == 2 and "--lr" in capsys.readouterr().err
 
 
 def test_the_arm_trains_at_the_rate_given_on_the_command_line(tiny_args, tmp_path, monkeypatch):
     made = modules_trained(monkeypatch)
-    assert tm.main(tiny_args + ["--targets", "even-odd", "--lr", "finetuned=1e-3", "--pretrain-lr", "2e-4"]) == 0
+    assert cli.main(tiny_args + ["--targets", "even-odd", "--lr", "finetuned=1e-3", "--pretrain-lr", "2e-4"]) == 0
     assert [m["optimizer_lr"] for m in made] == [2e-4, 1e-3, 1e-4]  # pretrain, finetuned (given), from_scratch
 
 
-# ---- a template you can cut ---------------------------------------------------------------
-def test_the_experiment_core_runs_without_the_reporting(tiny_data, tmp_path, monkeypatch):
-    def deleted(*args, **kwargs):
-        raise AssertionError("the experiment core called the reporting")
+# ---- the layout: the template alone, the harness's runs without its reporting ---------------
+REPORTING = ["sweeps.summary", "sweeps.figures", "sweeps.cli"]
 
-    for name in ("write_summary", "log_learning_curves", "summarize", "group_by_arm", "MeanCI", "format_table",
-                 "budget_rows", "curve_points", "draw_figure", "log_figure", "read_results"):
-        monkeypatch.setattr(tm, name, deleted)
+
+def test_the_sweep_engine_runs_without_the_reporting_modules(tiny_data, tmp_path):
     root, _ = tiny_data
-    cfg = tm.Config(data_dir=str(root), log_dir=str(tmp_path), n_pretrain=40, n_train=(20,), seeds=2,
-                    pretrain_epochs=1, train_epochs=2, accelerator="cpu")
-    results = tm.run_experiment(cfg, tm.ResultsCsv(str(tmp_path / "r.csv")))
-    assert len(results) == 1 + 2 * 2 * 2 == len(read_csv(tmp_path / "r.csv"))
+    script = f"""
+import sys
+for name in {REPORTING!r}:
+    sys.modules[name] = None  # importing it now fails
+from sweeps import engine, runs, settings
+cfg, _ = settings.parse(["--data-dir", {str(root)!r}, "--log-dir", {str(tmp_path)!r}, "--n-pretrain", "40",
+                         "--n-train", "20", "--seeds", "2", "--pretrain-epochs", "1", "--train-epochs", "2",
+                         "--accelerator", "cpu"])
+results = engine.run_experiment(cfg, runs.ResultsCsv({str(tmp_path / "r.csv")!r}))
+print(len(results))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == str(1 + 2 * 2 * 2) == str(len(read_csv(tmp_path / "r.csv")))
+
+
+def without_packages(tmp_path: Path, *names: str) -> Path:
+    """A folder that holds what this interpreter's site-packages holds, but the packages `names` (and their
+    metadata): Python with it in the place of site-packages (-S) runs as if they were not installed."""
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if entry.name.split("-")[0].split(".")[0] not in names:
+            (site / entry.name).symlink_to(entry)
+    return site
+
+
+def test_the_template_runs_without_ray_matplotlib_or_the_harness(tiny_data, tmp_path):
+    root, _ = tiny_data
+    site = without_packages(tmp_path, "ray", "matplotlib", "mpl_toolkits")
+    script = f"""
+import runpy, sys
+sys.path.insert(0, {str(site)!r})
+sys.modules["sweeps"] = None  # not even on the path: the template imports nothing of it
+for name in ("ray", "matplotlib"):
+    __import__("importlib.util").util.find_spec(name) is None or sys.exit(name + " is installed")
+sys.argv = ["transfer_mnist.py", "--data-dir", {str(root)!r}, "--log-dir", {str(tmp_path / "logs")!r},
+            "--n-pretrain", "40", "--n-train", "20", "--pretrain-epochs", "2", "--train-epochs", "3",
+            "--results-csv", {str(tmp_path / "r.csv")!r}]
+runpy.run_path({str(REPO / "transfer_mnist.py")!r}, run_name="__main__")
+"""
+    done = subprocess.run([sys.executable, "-S", "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = read_csv(tmp_path / "r.csv")
+    assert [(r["target"], r["mode"]) for r in rows] == [("mnist", "pretrain"), ("even-odd", "finetuned"),
+        ("even-odd", "from_scratch"), ("fashion-mnist", "finetuned"), ("fashion-mnist", "from_scratch")]
+    assert "Results: " in done.stdout
 
 
 # ---- errors, and nothing left behind ------------------------------------------------------
@@ -180,7 +239,7 @@ def test_a_log_dir_that_is_a_file_or_cannot_be_created_exits_2(tiny_args, tmp_pa
     (tmp_path / "afile").write_text("mine")
     for log_dir, reason in ((tmp_path / "afile", "is a file"), (tmp_path / "afile" / "logs", "cannot be created"),
                             (Path("/proc/no-such/logs"), "cannot be created")):
-        assert tm.main(tiny_args + ["--log-dir", str(log_dir)]) == 2
+        assert cli.main(tiny_args + ["--log-dir", str(log_dir)]) == 2
         err = one_error_line(capsys)
         assert f"--log-dir {log_dir}" in err and reason in err
     assert (tmp_path / "afile").read_text() == "mine"
@@ -192,7 +251,7 @@ def test_a_results_csv_that_cannot_be_written_exits_2_and_leaves_nothing(tiny_ar
         if path.name == "x.csv":
             (tmp_path / "new").mkdir()
             (tmp_path / "new" / "r.csv").write_text("")
-        assert tm.main(tiny_args + ["--log-dir", str(tmp_path / "fresh" / "logs"), "--results-csv", str(path)]) == 2
+        assert cli.main(tiny_args + ["--log-dir", str(tmp_path / "fresh" / "logs"), "--results-csv", str(path)]) == 2
         err = one_error_line(capsys)
         assert f"--results-csv {path}" in err and reason in err
         assert not (tmp_path / "fresh").exists()  # the log folder this start made is gone again
@@ -209,7 +268,7 @@ def test_a_full_disk_mid_run_keeps_the_finished_rows(tiny_args, tmp_path, monkey
 
     monkeypatch.setattr(tm, "train", train_until_the_disk_fills)
     csv_path = tmp_path / "r.csv"
-    assert tm.main(tiny_args + ["--results-csv", str(csv_path)]) == 1
+    assert cli.main(tiny_args + ["--results-csv", str(csv_path)]) == 1
     err = one_error_line(capsys)
     assert "No space left on device" in err and str(csv_path) in err
     rows = read_csv(csv_path)
@@ -217,7 +276,7 @@ def test_a_full_disk_mid_run_keeps_the_finished_rows(tiny_args, tmp_path, monkey
 
 
 def test_a_half_written_row_is_cut_when_the_disk_fills(tmp_path, monkeypatch):
-    out = tm.ResultsCsv(str(tmp_path / "r.csv"))
+    out = runs.ResultsCsv(str(tmp_path / "r.csv"))
     out.append(tm.RunResult("even-odd", "finetuned", 0, 200, 12, 0.25, 0.9, 1e-4, 0.3, True, 500))
     before = (tmp_path / "r.csv").read_bytes()
 
@@ -260,9 +319,9 @@ def test_a_truncated_raw_file_is_named_as_damaged(tiny_data, tiny_args, tmp_path
             (damaged / name / "raw" / file.name).write_bytes(file.read_bytes())
     images = damaged / "MNIST" / "raw" / "train-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:5000])
-    assert tm.main(tiny_args + ["--data-dir", str(damaged)]) == 2
+    assert cli.main(tiny_args + ["--data-dir", str(damaged)]) == 2
     err = one_error_line(capsys)
-    assert f"{images} is damaged" in err and "delete it to download it again" in err
+    assert f"the raw files in {images.parent} are damaged" in err and "delete them to download them again" in err
     assert "could not be downloaded" not in err
     assert not (tmp_path / "logs").exists()
 
@@ -272,7 +331,7 @@ def test_a_failed_start_removes_the_data_folders_it_made(tmp_path, monkeypatch, 
     monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
     monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])
     (tmp_path / "data").mkdir()
-    assert tm.main(["--data-dir", str(tmp_path / "data" / "new"), "--log-dir", str(tmp_path / "logs")]) == 2
+    assert cli.main(["--data-dir", str(tmp_path / "data" / "new"), "--log-dir", str(tmp_path / "logs")]) == 2
     assert "MNIST is not in" in one_error_line(capsys)
     assert sorted(os.listdir(tmp_path)) == ["data"] and not os.listdir(tmp_path / "data")
 
@@ -282,7 +341,7 @@ def test_epochs_count_from_1_in_log_lines_csv_and_tensorboard(tiny_args, tmp_pat
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     caplog.set_level("INFO", logger="transfer_mnist")
-    assert tm.main(tiny_args + ["--targets", "even-odd", "--modes", "from_scratch", "--train-epochs", "4"]) == 0
+    assert cli.main(tiny_args + ["--targets", "even-odd", "--modes", "from_scratch", "--train-epochs", "4"]) == 0
     (row,) = [r for r in read_csv(tmp_path / "logs" / "results_version_0.csv") if r["mode"] == "from_scratch"]
     accumulator = EventAccumulator(str(tmp_path / "logs" / "even-odd" / "from_scratch" / "version_0" / "n20_seed0"))
     accumulator.Reload()
@@ -296,8 +355,53 @@ def test_epochs_count_from_1_in_log_lines_csv_and_tensorboard(tiny_args, tmp_pat
 
 
 def test_csv_numbers_carry_no_float32_noise(tiny_args, tmp_path):
-    assert tm.main(tiny_args + ["--targets", "even-odd"]) == 0
+    assert cli.main(tiny_args + ["--targets", "even-odd"]) == 0
     for row in read_csv(tmp_path / "logs" / "results_version_0.csv"):
         for column in ("test_loss", "test_acc"):
             assert len(row[column].lstrip("0.").replace(".", "").split("e")[0]) <= 6, row[column]
             assert float(row[column]) == pytest.approx(float(row[column]), rel=1e-6)
+
+
+# ---- a registry entry serves the template and the harness ---------------------------------
+DIGITS_5_9 = ('TARGETS["digits-5-9"] = Target(torchvision.datasets.MNIST, ("5", "6", "7", "8", "9"),\n'
+              '                               keep=lambda labels: labels >= 5, relabel=lambda labels: labels - 5)\n')
+
+
+def check_digits_5_9(csv_path: Path, seeds: int) -> None:
+    rows = read_csv(csv_path)
+    assert [(r["target"], r["mode"], r["seed"]) for r in rows if r["mode"] != "pretrain"] == [
+        ("digits-5-9", mode, str(seed)) for seed in range(seeds) for mode in ("finetuned", "from_scratch")]
+
+
+def test_a_target_added_to_the_template_runs_in_the_template_and_in_the_sweeps(tiny_data, tmp_path):
+    root, _ = tiny_data
+    clone = tmp_path / "clone"
+    shutil.copytree(REPO / "sweeps", clone / "sweeps", ignore=shutil.ignore_patterns("__pycache__"))
+    template = (REPO / "transfer_mnist.py").read_text()
+    registries = template.index("\n\n@dataclasses.dataclass(frozen=True)\nclass Arm")
+    (clone / "transfer_mnist.py").write_text(template[:registries] + "\n" + DIGITS_5_9 + template[registries:])
+    common = ["--data-dir", str(root), "--n-pretrain", "40", "--n-train", "20", "--pretrain-epochs", "1",
+              "--train-epochs", "2", "--accelerator", "cpu", "--targets", "digits-5-9"]
+    env = {**os.environ, "PYTHONPATH": str(clone)}  # the clone's template, not the repository's
+    done = subprocess.run([sys.executable, "transfer_mnist.py", *common, "--log-dir", "a", "--results-csv", "a.csv"],
+                          capture_output=True, text=True, cwd=clone, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    check_digits_5_9(clone / "a.csv", seeds=1)
+    done = subprocess.run([sys.executable, "-m", "sweeps", *common, "--seeds", "2", "--workers", "2", "--threads", "1",
+                           "--log-dir", "b", "--results-csv", "b.csv"], capture_output=True, text=True, cwd=clone, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    check_digits_5_9(clone / "b.csv", seeds=2)
+    assert "on a local Ray instance" in done.stderr and "digits-5-9: MNIST, 5 classes (5, 6, 7, 8, 9)" in done.stderr
+
+
+def test_a_target_registered_in_a_user_s_script_runs_in_the_sweeps(tiny_data, tmp_path):
+    root, _ = tiny_data
+    script = tmp_path / "my_sweep.py"
+    script.write_text("import sys\n\nimport torchvision\n\nfrom transfer_mnist import TARGETS, Target\n"
+                      f"from sweeps.cli import main\n\n{DIGITS_5_9}\nsys.exit(main())\n")
+    done = subprocess.run([sys.executable, str(script), "--data-dir", str(root), "--n-pretrain", "40", "--n-train", "20",
+                           "--pretrain-epochs", "1", "--train-epochs", "2", "--accelerator", "cpu", "--targets",
+                           "digits-5-9", "--seeds", "2", "--workers", "2", "--threads", "1", "--results-csv", "r.csv"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    check_digits_5_9(tmp_path / "r.csv", seeds=2)

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 import torchvision
+from conftest import SWEEPS, sweep_settings
 
 import transfer_mnist as tm
+from sweeps import cli, ray_engine
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,7 +65,7 @@ def sweep(tiny_data, tmp_path_factory):
     args = ["--data-dir", str(root), "--n-pretrain", "40", "--n-train", "20", "--pretrain-epochs", "2",
             "--train-epochs", "30", "--accelerator", "cpu", "--targets", "flaky",
             "--modes", "finetuned", "from_scratch", "--lr-grid", "1e-3", "1e-2", "--threads", "1"]
-    assert tm.main(args + ["--log-dir", str(out / "logs"), "--results-csv", str(out / "one.csv")]) == 0
+    assert cli.main(args + ["--log-dir", str(out / "logs"), "--results-csv", str(out / "one.csv")]) == 0
     yield args, out / "one.csv"
     del tm.TARGETS["flaky"]
 
@@ -73,7 +75,7 @@ def test_local_workers_and_a_two_node_cluster_give_the_rows_of_one_process(sweep
 
     args, one = sweep
     with caplog.at_level(logging.INFO, logger="transfer_mnist"):
-        assert tm.main(args + ["--workers", "2", "--log-dir", str(tmp_path / "local"),
+        assert cli.main(args + ["--workers", "2", "--log-dir", str(tmp_path / "local"),
                                "--results-csv", str(tmp_path / "local.csv")]) == 0
     assert (one.parent / "died").exists()  # a worker died in a run: Ray ran it again, with the same row
     assert (tmp_path / "local.csv").read_bytes() == one.read_bytes()
@@ -91,7 +93,7 @@ def test_local_workers_and_a_two_node_cluster_give_the_rows_of_one_process(sweep
         caplog.clear()
         # a quarter of a GPU per run: runs share a GPU, and say which they had
         with caplog.at_level(logging.INFO, logger="transfer_mnist"):
-            assert tm.main(args + ["--cluster", cluster.address, "--gpus-per-run", "0.25", "--log-dir",
+            assert cli.main(args + ["--cluster", cluster.address, "--gpus-per-run", "0.25", "--log-dir",
                                    str(tmp_path / "cluster"), "--results-csv", str(tmp_path / "cluster.csv")]) == 0
         assert (tmp_path / "cluster.csv").read_bytes() == one.read_bytes()
         assert f"Target runs on the Ray cluster at {cluster.address}: 2 CPUs, 2 GPUs; each run takes 1 CPU(s) and " \
@@ -103,22 +105,22 @@ def test_local_workers_and_a_two_node_cluster_give_the_rows_of_one_process(sweep
 
 
 def test_gpu_shares_default_to_the_workers_on_a_gpu_accelerator():
-    assert tm.gpus_per_run(tm.Config(workers=4, accelerator="gpu")) == 0.25
-    assert tm.gpus_per_run(tm.Config(workers=4, accelerator="cpu")) == 0.0
-    assert tm.gpus_per_run(tm.Config(workers=4, accelerator="gpu", gpus_per_run=0.5)) == 0.5
+    assert ray_engine.gpus_per_run(sweep_settings(["--workers", "4", "--accelerator", "gpu"])) == 0.25
+    assert ray_engine.gpus_per_run(sweep_settings(["--workers", "4", "--accelerator", "cpu"])) == 0.0
+    assert ray_engine.gpus_per_run(sweep_settings(["--workers", "4", "--accelerator", "gpu", "--gpus-per-run", "0.5"])) == 0.5
     with pytest.raises(SystemExit):
-        tm.parse_args(["--gpus-per-run", "1.5"])
+        sweep_settings(["--gpus-per-run", "1.5"])
 
 
 def test_one_process_does_not_import_ray(tiny_args, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # any `import ray` now fails
-    assert tm.main(tiny_args + ["--targets", "even-odd", "--modes", "finetuned"]) == 0
+    assert cli.main(tiny_args + ["--targets", "even-odd", "--modes", "finetuned"]) == 0
 
 
 def test_ctrl_c_stops_the_script_and_its_ray_instance_and_keeps_finished_rows(tiny_args, tmp_path):
     args = [a if a != "3" else "300" for a in tiny_args]  # runs of a few seconds each
     log = tmp_path / "stderr.log"
-    process = subprocess.Popen([sys.executable, str(REPO / "transfer_mnist.py"), *args, "--targets", "even-odd",
+    process = subprocess.Popen([*SWEEPS, *args, "--targets", "even-odd",
                                 "--modes", "finetuned", "--lr-grid", "1e-3", "1e-2", "--patience", "0",
                                 "--results-csv", str(tmp_path / "r.csv"), "--workers", "2", "--threads", "1"],
                                stdout=subprocess.DEVNULL, stderr=log.open("w"), cwd=tmp_path,
@@ -147,11 +149,11 @@ def test_a_run_that_keeps_dying_ends_the_sweep_and_bad_input_is_not_retried(swee
     monkeypatch.setitem(tm.TARGETS, "flaky", tm.Target(torchvision.datasets.MNIST, ("even", "odd"),
                                                        relabel=dies_in_workers))
     one_run = args + ["--modes", "finetuned", "--lr-grid", "1e-3", "--workers", "2"]
-    assert tm.main(one_run + ["--log-dir", str(tmp_path / "a"), "--results-csv", str(tmp_path / "a.csv")]) == 1
+    assert cli.main(one_run + ["--log-dir", str(tmp_path / "a"), "--results-csv", str(tmp_path / "a.csv")]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == (f"error: flaky/finetuned n_train 20 seed 0 lr 0.001 failed {tm.RETRIES + 1} times: its worker "
+    assert err == (f"error: flaky/finetuned n_train 20 seed 0 lr 0.001 failed {ray_engine.RETRIES + 1} times: its worker "
                    f"process died (WorkerCrashedError); the finished runs are in {tmp_path / 'a.csv'}; to go on: "
-                   f"python {os.path.relpath(tm.__file__)} --resume {tmp_path / 'a.csv'}")
+                   f"python -m sweeps --resume {tmp_path / 'a.csv'}")
     assert [r["mode"] for r in read_csv(tmp_path / "a.csv")] == ["pretrain"]
 
     def damaged_in_workers(labels):
@@ -163,7 +165,7 @@ def test_a_run_that_keeps_dying_ends_the_sweep_and_bad_input_is_not_retried(swee
 
     monkeypatch.setitem(tm.TARGETS, "flaky", tm.Target(torchvision.datasets.MNIST, ("even", "odd"),
                                                        relabel=damaged_in_workers))
-    assert tm.main(one_run + ["--log-dir", str(tmp_path / "b"), "--results-csv", str(tmp_path / "b.csv")]) == 2
+    assert cli.main(one_run + ["--log-dir", str(tmp_path / "b"), "--results-csv", str(tmp_path / "b.csv")]) == 2
     assert capsys.readouterr().err.strip() == "error: image folder x/train: cannot identify image file x/train/a/3.png"
     assert attempts.read_text() == "x"  # tried once: bad input is not retried
     assert [r["mode"] for r in read_csv(tmp_path / "b.csv")] == ["pretrain"]
@@ -182,17 +184,17 @@ def test_an_interrupted_sweep_resumes_to_the_uninterrupted_result(sweep, tmp_pat
 
     monkeypatch.setattr(tm, "train", interrupted_after_two)
     run = args + ["--log-dir", str(tmp_path / "logs"), "--results-csv", str(tmp_path / "r.csv")]
-    assert tm.main(run) == 130
+    assert cli.main(run) == 130
     assert len(read_csv(tmp_path / "r.csv")) == 1 + 2  # pretraining and one finished grid of two rates
     assert (tmp_path / "r.json").is_file()  # the settings, saved at the start
 
-    def no_pretraining(cfg, seed):
+    def no_pretraining(*args):
         raise AssertionError("a resumed sweep pretrained again")
 
     monkeypatch.setattr(tm, "pretrain", no_pretraining)
     monkeypatch.setattr(tm, "train", lambda *a, **kw: calls.append(a[1:3]) or train(*a, **kw))
     with caplog.at_level(logging.INFO, logger="transfer_mnist"):
-        assert tm.main(["--resume", str(tmp_path / "r.csv")]) == 0  # alone: the saved settings
+        assert cli.main(["--resume", str(tmp_path / "r.csv")]) == 0  # alone: the saved settings
     assert calls[2:] == [("flaky", "from_scratch")] * 2  # only the missing runs
     assert f"Resuming {tmp_path / 'r.csv'}: 2 of 4 target runs and 1 of 1 pretraining runs done, skipped; " \
            f"2 target runs remain" in caplog.messages
@@ -201,16 +203,16 @@ def test_an_interrupted_sweep_resumes_to_the_uninterrupted_result(sweep, tmp_pat
 
     # the same command plus --resume: nothing left to run, the same files
     calls.clear()
-    assert tm.main(run + ["--resume", str(tmp_path / "r.csv"), "--workers", "1"]) == 0
+    assert cli.main(run + ["--resume", str(tmp_path / "r.csv"), "--workers", "1"]) == 0
     assert calls == [] and (tmp_path / "r.csv").read_bytes() == one.read_bytes()
 
     # a setting that changes a run's numbers refuses, naming it
     capsys.readouterr()
-    assert tm.main(run + ["--resume", str(tmp_path / "r.csv"), "--train-epochs", "31", "--seed", "3"]) == 2
+    assert cli.main(run + ["--resume", str(tmp_path / "r.csv"), "--train-epochs", "31", "--seed", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: --resume {tmp_path / 'r.csv'}: --seed 3 differs from the sweep's 0") and \
         "also differing: train_epochs" in err and len(err.splitlines()) == 1
-    assert tm.main(["--resume", str(tmp_path / "missing.csv")]) == 2
+    assert cli.main(["--resume", str(tmp_path / "missing.csv")]) == 2
     assert "cannot read the sweep's settings" in capsys.readouterr().err
 
 
@@ -218,12 +220,12 @@ def test_a_sweep_stopped_in_its_pretraining_resumes_from_the_start(sweep, tmp_pa
     args, one = sweep
     pretrain = tm.pretrain
 
-    def interrupted(cfg, seed):
+    def interrupted(*args):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tm, "pretrain", interrupted)
-    assert tm.main(args + ["--log-dir", str(tmp_path / "logs"), "--results-csv", str(tmp_path / "r.csv")]) == 130
+    assert cli.main(args + ["--log-dir", str(tmp_path / "logs"), "--results-csv", str(tmp_path / "r.csv")]) == 130
     assert len((tmp_path / "r.csv").read_text().splitlines()) == 1  # the header only
     monkeypatch.setattr(tm, "pretrain", pretrain)
-    assert tm.main(["--resume", str(tmp_path / "r.csv")]) == 0
+    assert cli.main(["--resume", str(tmp_path / "r.csv")]) == 0
     assert (tmp_path / "r.csv").read_bytes() == one.read_bytes()

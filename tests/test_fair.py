@@ -5,9 +5,11 @@ import csv
 
 import pytest
 import torch
+from conftest import sweep_settings
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import transfer_mnist as tm
+from sweeps import cli, figures, runs, summary
 
 
 def read_csv(path) -> list[dict[str, str]]:
@@ -26,18 +28,18 @@ def test_the_rate_is_selected_on_validation_loss_never_on_test():
     # the rate with the best test accuracy has the worse validation loss: validation decides
     grid = [run(learning_rate=1e-4, val_loss=0.30, test_acc=0.70), run(learning_rate=1e-3, val_loss=0.35, test_acc=0.95),
             run(seed=1, learning_rate=1e-4, val_loss=0.40, test_acc=0.90), run(seed=1, learning_rate=1e-3, val_loss=0.20, test_acc=0.60)]
-    tm.select_rates(grid)
+    runs.select_rates(grid)
     assert [r.selected for r in grid] == [True, False, False, True]
-    (arm,) = [row for row in tm.summarize(grid)[0] if row[2] == "finetuned"]
+    (arm,) = [row for row in summary.summarize(grid)[0] if row[2] == "finetuned"]
     assert arm[4].startswith("0.6500 ± ")  # the mean of the selected runs' test accuracy: (0.70 + 0.60) / 2
-    tie = tm.select_rates([run(learning_rate=1e-3, val_loss=0.3), run(learning_rate=1e-4, val_loss=0.3)])
+    tie = runs.select_rates([run(learning_rate=1e-3, val_loss=0.3), run(learning_rate=1e-4, val_loss=0.3)])
     assert [r.selected for r in tie] == [False, True]  # a tie goes to the lower rate
 
 
 def test_a_grid_trains_every_rate_and_selects_one_per_run(tiny_args, tmp_path):
     args = tiny_args + ["--targets", "even-odd", "--modes", "finetuned", "from_scratch", "--seeds", "2",
                         "--lr-grid", "1e-4", "3e-2", "--results-csv", str(tmp_path / "r.csv")]
-    assert tm.main(args) == 0
+    assert cli.main(args) == 0
     rows = read_csv(tmp_path / "r.csv")
     assert list(rows[0])[:10] == ["target", "mode", "seed", "n_train", "best_epoch", "test_loss", "test_acc",
                                   "learning_rate", "val_loss", "selected"]
@@ -54,13 +56,13 @@ def test_a_grid_trains_every_rate_and_selects_one_per_run(tiny_args, tmp_path):
 
 
 def test_the_budget_table_counts_rates_edges_and_runs_still_improving():
-    results = tm.select_rates([
+    results = runs.select_rates([
         run(seed=0, learning_rate=1e-4, val_loss=0.2, best_epoch=95), run(seed=0, learning_rate=1e-3, val_loss=0.3),
         run(seed=0, learning_rate=1e-2, val_loss=0.4),
         run(seed=1, learning_rate=1e-4, val_loss=0.4), run(seed=1, learning_rate=1e-3, val_loss=0.1, best_epoch=90),
         run(seed=1, learning_rate=1e-2, val_loss=0.4),
         run(mode="from_scratch", learning_rate=3e-4, best_epoch=100)])
-    rows = {row[1]: row for row in tm.budget_rows(results)}
+    rows = {row[1]: row for row in summary.budget_rows(results)}
     # seed 0 chose the grid's lowest rate (an edge) and peaked at epoch 95 of 100; seed 1 the middle, at 90
     assert rows["finetuned"][2:] == ["2", "0.0001 ×1, 0.001 ×1", "1 of 2", "1 of 2"]
     assert rows["from_scratch"][2:] == ["1", "0.0003 ×1", "no grid", "1 of 1"]
@@ -68,7 +70,7 @@ def test_the_budget_table_counts_rates_edges_and_runs_still_improving():
 
 def test_lr_grid_refuses_rates_that_are_not_positive(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        tm.parse_args(["--lr-grid", "1e-3", "-1"])
+        sweep_settings(["--lr-grid", "1e-3", "-1"])
     assert exit_info.value.code == 2 and "--lr-grid" in capsys.readouterr().err
 
 
@@ -87,7 +89,7 @@ def test_lp_ft_trains_the_head_on_a_frozen_backbone_then_everything(tiny_args, t
     monkeypatch.setattr(tm, "fit_best", recording_fit_best)
     args = tiny_args + ["--targets", "even-odd", "--modes", "lp_ft", "--train-epochs", "10", "--patience", "0",
                         "--lr", "lp_ft=3e-3", "--results-csv", str(tmp_path / "r.csv")]
-    assert tm.main(args) == 0
+    assert cli.main(args) == 0
     (head_epochs, head_start, head_end, head_trainable), (rest, tune_start, tune_end, tune_trainable) = \
         [stage[1:] for stage in stages if stage[0] == "even-odd/lp_ft"]
     assert (head_epochs, rest) == (2, 8)  # a fifth of the 10-epoch budget for the head, the rest for everything
@@ -109,7 +111,7 @@ def test_lp_ft_trains_the_head_on_a_frozen_backbone_then_everything(tiny_args, t
 def test_lp_ft_is_paired_with_from_scratch(tiny_args, tmp_path):
     args = tiny_args + ["--targets", "even-odd", "--modes", "lp_ft", "from_scratch", "finetuned", "--seeds", "2",
                         "--results-csv", str(tmp_path / "r.csv")]
-    assert tm.main(args) == 0
+    assert cli.main(args) == 0
     summary = (tmp_path / "r.md").read_text()
     assert "| even-odd | 20 | lp_ft - from_scratch | 2 |" in summary
     assert "| even-odd | 20 | finetuned - from_scratch | 2 |" in summary
@@ -118,27 +120,27 @@ def test_lp_ft_is_paired_with_from_scratch(tiny_args, tmp_path):
 # ---- --report and the figure --------------------------------------------------------------
 def test_report_rebuilds_the_markdown_byte_for_byte_and_merges_seed_ranges(tiny_args, tmp_path):
     common = tiny_args + ["--targets", "even-odd", "--modes", "finetuned", "from_scratch", "--lr-grid", "1e-3", "1e-2"]
-    assert tm.main(common + ["--seeds", "2", "--results-csv", str(tmp_path / "both.csv")]) == 0
-    assert tm.main(["--report", str(tmp_path / "both.csv"), "--results-csv", str(tmp_path / "rebuilt.csv")]) == 0
+    assert cli.main(common + ["--seeds", "2", "--results-csv", str(tmp_path / "both.csv")]) == 0
+    assert cli.main(["--report", str(tmp_path / "both.csv"), "--results-csv", str(tmp_path / "rebuilt.csv")]) == 0
     assert (tmp_path / "rebuilt.md").read_bytes() == (tmp_path / "both.md").read_bytes()
     assert (tmp_path / "rebuilt.csv").read_bytes() == (tmp_path / "both.csv").read_bytes()
 
     # the same two seeds run as two invocations (two machines, say), merged
-    assert tm.main(common + ["--seed", "0", "--results-csv", str(tmp_path / "a.csv")]) == 0
-    assert tm.main(common + ["--seed", "1", "--pretrain-seed", "0", "--results-csv", str(tmp_path / "b.csv")]) == 0
-    assert tm.main(["--report", str(tmp_path / "a.csv"), str(tmp_path / "b.csv"),
+    assert cli.main(common + ["--seed", "0", "--results-csv", str(tmp_path / "a.csv")]) == 0
+    assert cli.main(common + ["--seed", "1", "--pretrain-seed", "0", "--results-csv", str(tmp_path / "b.csv")]) == 0
+    assert cli.main(["--report", str(tmp_path / "a.csv"), str(tmp_path / "b.csv"),
                     "--results-csv", str(tmp_path / "merged.csv")]) == 0
     assert (tmp_path / "merged.md").read_bytes() == (tmp_path / "both.md").read_bytes()
     assert len(read_csv(tmp_path / "merged.csv")) == 1 + 2 * 2 * 2  # one pretrain row, seeds x arms x rates
 
     # without --results-csv the output goes beside the first CSV
     (tmp_path / "a.md").unlink()
-    assert tm.main(["--report", str(tmp_path / "a.csv")]) == 0
+    assert cli.main(["--report", str(tmp_path / "a.csv")]) == 0
     assert (tmp_path / "a.md").is_file() and (tmp_path / "a.png").is_file()
 
 
 def test_report_refuses_conflicting_rows_and_files_that_are_not_results(tiny_args, tmp_path, capsys):
-    assert tm.main(tiny_args + ["--targets", "even-odd", "--results-csv", str(tmp_path / "r.csv")]) == 0
+    assert cli.main(tiny_args + ["--targets", "even-odd", "--results-csv", str(tmp_path / "r.csv")]) == 0
     rows = read_csv(tmp_path / "r.csv")
     rows[1]["test_acc"] = str(float(rows[1]["test_acc"]) / 2)
     with open(tmp_path / "bad.csv", "w", newline="") as f:
@@ -150,12 +152,12 @@ def test_report_refuses_conflicting_rows_and_files_that_are_not_results(tiny_arg
     for files, message in (([tmp_path / "r.csv", tmp_path / "bad.csv"], "same run (even-odd finetuned"),
                            ([tmp_path / "notes.csv"], "is not a results CSV of this script"),
                            ([tmp_path / "missing.csv"], "cannot be read")):
-        assert tm.main(["--report", *map(str, files), "--results-csv", str(tmp_path / "m.csv")]) == 2
+        assert cli.main(["--report", *map(str, files), "--results-csv", str(tmp_path / "m.csv")]) == 2
         captured = capsys.readouterr()
         assert "Traceback" not in captured.err and len(captured.err.strip().splitlines()) == 1
         assert message in captured.err
     # the same file twice is the same rows, not a conflict
-    assert tm.main(["--report", str(tmp_path / "r.csv"), str(tmp_path / "r.csv"), "--results-csv",
+    assert cli.main(["--report", str(tmp_path / "r.csv"), str(tmp_path / "r.csv"), "--results-csv",
                     str(tmp_path / "twice.csv")]) == 0
     assert (tmp_path / "twice.csv").read_bytes() == (tmp_path / "r.csv").read_bytes()
 
@@ -165,14 +167,14 @@ def test_the_figure_shows_the_summary_s_numbers():
                for n, s, mode, acc in [(50, 0, "finetuned", 0.8), (50, 1, "finetuned", 0.9), (50, 0, "from_scratch", 0.7),
                                        (50, 1, "from_scratch", 0.6), (200, 0, "finetuned", 0.95), (200, 1, "finetuned", 0.93),
                                        (200, 0, "from_scratch", 0.85), (200, 1, "from_scratch", 0.8)]]
-    points = tm.curve_points(results)
-    arms = {(row[1], row[2]): row for row in tm.summarize(results)[0]}
+    points = figures.curve_points(results)
+    arms = {(row[1], row[2]): row for row in summary.summarize(results)[0]}
     for mode, curve in points["even-odd"].items():
         assert [n for n, _ in curve] == [50, 200]
         for n, ci in curve:
             assert arms[(str(n), mode)][4] == f"{ci.mean:.4f} ± {ci.sd:.4f}"
             assert arms[(str(n), mode)][5] == f"[{ci.low:.4f}, {ci.high:.4f}]"
-    figure = tm.draw_figure(results)
+    figure = figures.draw_figure(results)
     (ax,) = figure.axes
     lines = {line.get_label(): line for line in ax.get_lines()}
     assert list(lines["finetuned"].get_ydata()) == pytest.approx([85.0, 94.0])
@@ -180,7 +182,7 @@ def test_the_figure_shows_the_summary_s_numbers():
 
 
 def test_a_run_writes_the_figure_beside_the_csv_and_into_tensorboard(tiny_args, tmp_path):
-    assert tm.main(tiny_args + ["--targets", "even-odd", "--results-csv", str(tmp_path / "r.csv")]) == 0
+    assert cli.main(tiny_args + ["--targets", "even-odd", "--results-csv", str(tmp_path / "r.csv")]) == 0
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     accumulator = EventAccumulator(str(tmp_path / "logs" / "figure" / "version_0"))
     accumulator.Reload()

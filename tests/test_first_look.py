@@ -9,6 +9,7 @@ import torch
 import torchvision
 
 import transfer_mnist as tm
+from sweeps import cli, figures, runs, summary
 
 
 def read_csv(path) -> list[dict[str, str]]:
@@ -22,7 +23,7 @@ def run(target="even-odd", mode="finetuned", seed=0, n_train=200, test_acc=0.9, 
 
 
 def default_run_results() -> list[tm.RunResult]:
-    """The rows of `python transfer_mnist.py`: one seed, one size, the post's two arms on two targets."""
+    """The rows of `python -m sweeps`: one seed, one size, the post's two arms on two targets."""
     return [run("mnist", "pretrain", n_train=10000, test_acc=0.9755),
             run("even-odd", "finetuned", test_acc=0.9459), run("even-odd", "from_scratch", test_acc=0.8594),
             run("fashion-mnist", "finetuned", test_acc=0.6820), run("fashion-mnist", "from_scratch", test_acc=0.6917)]
@@ -32,7 +33,7 @@ def test_one_seed_draws_points_without_any_interval():
     for results in (default_run_results(),  # one size: arms side by side
                     [run(n_train=n, mode=m, test_acc=a) for n, m, a in
                      [(50, "finetuned", 0.8), (200, "finetuned", 0.9), (50, "from_scratch", 0.7), (200, "from_scratch", 0.8)]]):
-        figure = tm.draw_figure(results)
+        figure = figures.draw_figure(results)
         assert figure.get_suptitle() == "1 seed, no interval"
         for ax in figure.axes:
             assert len(ax.collections) == 0 and len(ax.containers) == 0  # no band, no error bar
@@ -46,47 +47,47 @@ def test_intervals_stay_within_what_the_metric_can_reach_in_tables_and_figure():
     results = [run(seed=0, test_acc=0.83, test_loss=0.9), run(seed=1, test_acc=0.999, test_loss=0.01),
                run(seed=0, mode="from_scratch", test_acc=0.99, test_loss=0.05),
                run(seed=1, mode="from_scratch", test_acc=0.5, test_loss=1.2)]
-    arms, differences = tm.summarize(results)
+    arms, differences = summary.summarize(results)
     finetuned = arms[0]
     assert finetuned[5] == "[0.0000, 1.0000]" and finetuned[7].startswith("[0.0000, ")
     assert differences[0][5].startswith("[-1.0000, ") and differences[0][5].endswith(", 1.0000]")
-    (ax,) = tm.draw_figure(results).axes
+    (ax,) = figures.draw_figure(results).axes
     (errorbars, _) = ax.containers
     segments = [segment for collection in ax.collections for segment in collection.get_segments()]
     assert min(y for segment in segments for _, y in segment) >= 0 and max(y for s in segments for _, y in s) <= 100
-    ci = tm.accuracy_ci(r for r in results if r.mode == "finetuned")
+    ci = summary.accuracy_ci(r for r in results if r.mode == "finetuned")
     assert (100 * ci.low, 100 * ci.high) == (0.0, 100.0)  # the same numbers as the table
     assert len(errorbars) == 3
 
 
 def test_the_markdown_warns_that_two_or_three_seeds_give_wide_intervals(tmp_path):
     results = [run(seed=s, mode=m, test_acc=0.8 + 0.01 * s) for s in (0, 1) for m in ("finetuned", "from_scratch")]
-    text = tm.write_summary(results, str(tmp_path / "two.md"))
+    text = summary.write_summary(results, str(tmp_path / "two.md"))
     assert "Intervals from 2 seeds are wide" in (tmp_path / "two.md").read_text() and "are wide" in text
     five = [run(seed=s, mode=m, test_acc=0.8 + 0.01 * s) for s in range(5) for m in ("finetuned", "from_scratch")]
-    tm.write_summary(five, str(tmp_path / "five.md"))
+    summary.write_summary(five, str(tmp_path / "five.md"))
     assert "are wide" not in (tmp_path / "five.md").read_text()
 
 
 def test_the_edge_count_needs_a_grid_of_three_rates():
-    two = tm.select_rates([run(seed=s, learning_rate=lr, val_loss=v) for s in (0, 1)
+    two = runs.select_rates([run(seed=s, learning_rate=lr, val_loss=v) for s in (0, 1)
                            for lr, v in ((1e-4, 0.2), (1e-3, 0.3))])
-    (row,) = tm.budget_rows(two)
+    (row,) = summary.budget_rows(two)
     assert row[4] == "n/a: a grid of 2 rates is all edges"
-    three = tm.select_rates([run(seed=s, learning_rate=lr, val_loss=v) for s, best in ((0, 1e-3), (1, 1e-2))
+    three = runs.select_rates([run(seed=s, learning_rate=lr, val_loss=v) for s, best in ((0, 1e-3), (1, 1e-2))
                              for lr, v in ((1e-4, 0.3), (1e-3, 0.2 if best == 1e-3 else 0.4), (1e-2, 0.1 if best == 1e-2 else 0.5))])
-    (row,) = tm.budget_rows(three)
+    (row,) = summary.budget_rows(three)
     assert row[4] == "1 of 2"  # seed 0 chose the middle rate, seed 1 the top
-    (row,) = tm.budget_rows([run()])
+    (row,) = summary.budget_rows([run()])
     assert row[4] == "no grid"
 
 
 def test_threads_apply_to_pretraining_too(tiny_args, tmp_path, monkeypatch):
     seen, pretrain, train = {}, tm.pretrain, tm.train
 
-    def recording_pretrain(cfg, seed):
+    def recording_pretrain(cfg, seed, *args):
         seen["pretrain"] = torch.get_num_threads()
-        return pretrain(cfg, seed)
+        return pretrain(cfg, seed, *args)
 
     def recording_train(*args, **kwargs):
         seen["train"] = torch.get_num_threads()
@@ -95,7 +96,7 @@ def test_threads_apply_to_pretraining_too(tiny_args, tmp_path, monkeypatch):
     monkeypatch.setattr(tm, "pretrain", recording_pretrain)
     monkeypatch.setattr(tm, "train", recording_train)
     before = torch.get_num_threads()
-    assert tm.main(tiny_args + ["--targets", "even-odd", "--modes", "finetuned", "--threads", "1"]) == 0
+    assert cli.main(tiny_args + ["--targets", "even-odd", "--modes", "finetuned", "--threads", "1"]) == 0
     assert seen == {"pretrain": 1, "train": 1} and torch.get_num_threads() == before
 
 
@@ -118,7 +119,7 @@ def test_labels_that_are_not_class_indices_stop_before_training_naming_the_targe
                          (tm.Target(torchvision.datasets.MNIST, tuple("0123456789"), keep=odd_as_float_mask), "keep")):
         monkeypatch.setitem(tm.TARGETS, "parity", target)
         log_dir = tmp_path / "logs"
-        assert tm.main(tiny_args + ["--targets", "parity", "--log-dir", str(log_dir)]) == 2
+        assert cli.main(tiny_args + ["--targets", "parity", "--log-dir", str(log_dir)]) == 2
         captured = capsys.readouterr()
         err = captured.err.strip()
         assert "Traceback" not in captured.out + captured.err and len(err.splitlines()) == 1, err
@@ -128,7 +129,7 @@ def test_labels_that_are_not_class_indices_stop_before_training_naming_the_targe
 
 def test_the_console_names_each_target_s_dataset_and_classes(tiny_args, caplog):
     with caplog.at_level(logging.INFO, logger="transfer_mnist"):
-        assert tm.main(tiny_args + ["--targets", "even-odd", "fashion-mnist", "--modes", "finetuned"]) == 0
+        assert cli.main(tiny_args + ["--targets", "even-odd", "fashion-mnist", "--modes", "finetuned"]) == 0
     assert "even-odd: MNIST, 2 classes (even, odd)" in caplog.messages
     assert "mnist: MNIST, 10 classes (0 - zero, 1 - one, 2 - two, 3 - three, 4 - four, 5 - five, 6 - six, " \
            "7 - seven, 8 - eight, 9 - nine)" in caplog.messages
@@ -136,10 +137,10 @@ def test_the_console_names_each_target_s_dataset_and_classes(tiny_args, caplog):
 
 
 def test_a_start_that_fails_after_the_outputs_exist_leaves_nothing_behind(tiny_args, tmp_path, monkeypatch, capsys):
-    def cannot_start(cfg, seed):
+    def cannot_start(*args):
         raise tm.ExperimentError("the workers cannot receive the targets")
 
     monkeypatch.setattr(tm, "pretrain", cannot_start)
-    assert tm.main(tiny_args + ["--log-dir", str(tmp_path / "logs"), "--results-csv", str(tmp_path / "out" / "r.csv")]) == 2
+    assert cli.main(tiny_args + ["--log-dir", str(tmp_path / "logs"), "--results-csv", str(tmp_path / "out" / "r.csv")]) == 2
     assert capsys.readouterr().err.strip() == "error: the workers cannot receive the targets"
     assert not (tmp_path / "logs").exists() and not (tmp_path / "out").exists()

@@ -6,28 +6,31 @@ import logging
 
 import torch
 import torchvision
+from conftest import sweep_settings
+from test_engine import read_csv
 
 import transfer_mnist as tm
-from test_engine import read_csv
+from sweeps import cli, runs, settings, summary
+from sweeps.augment import Augment
 
 
 def test_fair_sets_what_the_command_line_does_not_give():
-    argv = ["--protocol", "fair", "--seeds", "2", "--no-disjoint"]
-    cfg = tm.parse_args(argv)
-    tm.resolve_protocol(cfg, tm.given_flags(argv))
+    cfg, given = settings.parse(["--protocol", "fair", "--seeds", "2", "--no-disjoint"])
+    assert given == {"protocol", "seeds", "disjoint"}
     assert (cfg.seeds, cfg.disjoint) == (2, False)  # given: kept
     assert cfg.modes == tuple(tm.ARMS) and cfg.lr_grid == (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
     assert cfg.select == "pooled" and cfg.backbone_per_seed and not cfg.augment
-    post = tm.parse_args([])
-    tm.resolve_protocol(post, set())
-    assert post == tm.Config()  # the post's protocol: the defaults, untouched
+    post, given = settings.parse([])
+    assert given == set() and (post.seeds, post.modes, post.lr_grid, post.select) == (1, ("finetuned", "from_scratch"), (), "seed")
+    assert not post.backbone_per_seed and not post.disjoint  # the post's protocol: the template's defaults
+    assert post.n_train == (200,) and post.train_epochs == 500 and post.lr == tm.parse_args([]).lr
 
 
 def test_a_fair_run_saves_and_prints_the_resolved_settings(tiny_args, tmp_path, caplog):
     args = tiny_args + ["--protocol", "fair", "--targets", "even-odd", "--seeds", "2", "--modes", "finetuned",
                         "from_scratch", "--lr-grid", "1e-3", "3e-3", "--results-csv", str(tmp_path / "r.csv")]
     with caplog.at_level(logging.INFO, logger="transfer_mnist"):
-        assert tm.main(args) == 0
+        assert cli.main(args) == 0
     saved = json.loads((tmp_path / "r.json").read_text())["config"]
     assert saved["protocol"] == "fair" and saved["select"] == "pooled" and saved["disjoint"] is True
     assert saved["backbone_per_seed"] is True and saved["seeds"] == 2 and saved["lr_grid"] == [1e-3, 3e-3]
@@ -46,7 +49,8 @@ def test_disjoint_subsets_hold_no_image_that_pretraining_saw(tiny_data, monkeypa
     for target in ("even-odd", "digits-5-9"):
         overlap = {}
         for disjoint in (False, True):
-            cfg = tm.Config(data_dir=str(root), n_pretrain=40, disjoint=disjoint, backbone_per_seed=True)
+            cfg = sweep_settings(["--data-dir", str(root), "--n-pretrain", "40", "--backbone-per-seed"]
+                                 + ["--disjoint"] * disjoint)
             _, _, positions = tm.read_split(tm.TARGETS[target], str(root), train=True)
             overlap[disjoint] = 0
             for seed in range(5):
@@ -55,15 +59,15 @@ def test_disjoint_subsets_hold_no_image_that_pretraining_saw(tiny_data, monkeypa
                 overlap[disjoint] += sum(int(torch.isin(positions[idx], seen).sum()) for idx in subsets)
         assert overlap[False] > 0 and overlap[True] == 0, (target, overlap)
     # FashionMNIST reads other files: nothing to keep apart
-    cfg = tm.Config(data_dir=str(root), n_pretrain=40, disjoint=True)
+    cfg = sweep_settings(["--data-dir", str(root), "--n-pretrain", "40", "--disjoint"])
     assert len(tm.available_images(cfg, "fashion-mnist", 0)[0]) == len(labels["FashionMNIST"]["train"])
 
 
 def test_disjoint_subsets_shrink_what_a_target_can_draw(tiny_args, capsys):
     # 300 tiny MNIST images, 50 of them pretraining's: 250 left, so at most 200 training images
-    assert tm.main(tiny_args + ["--dry-run", "--targets", "even-odd", "--n-train", "210", "--modes", "finetuned"]) == 0
+    assert cli.main(tiny_args + ["--dry-run", "--targets", "even-odd", "--n-train", "210", "--modes", "finetuned"]) == 0
     capsys.readouterr()
-    assert tm.main(tiny_args + ["--dry-run", "--disjoint", "--targets", "even-odd", "--n-train", "210",
+    assert cli.main(tiny_args + ["--dry-run", "--disjoint", "--targets", "even-odd", "--n-train", "210",
                                 "--modes", "finetuned"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("error: --n-train 210 needs 262 training images with validation, but even-odd without the 50 "
@@ -81,7 +85,7 @@ def test_lp_ft_keeps_the_head_stage_s_weights_when_fine_tuning_never_beats_them(
     monkeypatch.setattr(tm, "fit_best", recording_fit_best)
     args = tiny_args + ["--targets", "even-odd", "--modes", "lp_ft", "--train-epochs", "10", "--patience", "0",
                         "--lr", "lp_ft=1e30", "--results-csv", str(tmp_path / "r.csv")]  # a rate that wrecks the backbone: NaN
-    assert tm.main(args) == 0
+    assert cli.main(args) == 0
     (row,) = [r for r in read_csv(tmp_path / "r.csv") if r["mode"] == "lp_ft"]
     assert int(row["best_epoch"]) <= 2  # an epoch of the head stage (the first fifth)
     head_stage, tested = ends[-2:]
@@ -90,11 +94,11 @@ def test_lp_ft_keeps_the_head_stage_s_weights_when_fine_tuning_never_beats_them(
 
 def test_augmentation_draws_from_a_stream_of_its_own():
     images = tm.normalize(torch.randint(0, 255, (8, 28, 28), dtype=torch.uint8))
-    first, again, other = tm.Augment(0), tm.Augment(0), tm.Augment(1)
+    first, again, other = Augment(0), Augment(0), Augment(1)
     assert torch.equal(first(images), again(images))  # every arm of a seed: the same transforms
     assert not torch.equal(first(images), other(images))
     weights_stream = torch.Generator().manual_seed(0)  # what seed_everything(0) starts the weights from
-    own = torch.Generator().manual_seed(tm.Augment(0).seed)
+    own = torch.Generator().manual_seed(Augment(0).seed)
     assert not torch.equal(torch.rand(4, 8, generator=weights_stream), torch.rand(4, 8, generator=own))
 
 
@@ -105,22 +109,22 @@ def run(mode, seed, rate, val_loss, best_epoch=10, selected=True, max_epochs=100
 def test_warnings_name_a_weak_backbone_late_runs_grid_edges_and_fixed_rates(tmp_path):
     weak = run("pretrain", 0, 1e-4, 0.5, best_epoch=5, max_epochs=5)
     fixed = [weak, run("finetuned", 0, 5e-5, 0.4, best_epoch=95), run("from_scratch", 0, 1e-4, 0.4)]
-    warnings = tm.fragile(fixed)
+    warnings = summary.fragile(fixed)
     assert warnings[0].startswith("pretraining (seed 0) was still improving: best validation loss at epoch 5 of 5")
     assert "backbone this weak" in warnings[0]
     assert warnings[1] == "1 of 2 target runs still improving in the last tenth of their epochs (--train-epochs)"
     assert "--protocol fair" in warnings[2] and len(warnings) == 3
     grid = [run("finetuned", 0, rate, loss) for rate, loss in [(1e-4, 0.3), (1e-3, 0.4), (1e-2, 0.5)]]
-    assert tm.fragile(tm.select_rates(grid)) == [
+    assert summary.fragile(runs.select_rates(grid)) == [
         "1 of 1 learning-rate choices at an edge of the grid: widen --lr-grid"]
-    assert tm.fragile(tm.select_rates(grid[1:])) == [
+    assert summary.fragile(runs.select_rates(grid[1:])) == [
         "a grid of fewer than 3 rates cannot tell whether the best rate lies outside it"]
-    tm.write_summary(fixed, str(tmp_path / "r.md"))
+    summary.write_summary(fixed, str(tmp_path / "r.md"))
     assert "## Warnings\n\n- pretraining (seed 0) was still improving" in (tmp_path / "r.md").read_text()
 
 
 def test_the_console_ends_with_the_warnings(tiny_args, tmp_path, capsys):
-    assert tm.main(tiny_args + ["--targets", "even-odd", "--results-csv", str(tmp_path / "r.csv")]) == 0
+    assert cli.main(tiny_args + ["--targets", "even-odd", "--results-csv", str(tmp_path / "r.csv")]) == 0
     out = capsys.readouterr().out
     assert "Warning: pretraining (seed 0) was still improving: best validation loss at epoch 2 of 2" in out
     assert out.rstrip().splitlines()[-2].startswith("Warning: every arm ran at one fixed learning rate")

@@ -5,6 +5,7 @@ import shlex
 from pathlib import Path
 
 import transfer_mnist as tm
+from sweeps import cli, runs, summary
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -16,7 +17,7 @@ def run(mode, seed, acc, target="t", n_train=20):
 def test_the_percent_table_gives_means_and_paired_differences_in_points():
     rows = [run("finetuned", 0, 0.95), run("finetuned", 1, 0.93), run("from_scratch", 0, 0.90),
             run("from_scratch", 1, 0.86)]
-    header, table = tm.percent_table(rows)
+    header, table = summary.percent_table(rows)
     assert header == ["target", "n_train", "finetuned", "from_scratch", "finetuned − from_scratch"]
     # differences 5 and 7 points: mean 6, sd 1.414, t(0.975, 1) = 12.706 -> half-width 12.7
     assert table == [["t", "20", "94.0", "88.0", "+6.0 [-6.7, +18.7]"]]
@@ -24,14 +25,14 @@ def test_the_percent_table_gives_means_and_paired_differences_in_points():
 
 def test_report_compares_sweeps_side_by_side(tiny_args, tmp_path, capsys):
     args = tiny_args + ["--targets", "even-odd", "--seeds", "2"]
-    assert tm.main(args + ["--results-csv", str(tmp_path / "a.csv")]) == 0
-    assert tm.main(args + ["--augment", "--results-csv", str(tmp_path / "b.csv")]) == 0
+    assert cli.main(args + ["--results-csv", str(tmp_path / "a.csv")]) == 0
+    assert cli.main(args + ["--augment", "--results-csv", str(tmp_path / "b.csv")]) == 0
     out = tmp_path / "cmp" / "both.csv"
-    assert tm.main(["--report", f"plain={tmp_path / 'a.csv'}", f"augmented={tmp_path / 'b.csv'}",
+    assert cli.main(["--report", f"plain={tmp_path / 'a.csv'}", f"augmented={tmp_path / 'b.csv'}",
                     "--results-csv", str(out)]) == 0
     compared = out.with_suffix(".md").read_text()
-    a = tm.read_results([str(tmp_path / "a.csv")])
-    (row,) = tm.percent_table(a)[1]
+    a = runs.read_results([str(tmp_path / "a.csv")])
+    (row,) = summary.percent_table(a)[1]
     assert "| plain | " + " | ".join(row) + " |" in compared  # each sweep's own numbers, labelled
     difference = row[-1]
     assert f"| even-odd | 20 | finetuned − from_scratch | {difference} | " in compared
@@ -39,16 +40,16 @@ def test_report_compares_sweeps_side_by_side(tiny_args, tmp_path, capsys):
         assert out.with_name(f"both.{label}.md").is_file() and out.with_name(f"both.{label}.png").is_file()
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
-    assert tm.main(["--report", f"plain={tmp_path / 'a.csv'}", str(tmp_path / "b.csv")]) == 2
+    assert cli.main(["--report", f"plain={tmp_path / 'a.csv'}", str(tmp_path / "b.csv")]) == 2
     assert "LABEL=CSV for each" in capsys.readouterr().err
 
 
 def readme_command() -> list[str]:
     """The command that README.md gives to rebuild its tables and figures from results/."""
     lines = [line for line in (REPO / "README.md").read_text().splitlines()
-             if line.startswith("python transfer_mnist.py --report ") and "results/" in line]
+             if line.startswith("python -m sweeps --report ") and "results/" in line]
     assert len(lines) == 1, lines
-    return shlex.split(lines[0].split("  #")[0])[2:]
+    return shlex.split(lines[0].split("  #")[0])[3:]
 
 
 def test_every_results_table_in_the_readme_is_what_the_script_makes_of_results(tmp_path):
@@ -57,7 +58,7 @@ def test_every_results_table_in_the_readme_is_what_the_script_makes_of_results(t
     out = tmp_path / "readme.csv"
     argv[argv.index("--results-csv") + 1] = str(out)
     argv = [a if "=" not in a else f"{a.partition('=')[0]}={REPO / a.partition('=')[2]}" for a in argv]
-    assert tm.main(argv) == 0
+    assert cli.main(argv) == 0
     made = "\n".join(path.read_text() for path in tmp_path.glob("readme*.md"))
     targets = {*tm.TARGETS, "mnist"}
     quoted = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| ")

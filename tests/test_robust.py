@@ -3,8 +3,11 @@
 import csv
 
 import torch
+from conftest import HPARAMS, template_args
 
 import transfer_mnist as tm
+from sweeps import cli, runs, summary
+from sweeps.augment import Augment
 
 
 def read_csv(path) -> list[dict[str, str]]:
@@ -21,10 +24,10 @@ def test_augmentation_is_deterministic_per_seed_and_differs_between_images_and_e
     root, _ = tiny_data
     train_loader, _, _, _ = tm.load_data("even-odd", 20, str(root), seed=0)
     images = train_loader.images[:4]
-    same = tm.Augment(seed=3)
-    first, again = same(images), tm.Augment(seed=3)(images)
+    same = Augment(seed=3)
+    first, again = same(images), Augment(seed=3)(images)
     assert torch.equal(first, again)  # a rerun gives the same numbers
-    assert not torch.equal(first, tm.Augment(seed=4)(images))  # another seed, other transforms
+    assert not torch.equal(first, Augment(seed=4)(images))  # another seed, other transforms
     assert not torch.equal(same(images), first)  # the next epoch draws new transforms
     assert first.shape == images.shape and not torch.equal(first, images)
     moved = (first - images).abs().flatten(1).sum(dim=1)
@@ -47,9 +50,8 @@ def test_augmentation_touches_training_batches_only_and_keeps_labels(tiny_data, 
 
     monkeypatch.setattr(tm.LitModule, "_shared_step", recording)
     loaders = tm.load_data("even-odd", 20, str(root), seed=0)
-    module = tm.LitModule(("even", "odd"), learning_rate=1e-3, augment_seed=0)
-    cfg = tm.Config(log_dir=str(tmp_path), accelerator="cpu", devices="1", patience=0)
-    tm.fit_and_test(module, loaders, "aug", 2, cfg, {})
+    module = tm.LitModule(("even", "odd"), learning_rate=1e-3, augment=Augment(0))
+    tm.fit_and_test(module, loaders, "aug", 2, template_args(tmp_path, "--patience", "0"), HPARAMS)
     (train_images, train_labels), second_epoch = seen["train"][0], seen["train"][1]
     assert torch.equal(train_labels, loaders[0].labels[: len(train_labels)])  # labels kept
     assert not torch.equal(train_images, loaders[0].images[: len(train_labels)])  # images transformed
@@ -59,9 +61,9 @@ def test_augmentation_touches_training_batches_only_and_keeps_labels(tiny_data, 
 
 def test_augment_changes_the_target_runs_and_not_the_default(tiny_args, tmp_path):
     common = tiny_args + ["--targets", "even-odd", "--modes", "finetuned"]
-    assert tm.main(common + ["--results-csv", str(tmp_path / "plain.csv")]) == 0
-    assert tm.main(common + ["--augment", "--results-csv", str(tmp_path / "a1.csv")]) == 0
-    assert tm.main(common + ["--augment", "--results-csv", str(tmp_path / "a2.csv")]) == 0
+    assert cli.main(common + ["--results-csv", str(tmp_path / "plain.csv")]) == 0
+    assert cli.main(common + ["--augment", "--results-csv", str(tmp_path / "a1.csv")]) == 0
+    assert cli.main(common + ["--augment", "--results-csv", str(tmp_path / "a2.csv")]) == 0
     plain, augmented = read_csv(tmp_path / "plain.csv"), read_csv(tmp_path / "a1.csv")
     assert (tmp_path / "a1.csv").read_bytes() == (tmp_path / "a2.csv").read_bytes()
     assert plain[0] == augmented[0]  # pretraining is not augmented
@@ -73,12 +75,12 @@ def test_each_seed_pretrains_its_own_backbone_and_its_runs_start_from_it(tiny_ar
     used = []  # (seed of the target run, first backbone tensor it started from)
     train = tm.train
 
-    def recording(backbone, target, mode, cfg, seed, *args):
+    def recording(backbone, target, mode, cfg, seed, *args, **kwargs):
         used.append((seed, backbone["0.weight"].clone()))
-        return train(backbone, target, mode, cfg, seed, *args)
+        return train(backbone, target, mode, cfg, seed, *args, **kwargs)
 
     monkeypatch.setattr(tm, "train", recording)
-    assert tm.main(tiny_args + ["--targets", "even-odd", "--modes", "finetuned", "from_scratch", "--seeds", "2",
+    assert cli.main(tiny_args + ["--targets", "even-odd", "--modes", "finetuned", "from_scratch", "--seeds", "2",
                                 "--backbone-per-seed", "--results-csv", str(tmp_path / "r.csv")]) == 0
     rows = read_csv(tmp_path / "r.csv")
     pretraining = [r for r in rows if r["mode"] == "pretrain"]
@@ -95,18 +97,18 @@ def test_pooled_selection_marks_one_rate_per_group_the_lowest_mean_validation_lo
     # per seed, seed 0 prefers 1e-3 and seed 1 prefers 1e-2; pooled, 1e-3 has the lower mean (0.25 < 0.3)
     results = [run(0, 1e-3, 0.1), run(0, 1e-2, 0.2), run(1, 1e-3, 0.4), run(1, 1e-2, 0.4 - 0.01),
                run(0, 1e-3, 0.5, mode="from_scratch"), run(0, 1e-2, 0.4, mode="from_scratch")]
-    tm.select_rates(results, "seed")
+    runs.select_rates(results, "seed")
     assert [r.selected for r in results] == [True, False, False, True, False, True]
-    tm.select_rates(results, "pooled")
+    runs.select_rates(results, "pooled")
     assert [r.selected for r in results] == [True, False, True, False, False, True]
-    (finetuned, _) = tm.budget_rows(results)
+    (finetuned, _) = summary.budget_rows(results)
     assert finetuned[3] == "0.001 ×2"
 
 
 def test_report_select_pooled_reproduces_the_run_s_markdown(tiny_args, tmp_path):
     args = tiny_args + ["--targets", "even-odd", "--modes", "finetuned", "from_scratch", "--seeds", "2",
                         "--lr-grid", "1e-3", "1e-2", "3e-2"]
-    assert tm.main(args + ["--select", "pooled", "--results-csv", str(tmp_path / "pooled.csv")]) == 0
+    assert cli.main(args + ["--select", "pooled", "--results-csv", str(tmp_path / "pooled.csv")]) == 0
     markdown = (tmp_path / "pooled.md").read_text()
     assert "one rate per (target, arm, n_train): the lowest mean validation loss over seeds" in markdown
     rows = read_csv(tmp_path / "pooled.csv")
@@ -114,12 +116,12 @@ def test_report_select_pooled_reproduces_the_run_s_markdown(tiny_args, tmp_path)
         chosen = {r["learning_rate"] for r in rows if r["mode"] == mode and r["selected"] == "true"}
         assert len(chosen) == 1 and sum(r["selected"] == "true" for r in rows if r["mode"] == mode) == 2
     # re-analysed without training: per seed, then pooled again, which gives the run's files byte for byte
-    assert tm.main(["--report", str(tmp_path / "pooled.csv"), "--select", "seed",
+    assert cli.main(["--report", str(tmp_path / "pooled.csv"), "--select", "seed",
                     "--results-csv", str(tmp_path / "seed.csv")]) == 0
     assert "each seed's own validation loss" in (tmp_path / "seed.md").read_text()
-    per_seed = tm.select_rates(tm.read_results([str(tmp_path / "seed.csv")]), "seed")
+    per_seed = runs.select_rates(runs.read_results([str(tmp_path / "seed.csv")]), "seed")
     assert [r.selected for r in per_seed] == [r["selected"] == "true" for r in read_csv(tmp_path / "seed.csv")]
-    assert tm.main(["--report", str(tmp_path / "seed.csv"), "--select", "pooled",
+    assert cli.main(["--report", str(tmp_path / "seed.csv"), "--select", "pooled",
                     "--results-csv", str(tmp_path / "re.csv")]) == 0
     assert (tmp_path / "re.md").read_bytes() == (tmp_path / "pooled.md").read_bytes()
     assert (tmp_path / "re.csv").read_bytes() == (tmp_path / "pooled.csv").read_bytes()
@@ -127,18 +129,18 @@ def test_report_select_pooled_reproduces_the_run_s_markdown(tiny_args, tmp_path)
 
 def test_a_backbone_per_seed_sweep_resumes_with_its_backbones(tiny_args, tmp_path, monkeypatch):
     args = tiny_args + ["--targets", "even-odd", "--modes", "finetuned", "--seeds", "2", "--backbone-per-seed"]
-    assert tm.main(args + ["--results-csv", str(tmp_path / "whole.csv")]) == 0
+    assert cli.main(args + ["--results-csv", str(tmp_path / "whole.csv")]) == 0
     pretrain, calls = tm.pretrain, []
 
-    def stopped_at_the_second_seed(cfg, seed):
+    def stopped_at_the_second_seed(cfg, seed, *args):
         calls.append(seed)
         if seed == 1:
             raise KeyboardInterrupt
-        return pretrain(cfg, seed)
+        return pretrain(cfg, seed, *args)
 
     monkeypatch.setattr(tm, "pretrain", stopped_at_the_second_seed)
-    assert tm.main(args + ["--log-dir", str(tmp_path / "logs2"), "--results-csv", str(tmp_path / "r.csv")]) == 130
-    monkeypatch.setattr(tm, "pretrain", lambda cfg, seed: calls.append(seed) or pretrain(cfg, seed))
-    assert tm.main(["--resume", str(tmp_path / "r.csv")]) == 0
+    assert cli.main(args + ["--log-dir", str(tmp_path / "logs2"), "--results-csv", str(tmp_path / "r.csv")]) == 130
+    monkeypatch.setattr(tm, "pretrain", lambda cfg, seed, *args: calls.append(seed) or pretrain(cfg, seed, *args))
+    assert cli.main(["--resume", str(tmp_path / "r.csv")]) == 0
     assert calls == [0, 1, 1]  # seed 0's backbone was reused, seed 1's pretrained on resuming
     assert (tmp_path / "r.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()

@@ -3,22 +3,25 @@ run, Ray starts its own instance and ends cleanly when it dies, rows are traceab
 Tiny data; Ray stays on loopback (conftest.py)."""
 
 import dataclasses
+import gc
 import json
 import math
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import types
 from pathlib import Path
 
 import pytest
+import torch
 import torchvision
+from conftest import SWEEPS, sweep_settings
+from test_engine import read_csv, session_processes, wait_for
 
 import transfer_mnist as tm
-from test_engine import REPO, read_csv, session_processes, wait_for
+from sweeps import cli, ray_engine, resume, runs, settings
 
 GRID = ["--targets", "even-odd", "--modes", "finetuned", "from_scratch", "--lr-grid", "1e-3", "3e-3", "1e-2"]
 
@@ -30,21 +33,21 @@ def grid_sweep(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("grid")
     args = ["--data-dir", str(root), "--n-pretrain", "40", "--n-train", "20", "--pretrain-epochs", "2",
             "--train-epochs", "5", "--accelerator", "cpu", "--threads", "1", *GRID]
-    assert tm.main(args + ["--log-dir", str(out / "logs"), "--results-csv", str(out / "whole.csv")]) == 0
+    assert cli.main(args + ["--log-dir", str(out / "logs"), "--results-csv", str(out / "whole.csv")]) == 0
     return args, out / "whole.csv"
 
 
 def test_resume_never_restores_overwrite(grid_sweep, tmp_path, capsys):
     args, whole = grid_sweep
     logs, csv_path = tmp_path / "logs", tmp_path / "logs" / "results_version_0.csv"
-    assert tm.main(args + ["--log-dir", str(logs), "--overwrite"]) == 0
+    assert cli.main(args + ["--log-dir", str(logs), "--overwrite"]) == 0
     assert json.loads(csv_path.with_suffix(".json").read_text())["config"]["overwrite"] is True
     before = {p: p.read_bytes() for p in logs.rglob("*") if p.is_file() and "events" not in p.name}
-    assert tm.main(["--resume", str(csv_path)]) == 0  # the README's plain resume: nothing left to run
+    assert cli.main(["--resume", str(csv_path)]) == 0  # the README's plain resume: nothing left to run
     assert all(p.read_bytes() == data for p, data in before.items() if p.suffix in (".csv", ".json", ".ckpt"))
     assert csv_path.read_bytes() == whole.read_bytes()
     capsys.readouterr()
-    assert tm.main(["--resume", str(csv_path), "--overwrite"]) == 2
+    assert cli.main(["--resume", str(csv_path), "--overwrite"]) == 2
     assert "--overwrite would delete it" in capsys.readouterr().err
     assert csv_path.is_file()
 
@@ -54,7 +57,7 @@ def test_a_signal_between_runs_stops_the_sweep_and_keeps_every_finished_run(grid
                                                                              capsys, signum):
     """The signal lands in the garbage collection after the 4th run, where a __del__ used to swallow it."""
     args, whole = grid_sweep
-    collect, calls = tm.gc.collect, []
+    collect, calls = gc.collect, []
 
     def collect_then_signal():
         calls.append(1)
@@ -66,41 +69,41 @@ def test_a_signal_between_runs_stops_the_sweep_and_keeps_every_finished_run(grid
                 pass
         return collect()
 
-    monkeypatch.setattr(tm.gc, "collect", collect_then_signal)
+    monkeypatch.setattr(gc, "collect", collect_then_signal)
     csv_path = tmp_path / "r.csv"
-    assert tm.main(args + ["--log-dir", str(tmp_path / "logs"), "--results-csv", str(csv_path)]) == 128 + signum
+    assert cli.main(args + ["--log-dir", str(tmp_path / "logs"), "--results-csv", str(csv_path)]) == 128 + signum
     rows = [r for r in read_csv(csv_path) if r["mode"] != "pretrain"]
     assert len(rows) == 4  # the first grid, settled, and one run of the second, not yet
     assert [r["selected"] for r in rows].count("true") == 1 and rows[-1]["selected"] == "false"
     err = capsys.readouterr().err
-    assert f"To go on: python {os.path.relpath(tm.__file__)} --resume {csv_path}" in err and "Traceback" not in err
-    monkeypatch.setattr(tm.gc, "collect", collect)
-    assert tm.main(["--resume", str(csv_path)]) == 0
+    assert f"To go on: python -m sweeps --resume {csv_path}" in err and "Traceback" not in err
+    monkeypatch.setattr(gc, "collect", collect)
+    assert cli.main(["--resume", str(csv_path)]) == 0
     assert csv_path.read_bytes() == whole.read_bytes()
 
 
 def test_report_settles_complete_grids_only_and_keeps_the_sweep_s_own_summary(grid_sweep, tmp_path, capsys):
     args, whole = grid_sweep
-    rows = tm.read_results([str(whole)])
+    rows = runs.read_results([str(whole)])
     half = [r for r in rows if not (r.mode == "from_scratch" and r.learning_rate == 1e-2)]  # an interrupted grid
-    settled = tm.settle(half, "seed", grid=(1e-3, 3e-3, 1e-2))  # the grid saved beside the CSV
+    settled = runs.settle(half, "seed", grid=(1e-3, 3e-3, 1e-2))  # the grid saved beside the CSV
     assert [r.selected for r in settled if r.mode == "from_scratch"] == [False, False]
     assert sum(r.selected for r in settled if r.mode == "finetuned") == 1
     two_seeds = half + [dataclasses.replace(r, seed=1) for r in rows if r.mode == "from_scratch"]
-    settled = tm.settle(two_seeds, "seed")  # without saved settings: the rates that other seeds ran
+    settled = runs.settle(two_seeds, "seed")  # without saved settings: the rates that other seeds ran
     assert [r.selected for r in settled if r.mode == "from_scratch" and r.seed == 0] == [False, False]
     assert sum(r.selected for r in settled if r.mode == "from_scratch" and r.seed == 1) == 1
     # --report with another selection writes beside the sweep's own files, under a name that says so
     own = {suffix: whole.with_suffix(suffix).read_bytes() for suffix in (".md", ".png")}
-    assert tm.main(["--report", str(whole), "--select", "pooled"]) == 0
+    assert cli.main(["--report", str(whole), "--select", "pooled"]) == 0
     assert {suffix: whole.with_suffix(suffix).read_bytes() for suffix in own} == own
     assert "(--select pooled)" in (whole.parent / "whole.pooled.md").read_text()
-    assert tm.main(["--report", str(whole)]) == 0  # the sweep's own selection: the very same files
+    assert cli.main(["--report", str(whole)]) == 0  # the sweep's own selection: the very same files
     assert {suffix: whole.with_suffix(suffix).read_bytes() for suffix in (".md", ".png")} == own
     capsys.readouterr()
     (tmp_path / "bad.csv").write_text("not,a,results,file\n1,2,3,4\n")
     (tmp_path / "bad.json").write_text(whole.with_suffix(".json").read_text())
-    assert tm.main(["--resume", str(tmp_path / "bad.csv")]) == 2
+    assert cli.main(["--resume", str(tmp_path / "bad.csv")]) == 2
     assert capsys.readouterr().err.startswith(f"error: --resume {tmp_path / 'bad.csv'} is not a results CSV")
 
 
@@ -108,57 +111,59 @@ def test_the_settings_record_what_made_the_rows_and_resume_refuses_a_mismatch(gr
     args, _ = grid_sweep
     run = args[:-4] + ["--lr-grid", "1.2345678e-4", "3e-3", "--log-dir", str(tmp_path / "logs")]
     csv_path = tmp_path / "r.csv"
-    assert tm.main(run + ["--results-csv", str(csv_path)]) == 0
+    assert cli.main(run + ["--results-csv", str(csv_path)]) == 0
     settings = json.loads(csv_path.with_suffix(".json").read_text())
     made = settings["made_by"]
     assert made["threads"] == 1 and made["accelerator"] == "cpu" and made["torch"].startswith("2.")
     assert {"code_sha256", "script_sha256", "torchvision", "lightning", "ray"} <= made.keys()
     checkpoint = csv_path.parent / settings["checkpoints"]["0"]["path"]
-    assert settings["checkpoints"]["0"]["sha256"] == tm.sha256(checkpoint)
+    assert settings["checkpoints"]["0"]["sha256"] == resume.sha256(checkpoint.read_bytes())
     # every rate is kept exactly, so every finished row is recognised: nothing runs again
     assert {r["learning_rate"] for r in read_csv(csv_path) if r["mode"] != "pretrain"} == {"0.00012345678", "0.003"}
     before = csv_path.read_bytes()
-    assert tm.main(["--resume", str(csv_path), "--workers", "1"]) == 0 and csv_path.read_bytes() == before
+    assert cli.main(["--resume", str(csv_path), "--workers", "1"]) == 0 and csv_path.read_bytes() == before
     capsys.readouterr()
     # another version of the code above the reporting section
     settings["made_by"]["code_sha256"] = "0" * 64
     csv_path.with_suffix(".json").write_text(json.dumps(settings))
-    assert tm.main(["--resume", str(csv_path)]) == 2
+    assert cli.main(["--resume", str(csv_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "made with the code above the reporting section 000000000000" in err and len(err.splitlines()) == 1
+    assert "made with the code that makes the rows 000000000000" in err and len(err.splitlines()) == 1
     # a backbone rewritten by another sweep
     settings["made_by"]["code_sha256"] = made["code_sha256"]
     csv_path.with_suffix(".json").write_text(json.dumps(settings))
     checkpoint.write_bytes(checkpoint.read_bytes() + b"\0")
-    assert tm.main(["--resume", str(csv_path)]) == 2
+    assert cli.main(["--resume", str(csv_path)]) == 2
     assert "has changed since it was written" in capsys.readouterr().err
 
 
 def test_resume_keeps_the_sweep_s_threads_whatever_workers_says(tmp_path):
     csv_path = tmp_path / "r.csv"
     csv_path.write_text(",".join(tm.RESULT_COLUMNS) + "\n")  # stopped in its first pretraining
-    tm.save_settings(tm.Config(seeds=2, workers=2), str(csv_path), {0: str(tmp_path / "x.ckpt")}, {"threads": 1})
-    settings, _ = tm.resume_settings(tm.Config(resume=str(csv_path), workers=1), {"resume", "workers"})
-    assert settings.workers == 1 and tm.run_threads(settings) == 1  # not torch's own, as a 1-worker sweep's
+    resume.save_settings(sweep_settings(["--seeds", "2", "--workers", "2"]), str(csv_path), {0: str(tmp_path / "x.ckpt")},
+                         {"threads": 1})
+    resumed, _ = resume.resume_settings(sweep_settings(["--resume", str(csv_path), "--workers", "1"]),
+                                        {"resume", "workers"})
+    assert resumed.workers == 1 and settings.run_threads(resumed) == 1  # not torch's own, as a 1-worker sweep's
 
 
 def test_a_diverged_run_keeps_its_first_epoch_and_a_grid_never_picks_it():
-    keep_best, module = tm.KeepBestWeights(), tm.LitModule(("a", "b"), 1e-3)
+    keep_best, module = tm.KeepBestWeights("run"), tm.LitModule(("a", "b"), 1e-3)
     for epoch, loss in enumerate([math.nan, 0.7, math.nan, 0.5], start=1):
-        trainer = types.SimpleNamespace(callback_metrics={tm.MONITOR: tm.torch.tensor(loss)})
+        trainer = types.SimpleNamespace(callback_metrics={tm.MONITOR: torch.tensor(loss)}, max_epochs=4)
         module.epochs_before = epoch - 1  # without a trainer, epoch() is this plus 1
         keep_best.on_validation_end(trainer, module)
         if epoch == 1:
             assert keep_best.best_state is not None and keep_best.best_epoch == 1
     assert keep_best.best_loss == 0.5 and keep_best.best_epoch == 4
     rows = [tm.RunResult("t", "m", 0, 20, 1, 0.1, 0.9, rate, loss, True, 5) for rate, loss in [(1e-3, 0.4), (1e-2, math.nan)]]
-    assert [r.selected for r in tm.select_rates(rows)] == [True, False]
+    assert [r.selected for r in runs.select_rates(rows)] == [True, False]
 
 
 def test_an_early_write_error_is_one_line(grid_sweep, tmp_path, capsys):
     args, _ = grid_sweep
     (tmp_path / "r.json").mkdir()  # where the settings go
-    assert tm.main(args + ["--log-dir", str(tmp_path / "logs"), "--results-csv", str(tmp_path / "r.csv")]) == 2
+    assert cli.main(args + ["--log-dir", str(tmp_path / "logs"), "--results-csv", str(tmp_path / "r.csv")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: cannot write {tmp_path / 'r.json'}") and len(err.splitlines()) == 1
     assert not (tmp_path / "r.csv").exists()
@@ -167,9 +172,9 @@ def test_an_early_write_error_is_one_line(grid_sweep, tmp_path, capsys):
 # ---- Ray ----------------------------------------------------------------------------------
 def test_run_devices_hide_the_gpus_from_a_run_that_ray_gave_none(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    assert tm.run_devices(tm.Config(accelerator="auto"), [0]).accelerator == "auto"
+    assert ray_engine.run_devices(sweep_settings(["--accelerator", "auto"]), [0]).accelerator == "auto"
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
-    assert tm.run_devices(tm.Config(accelerator="gpu"), []).accelerator == "cpu"
+    assert ray_engine.run_devices(sweep_settings(["--accelerator", "gpu"]), []).accelerator == "cpu"
     assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
 
 
@@ -207,8 +212,8 @@ def test_workers_start_their_own_instance_read_a_lambda_target_once_and_leave_gp
     args = ["--data-dir", str(root), "--n-pretrain", "40", "--n-train", "20", "--pretrain-epochs", "1",
             "--train-epochs", "2", "--accelerator", "cpu", "--targets", "recorded", "--modes", "finetuned",
             "--seeds", "4", "--lr-grid", "1e-3", "1e-2", "--threads", "1"]
-    assert tm.main(args + ["--workers", "2", "--log-dir", str(tmp_path / "a")]) == 0
-    assert os.environ["RAY_task_oom_retries"] == str(tm.RETRIES)  # the memory monitor's retries are bounded
+    assert cli.main(args + ["--workers", "2", "--log-dir", str(tmp_path / "a")]) == 0
+    assert os.environ["RAY_task_oom_retries"] == str(ray_engine.RETRIES)  # the memory monitor's retries are bounded
     reads = [line.split()[0] for line in (tmp_path / "reads").read_text().splitlines()]
     per_worker = {pid: reads.count(pid) for pid in set(reads) if pid != str(os.getpid())}
     assert 0 < len(per_worker) < 8  # 8 runs, fewer worker processes: some ran several
@@ -221,7 +226,7 @@ def test_workers_start_their_own_instance_read_a_lambda_target_once_and_leave_gp
     try:
         cluster.add_node(num_cpus=1, num_gpus=1)
         for share, seen in (("0", {""}), ("0.5", {"0"})):
-            assert tm.main(args + ["--seeds", "1", "--cluster", cluster.address, "--gpus-per-run", share,
+            assert cli.main(args + ["--seeds", "1", "--cluster", cluster.address, "--gpus-per-run", share,
                                    "--log-dir", str(tmp_path / share)]) == 0
             assert seen_gpus(tmp_path / "reads") == seen, share
     finally:
@@ -231,7 +236,7 @@ def test_workers_start_their_own_instance_read_a_lambda_target_once_and_leave_gp
 def test_a_local_ray_instance_that_dies_ends_the_sweep_in_one_line(tiny_args, tmp_path):
     args = [a if a != "3" else "400" for a in tiny_args]
     log = tmp_path / "stderr.log"
-    process = subprocess.Popen([sys.executable, str(REPO / "transfer_mnist.py"), *args, "--targets", "even-odd",
+    process = subprocess.Popen([*SWEEPS, *args, "--targets", "even-odd",
                                 "--modes", "finetuned", "--lr-grid", "1e-3", "1e-2", "3e-2", "--patience", "0",
                                 "--results-csv", str(tmp_path / "r.csv"), "--workers", "2", "--threads", "1"],
                                stdout=subprocess.DEVNULL, stderr=log.open("w"), cwd=tmp_path, start_new_session=True)

@@ -1,4 +1,5 @@
-"""Behaviour of transfer_mnist.py on tiny IDX files (see conftest.py); no network needed."""
+"""The template, transfer_mnist.py, on tiny IDX files (see conftest.py): its data, model, training, and its
+main(), the post's runs; no network needed. The harness's behaviour is in the other test files."""
 
 import csv
 import signal
@@ -10,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from conftest import HPARAMS, template_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import transfer_mnist as tm
+from sweeps import cli, summary
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -111,7 +114,7 @@ def test_transfer_copies_exactly_the_backbone_under_a_fresh_head(tmp_path):
     fresh = tm.LitModule(["even", "odd"], learning_rate=1e-3)
     torch.manual_seed(0)
     module = tm.LitModule(["even", "odd"], learning_rate=1e-3)
-    tm.transfer_backbone(module, tm.read_backbone(str(path)))
+    module.convnet.load_state_dict(tm.read_backbone(str(path)), strict=True)  # what train() does for a pretrained arm
 
     assert tensors_equal(module.convnet.state_dict(), pretrained.convnet.state_dict())
     assert tensors_equal(module.classification_head.state_dict(), fresh.classification_head.state_dict())
@@ -137,20 +140,19 @@ def test_test_stage_uses_the_best_validation_weights(tmp_path):
     flipped = tm.TensorLoader(images, 1 - labels, 64)
     torch.manual_seed(0)
     module = tm.LitModule(["a", "b"], learning_rate=1e-2)
-    cfg = tm.Config(log_dir=str(tmp_path), accelerator="cpu", devices="1")
-    _, keep_best, metrics = tm.fit_and_test(module, (train, flipped, flipped), "run", 8, cfg, {})
+    _, result = tm.fit_and_test(module, (train, flipped, flipped), "run", 8, template_args(tmp_path), HPARAMS)
 
     val = events(tmp_path / "run" / "version_0").Scalars("ce_loss/val")
     val_losses = [event.value for event in val]
     assert len(val_losses) == 8 and val_losses[-1] > min(val_losses)  # the case is as intended
     assert [event.step for event in val] == list(range(1, 9))  # TensorBoard's step is the epoch, from 1
     best = min(val, key=lambda event: event.value)
-    assert keep_best.best_epoch == best.step < 8
+    assert result.best_epoch == best.step < 8
     (test_point,) = events(tmp_path / "run" / "version_0").Scalars("ce_loss/test")
     assert test_point.step == best.step  # the test metrics sit at the epoch whose weights they test
     # tested on the validation data itself: the test loss is the best epoch's validation loss
-    assert metrics["ce_loss/test"] == pytest.approx(min(val_losses), rel=1e-5)
-    assert metrics["ce_loss/test"] < val_losses[-1]
+    assert result.test_loss == pytest.approx(min(val_losses), rel=1e-5) == pytest.approx(result.val_loss, rel=1e-5)
+    assert result.test_loss < val_losses[-1]
 
 
 def test_early_stopping_ends_the_run_and_keeps_the_same_best_weights(tmp_path):
@@ -163,13 +165,12 @@ def test_early_stopping_ends_the_run_and_keeps_the_same_best_weights(tmp_path):
     for patience in (0, 3):
         torch.manual_seed(0)
         module = tm.LitModule(["a", "b"], learning_rate=1e-3)  # val loss rises steadily: one minimum
-        cfg = tm.Config(log_dir=str(tmp_path), version=f"p{patience}", accelerator="cpu", devices="1",
-                        patience=patience)
-        trainer, keep_best, metrics = tm.fit_and_test(module, loaders, "run", 12, cfg, {})
-        outcomes.append((trainer.current_epoch, keep_best.best_epoch, metrics))
-    (full_epochs, best, metrics), (stopped_epochs, best_early, metrics_early) = outcomes
-    assert full_epochs == 12 and stopped_epochs == best + 3 < 12  # stopped 3 epochs after the best
-    assert best_early == best and metrics_early == metrics
+        args = template_args(tmp_path, "--patience", str(patience), version=f"p{patience}")
+        trainer, result = tm.fit_and_test(module, loaders, "run", 12, args, HPARAMS)
+        outcomes.append((trainer.current_epoch, result))
+    (full_epochs, result), (stopped_epochs, result_early) = outcomes
+    assert full_epochs == 12 and stopped_epochs == result.best_epoch + 3 < 12  # stopped 3 epochs after the best
+    assert result_early == result
 
 
 def test_training_moves_weights_and_learns(tiny_data, tmp_path):
@@ -178,10 +179,10 @@ def test_training_moves_weights_and_learns(tiny_data, tmp_path):
     torch.manual_seed(0)
     module = tm.LitModule(names, learning_rate=3e-3)
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    cfg = tm.Config(log_dir=str(tmp_path), accelerator="cpu", devices="1")
-    _, _, metrics = tm.fit_and_test(module, (train_loader, val_loader, test_loader), "run", 15, cfg, {})
+    _, result = tm.fit_and_test(module, (train_loader, val_loader, test_loader), "run", 15, template_args(tmp_path),
+                                HPARAMS)
     assert all(not torch.equal(before[k], v) for k, v in module.state_dict().items())
-    assert metrics["accuracy/test"] > 0.5  # chance is 0.1
+    assert result.test_acc > 0.5  # chance is 0.1
 
 
 # ---- the whole experiment -----------------------------------------------------------------
@@ -209,11 +210,11 @@ def test_main_writes_five_runs_csv_and_hparams(tiny_args, tmp_path, capsys):
     assert rows[0]["n_train"] == "40" and rows[1]["n_train"] == "20"
     assert all(0 <= float(r["test_acc"]) <= 1 and 1 <= int(r["best_epoch"]) <= 3 for r in rows[1:])
     out = capsys.readouterr().out
-    # one seed, one size: one table of the runs, with their wall times, and no summary over seeds
-    assert "best epoch" in out and "fashion-mnist  from_scratch" in out
-    assert "paired difference" not in out and "95% CI" not in out and "n/a" not in out
-    assert all(line.endswith(" s") for line in out.split("-----\n")[1].strip().splitlines()[:5])
-    assert (logs / "results_version_0.md").read_text().startswith("# Test results\n")
+    # the run table: a line per run, with its best epoch, test accuracy and wall time
+    table = out.split("target         mode          best epoch")[1].split("\n", 1)[1].splitlines()[:5]
+    assert [line.split()[:2] for line in table] == [[r["target"], r["mode"]] for r in rows]
+    assert all(line.endswith(" s") and f" {float(r['test_acc']):.4f} " in line for line, r in zip(table, rows))
+    assert "Results: " in out and not list(logs.glob("*.md"))  # summaries are the harness's
 
     # a second invocation adds version_1 beside version_0; nothing is deleted
     assert tm.main(tiny_args + ["--targets", "even-odd"]) == 0
@@ -223,8 +224,19 @@ def test_main_writes_five_runs_csv_and_hparams(tiny_args, tmp_path, capsys):
     assert len(read_csv(logs / "results_version_1.csv")) == 3
     assert len(read_csv(logs / "results_version_0.csv")) == 5
 
-    # only --overwrite clears the folder
-    assert tm.main(tiny_args + ["--targets", "even-odd", "--overwrite"]) == 0
+
+def test_a_sweep_writes_its_markdown_and_only_overwrite_clears_the_folder(tiny_args, tmp_path, capsys):
+    logs = tmp_path / "logs"
+    assert cli.main(tiny_args) == 0
+    out = capsys.readouterr().out
+    # one seed, one size: one table of the runs, with their wall times, and no summary over seeds
+    assert "best epoch" in out and "fashion-mnist  from_scratch" in out
+    assert "paired difference" not in out and "95% CI" not in out and "n/a" not in out
+    assert all(line.endswith(" s") for line in out.split("-----\n")[1].strip().splitlines()[:5])
+    assert (logs / "results_version_0.md").read_text().startswith("# Test results\n")
+    assert cli.main(tiny_args + ["--targets", "even-odd"]) == 0
+    assert (logs / "results_version_1.csv").is_file()
+    assert cli.main(tiny_args + ["--targets", "even-odd", "--overwrite"]) == 0
     assert sorted(p.name for p in (logs / "pretrain").iterdir()) == ["version_0"]
     assert not (logs / "results_version_1.csv").exists()
 
@@ -285,7 +297,7 @@ def test_missing_data_exits_2_with_one_clear_line(tmp_path, monkeypatch, capsys)
 def test_overwrite_refuses_a_folder_it_did_not_write(tiny_args, tmp_path, capsys):
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "thesis.tex").write_text("precious")
-    assert tm.main(tiny_args + ["--overwrite"]) == 2
+    assert cli.main(tiny_args + ["--overwrite"]) == 2
     assert "--overwrite would delete" in capsys.readouterr().err
     assert (tmp_path / "logs" / "thesis.tex").read_text() == "precious"
 
@@ -321,14 +333,14 @@ def test_real_data_loads_offline_with_the_post_s_sizes():
 
 # ---- seeds, frozen arm, learning curves ---------------------------------------------------
 def test_mean_and_95_percent_interval_on_known_numbers():
-    ci = tm.MeanCI.of([1.0, 2.0, 3.0, 4.0, 5.0])
+    ci = summary.MeanCI.of([1.0, 2.0, 3.0, 4.0, 5.0])
     assert (ci.n, ci.mean) == (5, 3.0)
     assert ci.sd == pytest.approx(1.581139, abs=1e-6)  # sqrt(2.5)
     half_width = 2.776 * 1.581139 / 5**0.5  # t(0.975, 4) = 2.776
     assert (ci.low, ci.high) == (pytest.approx(3 - half_width), pytest.approx(3 + half_width))
-    assert tm.t_975(1) == 12.706 and tm.t_975(30) == 2.042
-    assert tm.t_975(40) == pytest.approx(2.021075, abs=1e-4) and tm.t_975(120) == pytest.approx(1.979930, abs=1e-4)
-    single = tm.MeanCI.of([0.5])
+    assert summary.t_975(1) == 12.706 and summary.t_975(30) == 2.042
+    assert summary.t_975(40) == pytest.approx(2.021075, abs=1e-4) and summary.t_975(120) == pytest.approx(1.979930, abs=1e-4)
+    single = summary.MeanCI.of([0.5])
     assert single.mean == 0.5 and all(v != v for v in (single.sd, single.low, single.high))  # nan
 
 
@@ -338,7 +350,7 @@ def test_paired_difference_is_taken_seed_by_seed():
     results = [run("finetuned", 0, 0.90, 0.3), run("from_scratch", 0, 0.80, 0.5),
                run("finetuned", 1, 0.80, 0.4), run("from_scratch", 1, 0.75, 0.6),
                run("finetuned", 2, 0.85, 0.2), run("from_scratch", 2, 0.80, 0.5)]
-    arms, differences = tm.summarize(results)
+    arms, differences = summary.summarize(results)
     assert [row[2] for row in arms] == ["finetuned", "from_scratch"]
     assert arms[0][4:6] == ["0.8500 ± 0.0500", "[0.7258, 0.9742]"]  # 0.85 ± 4.303 * 0.05 / sqrt(3)
     # differences 0.10, 0.05, 0.05: mean 0.0667, sd 0.0289, half-width 4.303 * 0.0289 / sqrt(3) = 0.0717
@@ -363,8 +375,7 @@ def test_frozen_arm_trains_the_head_only(tiny_data, tmp_path):
                                          "total_params": head_params + sum(p.numel() for p in module.convnet.parameters())}
     backbone_before = {k: v.clone() for k, v in module.convnet.state_dict().items()}
     head_before = {k: v.clone() for k, v in module.classification_head.state_dict().items()}
-    cfg = tm.Config(log_dir=str(tmp_path), accelerator="cpu", devices="1")
-    tm.fit_and_test(module, (train_loader, val_loader, test_loader), "frozen", 5, cfg, {})
+    tm.fit_and_test(module, (train_loader, val_loader, test_loader), "frozen", 5, template_args(tmp_path), HPARAMS)
     assert tensors_equal(module.convnet.state_dict(), backbone_before)
     assert all(not torch.equal(head_before[k], v) for k, v in module.classification_head.state_dict().items())
 
@@ -373,8 +384,8 @@ def test_seeds_sizes_and_arms(tiny_args, tmp_path, monkeypatch):
     drawn = {}  # (n_train, seed) -> training images of every load for that size and seed
     load_data = tm.load_data
 
-    def recording_load_data(target, n_train, data_dir, seed, available=None):
-        loaders = load_data(target, n_train, data_dir, seed, available)
+    def recording_load_data(target, n_train, data_dir, seed, available=None, *args, **kwargs):
+        loaders = load_data(target, n_train, data_dir, seed, available, *args, **kwargs)
         if target == "even-odd":
             drawn.setdefault((n_train, seed), []).append(loaders[0].images)
         return loaders
@@ -382,13 +393,14 @@ def test_seeds_sizes_and_arms(tiny_args, tmp_path, monkeypatch):
     monkeypatch.setattr(tm, "load_data", recording_load_data)
     args = tiny_args + ["--targets", "even-odd", "--seeds", "3", "--seed", "4", "--n-train", "8", "20",
                         "--modes", "finetuned", "from_scratch", "frozen"]
-    assert tm.main(args) == 0
+    assert cli.main(args) == 0
     logs = tmp_path / "logs"
     rows = read_csv(logs / "results_version_0.csv")
     assert len(rows) == 1 + 2 * 3 * 3  # pretrain + sizes x seeds x arms
     assert {(r["n_train"], r["seed"]) for r in rows[1:]} == {(n, s) for n in ("8", "20") for s in ("4", "5", "6")}
     for key, images in drawn.items():
-        assert len(images) == 3 and all(torch.equal(images[0], other) for other in images[1:]), key  # arms share
+        # the three arms (and the start-up check) draw the same subset
+        assert len(images) == 4 and all(torch.equal(images[0], other) for other in images[1:]), key
     for n_train in (8, 20):
         firsts = [drawn[(n_train, seed)][0] for seed in (4, 5, 6)]
         assert not torch.equal(firsts[0], firsts[1]) and not torch.equal(firsts[1], firsts[2])  # seeds differ

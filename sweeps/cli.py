@@ -1,0 +1,221 @@
+"""`python -m sweeps`: a sweep from its command line to its outputs (the CSV, the settings, the summary as
+Markdown, the figure, TensorBoard), --resume, and --report of earlier sweeps, compared side by side with
+LABEL=CSV. Imported by __main__ (and by a user's own script that registers targets first); it imports every
+other module of the package.
+"""
+
+import argparse
+import contextlib
+import functools
+import logging
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import transfer_mnist as tm
+from sweeps.engine import run_experiment
+from sweeps.figures import draw_comparison, draw_figure, log_figure
+from sweeps.resume import (
+    check_made_by,
+    made_by,
+    record_backbone,
+    resume_settings,
+    save_settings,
+    saved_config,
+    settings_path,
+)
+from sweeps.runs import (
+    ResultsCsv,
+    RunResult,
+    pretrain_checkpoint,
+    pretraining_runs,
+    read_results,
+    settle,
+)
+from sweeps.settings import ExperimentFailure, one_line, parse, run_threads
+from sweeps.start import check_inputs, prepare_outputs, remove
+from sweeps.stop import StopSignal
+from sweeps.summary import (
+    ARMS,
+    aligned,
+    baseline_arm,
+    comparison_table,
+    format_table,
+    fragile,
+    log_learning_curves,
+    markdown,
+    percent_table,
+    write_summary,
+)
+
+logger = tm.logger  # the experiment's console, as the template's
+
+
+def show(results: list[RunResult], summary: str) -> None:
+    """The run table, the summary over seeds when there is one, and where the answer is fragile."""
+    print(f"\n{format_table(results)}\n")
+    if summary:
+        print(f"{summary}\n")
+    for warning in fragile(results):
+        print(f"Warning: {warning}")
+
+
+def report_output(cfg: argparse.Namespace, given: set[str]) -> Path:
+    """Where --report writes: --results-csv, else beside the first CSV. It never replaces a sweep's own
+    Markdown and figure with other numbers: a merge, or another selection than the sweep's, is written
+    under a name that says so (X.merged.md, X.pooled.md)."""
+    if cfg.results_csv:
+        return Path(cfg.results_csv)
+    first = Path(cfg.report[0])
+    own_select = saved_config(first).get("select", "seed")
+    parts = ["merged"] * (len(cfg.report) > 1) + [cfg.select] * ("select" in given and cfg.select != own_select)
+    return first.with_name(".".join([first.stem, *parts, "csv"])) if parts else first
+
+
+def load_sweep(paths: list[str], cfg: argparse.Namespace, given: set[str]) -> tuple[list[RunResult], str]:
+    """The rows of results CSVs, merged, their rates selected as --select says, else as the first sweep did."""
+    select = cfg.select if "select" in given else saved_config(Path(paths[0])).get("select", cfg.select)
+    grid = {rate for path in paths for rate in saved_config(Path(path)).get("lr_grid", ())}
+    return settle(read_results(paths), select, grid), select
+
+
+def report(cfg: argparse.Namespace, given: set[str]) -> int:
+    """--report: the run table, the summary, its Markdown and the figure, rebuilt from results CSVs; with
+    LABEL=CSV arguments, the sweeps compared side by side, and each one's summary and figure."""
+    labelled = ["=" in arg for arg in cfg.report]
+    try:
+        if any(labelled) and not all(labelled):
+            raise tm.ExperimentError("--report takes CSVs, or LABEL=CSV for each to compare sweeps; not both")
+        if all(labelled):  # comparing sweeps
+            return compare(cfg, given)
+        results, cfg.select = load_sweep(list(cfg.report), cfg, given)
+        out = report_output(cfg, given)
+        if cfg.results_csv:
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                ResultsCsv(cfg.results_csv).rewrite(results)
+            except OSError as err:
+                raise tm.ExperimentError(f"--results-csv {out} cannot be written ({err.strerror or err})") from None
+        summary = write_summary(results, str(out.with_suffix(".md")), cfg.select)  # summary
+        draw_figure(results).savefig(out.with_suffix(".png"))  # figure
+    except tm.ExperimentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 1
+    show(results, summary)
+    print(f"Rebuilt from {', '.join(cfg.report)}: {out.with_suffix('.md')} and {out.with_suffix('.png')}")
+    return 0
+
+
+def compare(cfg: argparse.Namespace, given: set[str]) -> int:
+    """--report LABEL=CSV ...: the paired differences of each sweep side by side, as Markdown and a figure at
+    --results-csv (.md, .png; default: comparison beside the first CSV), and each sweep's own summary and
+    figure beside them (<name>.<label>.md). The same label on several CSVs merges them."""
+    paths: dict[str, list[str]] = {}
+    for arg in cfg.report:
+        label, _, path = arg.partition("=")
+        paths.setdefault(label, []).append(path)
+    out = Path(cfg.results_csv or Path(next(iter(paths.values()))[0]).with_name("comparison.csv"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sweeps = {}
+    for label, csvs in paths.items():
+        sweeps[label], select = load_sweep(csvs, cfg, given)
+        name = out.with_name(f"{out.stem}.{''.join(c if c.isalnum() or c in '-_' else '_' for c in label)}.md")
+        write_summary(sweeps[label], str(name), select)
+        draw_figure(sweeps[label]).savefig(name.with_suffix(".png"))
+    table = comparison_table(sweeps)
+    modes = [mode for mode in ARMS if any(r.mode == mode for results in sweeps.values() for r in results)]
+    header = ["sweep", *percent_table([], modes)[0]]
+    means = [[label, *row] for label, results in sweeps.items() for row in percent_table(results, modes)[1]]
+    out.with_suffix(".md").write_text(
+        f"# Sweeps compared\n\nMean test accuracy in %, and each pretrained arm minus {baseline_arm()} in points "
+        f"with its 95% interval:\n\n{markdown(header, means)}\n\nThe paired differences side by side:\n\n"
+        f"{markdown(*table)}\n\nSweeps: " + "; ".join(f"{label}: {', '.join(c)}" for label, c in paths.items())
+        + ".\n")
+    draw_comparison(sweeps).savefig(out.with_suffix(".png"))
+    print(f"\n{aligned(*table)}\n\nCompared: {out.with_suffix('.md')} and {out.with_suffix('.png')}, and each "
+          f"sweep's summary beside them")
+    return 0
+
+
+def resume_command(csv_path: str) -> str:
+    return f"python -m sweeps --resume {csv_path}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A sweep, a resumed sweep, or a report: its exit status (0, 1 for a failure outside the input, 2 for
+    bad input, 128 + the signal that stopped it)."""
+    cfg, given = parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    tm.quiet_libraries()
+    if cfg.report:
+        return report(cfg, given)
+    resumed, csv_out = None, None
+    with contextlib.ExitStack() as stack:
+        if cfg.dry_run:  # a smoke test leaves no runs behind in the real log folder
+            cfg.log_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="sweeps_dry_run_"))
+        handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+        stack.callback(lambda: [signal.signal(signum, handler) for signum, handler in handlers.items()])
+        StopSignal.received = None
+        StopSignal.install()
+        created: list[Path] = []  # files and folders this start made: removed if it fails
+        try:
+            if cfg.resume:  # resume
+                if cfg.dry_run:
+                    raise tm.ExperimentError("--resume continues a real sweep; it does not go with --dry-run")
+                cfg, resumed = resume_settings(cfg, given)
+            as_given = argparse.Namespace(**vars(cfg))  # before image folders become target names
+            accelerator = check_inputs(cfg, created)
+            made = made_by(run_threads(cfg) or torch.get_num_threads(), accelerator)
+            if resumed:  # resume
+                check_made_by(resumed, made, cfg.resume)
+            csv_out = prepare_outputs(cfg, created)
+            if not cfg.resume:  # resume: the settings beside the CSV
+                created.append(settings_path(csv_out.path))
+                save_settings(argparse.Namespace(**{**vars(as_given), "version": cfg.version}), csv_out.path,
+                              {run.seed: pretrain_checkpoint(cfg, run.seed) for run in pretraining_runs(cfg)}, made)
+        except OSError as err:
+            remove(created)
+            print(f"error: cannot write {err.filename or 'the results'} ({one_line(err)})", file=sys.stderr)
+            return 2
+        except tm.ExperimentError as err:
+            remove(created)
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        logger.info(f"Settings: {', '.join(f'{key}={value}' for key, value in vars(cfg).items())}")
+        summary_path, figure_path = (Path(csv_out.path).with_suffix(suffix) for suffix in (".md", ".png"))
+        try:
+            results = run_experiment(cfg, csv_out, resumed,
+                                     on_pretrained=functools.partial(record_backbone, csv_out.path))  # resume
+            summary = write_summary(results, str(summary_path), cfg.select)
+            log_learning_curves(results, cfg)
+            figure = draw_figure(results)
+            figure.savefig(figure_path)
+            log_figure(figure, cfg)
+        except tm.ExperimentError as err:
+            if not csv_out.rows:  # a failed start (workers that cannot receive the targets) leaves nothing
+                remove(created)
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except (OSError, ExperimentFailure) as err:  # a full disk, a killed worker: the finished rows stay
+            print(f"error: {one_line(err)}; the finished runs are in {csv_out.path}; to go on: "
+                  f"{resume_command(csv_out.path)}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"\nInterrupted: every finished run is in {csv_out.path} (logs: {cfg.log_dir}, {cfg.version}). "
+                  f"To go on: {resume_command(csv_out.path)}", file=sys.stderr)
+            return 128 + (StopSignal.received or signal.SIGINT)
+    show(results, summary)
+    if cfg.dry_run:
+        print("Dry run: every stage ran; its logs were in a temporary folder, now removed.")
+    else:
+        print(f"Results: {csv_out.path}, {summary_path} and {figure_path}. "
+              f"TensorBoard: tensorboard --logdir {cfg.log_dir}")
+    return 0
+
+

@@ -1,0 +1,102 @@
+"""Figures: test accuracy against the number of labelled images (a sweep), and the paired differences of
+several sweeps side by side, as PNG and in TensorBoard's IMAGES tab. Imported by cli only; it imports
+summary and the template; matplotlib only when a figure is drawn.
+"""
+
+import argparse
+
+import lightning
+
+from sweeps.runs import RunResult
+from sweeps.summary import ARMS, MeanCI, accuracy_ci, baseline_arm, group_by_arm, paired
+
+
+def curve_points(results: list[RunResult]) -> dict[str, dict[str, list[tuple[int, MeanCI]]]]:
+    """The figure's numbers: per target and arm, test accuracy over seeds at each n_train, from the
+    same selected runs and MeanCI as the summary."""
+    points: dict[str, dict[str, list[tuple[int, MeanCI]]]] = {}
+    for (target, n_train, mode), by_seed in sorted(group_by_arm(results).items(),
+                                                   key=lambda item: (item[0][1], list(ARMS).index(item[0][2]))):
+        points.setdefault(target, {}).setdefault(mode, []).append(
+            (n_train, accuracy_ci(by_seed.values())))
+    return points
+
+
+def draw_figure(results: list[RunResult]):
+    """Test accuracy against n_train, one panel per target: each arm's mean over seeds with its 95%
+    interval as a band; with one n_train, the arms side by side with error bars. One seed has no
+    interval: points only."""
+    from matplotlib.figure import (
+        Figure,  # not pyplot: no global state, no window; PNG through Agg
+    )
+
+    points = curve_points(results)
+    figure = Figure(figsize=(4.8 * len(points), 4), layout="constrained")
+    for ax, (target, arms) in zip(figure.subplots(1, len(points), squeeze=False)[0], points.items()):
+        sizes = sorted({n for curve in arms.values() for n, _ in curve})
+        for position, (mode, curve) in enumerate(arms.items()):
+            x = [n for n, _ in curve] if len(sizes) > 1 else [position]
+            mean, low, high = ([100 * getattr(ci, field) for _, ci in curve] for field in ("mean", "low", "high"))
+            (line,) = ax.plot(x, mean, marker="o", linestyle="-" if len(sizes) > 1 else "none", label=mode)
+            if all(ci.n > 1 for _, ci in curve) and len(sizes) > 1:
+                ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+            elif all(ci.n > 1 for _, ci in curve):
+                ax.errorbar(x, mean, yerr=[[mean[0] - low[0]], [high[0] - mean[0]]], fmt="none",
+                            ecolor=line.get_color(), capsize=4)
+        if len(sizes) > 1:
+            ax.set_xscale("log")
+            ax.set_xticks(sizes, [str(n) for n in sizes])
+            ax.minorticks_off()
+            ax.set_xlabel("labelled training images")
+            ax.legend()
+        else:
+            ax.set_xticks(range(len(arms)), list(arms))
+            ax.set_xlim(-0.5, len(arms) - 0.5)  # the arms side by side, none on the frame
+            ax.set_xlabel(f"{sizes[0]} labelled training images")
+        ax.grid(alpha=0.3)
+        ax.set(title=target, ylabel="test accuracy (%)")
+    seeds = max(ci.n for arms in points.values() for curve in arms.values() for _, ci in curve)
+    figure.suptitle("1 seed, no interval" if seeds == 1 else f"Mean over {seeds} seeds, 95% interval")
+    return figure
+
+
+def log_figure(figure, cfg: argparse.Namespace) -> None:
+    """The figure in TensorBoard's IMAGES tab, as the run figure/<version>."""
+    tb_logger = lightning.pytorch.loggers.TensorBoardLogger(cfg.log_dir, name="figure", version=cfg.version,
+                                                           default_hp_metric=False)
+    tb_logger.experiment.add_figure("test_accuracy", figure, close=False)
+    tb_logger.finalize("success")
+
+
+def draw_comparison(sweeps: dict[str, list[RunResult]]):
+    """comparison_table() as a figure: one panel per target and n_train, the pretrained arms along x, each
+    sweep's paired difference with the baseline as a point with its 95% interval."""
+    from matplotlib.figure import Figure
+
+    groups = {label: group_by_arm(results) for label, results in sweeps.items()}
+    targets, sizes = (sorted({key[i] for by_arm in groups.values() for key in by_arm}) for i in (0, 1))
+    ran = {key[2] for by_arm in groups.values() for key in by_arm}
+    modes = [mode for mode in ARMS if ARMS[mode].pretrained and mode in ran]
+    figure = Figure(figsize=(max(6.4, 4.8 * len(targets)), 4 * len(sizes)), layout="constrained")
+    axes = figure.subplots(len(sizes), len(targets), squeeze=False)
+    for ax, (n_train, target) in zip(axes.flat, [(n, t) for n in sizes for t in targets]):  # a row per n_train
+        for i, (label, by_arm) in enumerate(groups.items()):
+            found = [(x, d[0]) for x, mode in enumerate(modes) if (target, n_train, mode) in by_arm
+                     and (d := paired(by_arm, target, n_train, mode))]
+            if not found:
+                continue
+            x = [x + 0.12 * (i - (len(groups) - 1) / 2) for x, _ in found]  # the sweeps side by side
+            mean = [100 * ci.mean for _, ci in found]
+            spread = [[100 * (ci.mean - ci.low) if ci.n > 1 else 0 for _, ci in found],
+                      [100 * (ci.high - ci.mean) if ci.n > 1 else 0 for _, ci in found]]
+            ax.errorbar(x, mean, yerr=spread, fmt="o", capsize=3, label=label, color=f"C{i}")  # a colour per sweep
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_xticks(range(len(modes)), modes)
+        ax.set_xlim(-0.5, len(modes) - 0.5)
+        ax.grid(alpha=0.3)
+        ax.set(title=f"{target}, {n_train} labelled images", ylabel=f"test accuracy − {baseline_arm()} (points)")
+        ax.legend()
+    figure.suptitle(f"Paired difference with {baseline_arm()}: mean over seeds, 95% interval")
+    return figure
+
+

@@ -1,0 +1,189 @@
+"""Runs on Ray: a local instance for --workers, or the cluster at --cluster. The template and this package
+reach the workers as modules (py_modules), the backbones through the object store; the rows come back to
+the driver, which alone writes them. Imported by engine only; it imports Ray only once a sweep asks for it
+(a one-process sweep runs without Ray installed)."""
+
+import argparse
+import contextlib
+import gc
+import logging
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import sweeps
+import transfer_mnist as tm
+from sweeps.runs import RunResult, execute
+from sweeps.settings import ExperimentFailure, one_line
+from sweeps.stop import StopSignal
+
+logger = tm.logger  # the experiment's console, as the template's
+
+# A run whose worker process dies (killed, out of memory, its node lost) runs again, at most this many
+# times, whatever killed it (Ray's memory monitor too): the same seed gives the same row. An exception
+# inside a run is not retried: a bug or bad input.
+RETRIES = 2
+
+
+def gpus_per_run(cfg: argparse.Namespace) -> float:
+    """--gpus-per-run; by default, on a GPU accelerator, a GPU shared by --workers runs (0 elsewhere)."""
+    if cfg.gpus_per_run is not None:
+        return cfg.gpus_per_run
+    on_gpu = cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
+    return 1 / cfg.workers if on_gpu else 0.0
+
+
+def run_devices(cfg: argparse.Namespace, gpu_ids: list) -> argparse.Namespace:
+    """A run's settings on the devices Ray gave it. Ray shows a task only the GPUs it was given, but leaves
+    every GPU visible to a task that asked for none: such a run is put on the CPU, its GPUs hidden."""
+    if gpu_ids:
+        return cfg
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    on_cpu = cfg.accelerator in ("auto", "gpu", "cuda")
+    return argparse.Namespace(**{**vars(cfg), "accelerator": "cpu"}) if on_cpu else cfg
+
+
+RECEIVED: dict[str, tuple[dict, dict]] = {}  # in a worker process: registries by object id, unpickled once
+
+
+def run_remote(cfg: argparse.Namespace, registry: list, backbone: dict | None, run,
+               threads: int) -> tuple[RunResult, dict | None, str]:
+    """One run in a Ray worker process (execute()); returns its row, its backbone if it pretrained one, and
+    where it ran (node, GPU). `registry` holds the object id of the driver's targets and arms: unpickled once
+    per worker process, so a target's keep/relabel stays the same object and its data is read once
+    (read_split's cache), not once per run."""
+    import ray
+
+    key = registry[0].hex()
+    if key not in RECEIVED:
+        RECEIVED[key] = ray.get(registry[0])
+    tm.TARGETS.update(RECEIVED[key][0])  # targets and arms registered at run time in the driver (image folders, say)
+    tm.ARMS.update(RECEIVED[key][1])
+    tm.quiet_libraries()
+    torch.set_num_threads(threads)
+    gpus = ray.get_gpu_ids()
+    result, backbone = execute(run_devices(cfg, gpus), run, backbone)
+    gc.collect()
+    where = f", GPU {', '.join(map(str, gpus))}" if gpus else ", CPU"
+    return result, backbone, ray.util.get_node_ip_address() + where
+
+
+def local_processes(roots: list[int], session: str) -> set[int]:
+    """Processes of a local Ray instance: those started by its own processes (`roots`), and by those, ...,
+    and any whose command line names its session (Linux's /proc; none elsewhere)."""
+    children: dict[int, list[int]] = {}
+    found: set[int] = set()
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(proc.name))
+            if session in (proc / "cmdline").read_text():
+                found.add(int(proc.name))
+    todo = list(roots)
+    while todo:
+        started = children.get(todo.pop(), [])
+        found.update(started)
+        todo += started
+    return found - {os.getpid()}
+
+
+class RaySweep:
+    """The runs as Ray tasks of `threads` CPUs and a share of a GPU each: on a local instance for --workers
+    runs at a time, started and stopped here, or on the cluster at --cluster."""
+
+    def __init__(self, cfg: argparse.Namespace, threads: int):
+        self.cfg, self.threads, self.gpus = cfg, threads, gpus_per_run(cfg)
+        self.pending: dict = {}  # task -> key of its run
+
+    def __enter__(self) -> "RaySweep":
+        cfg = self.cfg
+        if not cfg.cluster:  # a local instance binds to loopback only: a sweep opens no port on the network
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Ray's memory monitor retries the runs it kills without limit unless told (its own count, beside
+        # max_retries); the driver owns the tasks, so this holds on a cluster too
+        os.environ.setdefault("RAY_task_oom_retries", str(RETRIES))
+        import ray
+
+        self.ray = ray
+        quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR,
+                 "runtime_env": {"py_modules": [tm.__file__, os.path.dirname(sweeps.__file__)]}}
+        # "local": a new instance of our own, even where `ray start` runs or left its address behind
+        local = {"address": "local", "num_cpus": cfg.workers * self.threads,
+                 "num_gpus": torch.cuda.device_count() if self.gpus else 0}
+        try:
+            ray.init(**({"address": cfg.cluster} if cfg.cluster else local), **quiet)
+        except Exception as err:  # ConnectionError, or a ValueError/RuntimeError for an address Ray cannot use
+            raise tm.ExperimentError(f"cannot start Ray on {cfg.cluster or 'this machine'}: {one_line(err)}") from None
+        StopSignal.install()  # ray.init() replaced the SIGTERM handler
+        resources = ray.cluster_resources()
+        if self.gpus and not resources.get("GPU"):
+            self.__exit__()
+            raise tm.ExperimentError(f"--gpus-per-run {self.gpus:g}, but Ray has no GPU here; pass --gpus-per-run 0")
+        # Worker processes start now and import torch (seconds) while this process pretrains
+        warm_up = ray.remote(tm.quiet_libraries).options(num_cpus=self.threads)
+        self.pending = {warm_up.remote(): None for _ in range(int(resources["CPU"] // self.threads))}
+        logger.info(f"Target runs on {f'the Ray cluster at {cfg.cluster}' if cfg.cluster else 'a local Ray instance'}: "
+                    f"{resources['CPU']:g} CPUs, {resources.get('GPU', 0):g} GPUs; each run takes {self.threads} "
+                    f"CPU(s) and torch thread(s)" + (f" and {self.gpus:g} of a GPU" if self.gpus else ""))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for task in self.pending:  # Ctrl-C or an error: nothing of this sweep keeps running on the cluster
+            with contextlib.suppress(Exception):  # an instance that died has nothing left to cancel
+                self.ray.cancel(task, force=True)
+        node = None if self.cfg.cluster else self.ray._private.worker._global_node
+        if node is None:
+            self.ray.shutdown()
+            return
+        session = node.session_name
+        started = local_processes([p.process.pid for infos in node.all_processes.values() for p in infos], session)
+        self.ray.shutdown()  # a local instance stops with every process it started,
+        for pid in started | local_processes([], session):  # unless it lost its GCS: the raylet's agents outlive it
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    def run(self, jobs: dict, finished: Callable) -> None:
+        """Submit each (run, backbone) of `jobs`; call finished(key, result, backbone) here as each one ends."""
+        ray = self.ray
+        # absolute paths: a worker process does not start in this folder
+        cfg = argparse.Namespace(**{**vars(self.cfg), "data_dir": os.path.abspath(self.cfg.data_dir),
+                                    "log_dir": os.path.abspath(self.cfg.log_dir)})
+        registry = [ray.put(({name: tm.TARGETS[name] for name in (cfg.source, *cfg.targets)},
+                             {name: tm.ARMS[name] for name in cfg.modes}))]  # a list: Ray passes the id, not the value
+        task = ray.remote(run_remote).options(num_cpus=self.threads, num_gpus=self.gpus, max_retries=RETRIES,
+                                              retry_exceptions=False)
+        stored = {id(backbone): ray.put(backbone) for _, backbone in jobs.values() if backbone is not None}  # once each
+        self.pending = {task.remote(cfg, registry, stored.get(id(backbone)), run, self.threads): key
+                        for key, (run, backbone) in jobs.items()}
+        while self.pending:
+            StopSignal.check()
+            for ref in self.wait():
+                key = self.pending.pop(ref)
+                run = jobs[key][0]
+                try:
+                    result, backbone, where = ray.get(ref)
+                except ray.exceptions.RayTaskError as err:  # raised inside the run: ExperimentError, a full disk
+                    raise (err.cause if isinstance(err.cause, (tm.ExperimentError, OSError)) else err) from None
+                except ray.exceptions.LocalRayletDiedError:
+                    raise ExperimentFailure(self.died("raylet")) from None
+                except ray.exceptions.RayError as err:  # its worker died every time
+                    raise ExperimentFailure(f"{run} failed {RETRIES + 1} times: its worker process died "
+                                            f"({type(err).__name__})") from None
+                finished(key, result, backbone)
+                logger.info(f"[{len(jobs) - len(self.pending)}/{len(jobs)}] {run}: best epoch {result.best_epoch}, "
+                            f"test accuracy {result.test_acc:.4f}, {result.seconds:.1f} s on {where}")
+
+    def wait(self) -> list:
+        """The tasks that finished within a second (the timeout lets Ctrl-C in). A local instance that lost
+        one of its processes ends the sweep: without its GCS it runs on but cannot be shut down cleanly."""
+        node = None if self.cfg.cluster else self.ray._private.worker._global_node  # no public API for this
+        dead = sorted({kind for kind, _ in node.dead_processes()}) if node else []
+        if dead:
+            raise ExperimentFailure(self.died(", ".join(dead)))
+        return self.ray.wait(list(self.pending), num_returns=1, timeout=1.0)[0]
+
+    def died(self, process: str) -> str:
+        return f"the local Ray instance stopped under the script: its {process} process died"

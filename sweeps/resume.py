@@ -1,0 +1,173 @@
+"""--resume: the settings saved beside a sweep's CSV (the resolved flags, what made its rows, its backbones'
+digests), and a sweep continued from them. Imported by engine, cli and the reporting modules (saved_config);
+it imports settings, runs and the template."""
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import typing
+from pathlib import Path
+
+import transfer_mnist as tm
+from sweeps.runs import RunResult, read_results
+from sweeps.settings import complete, one_line
+
+logger = tm.logger  # the experiment's console, as the template's
+
+# What a resumed sweep may change: where things are and how the runs are spread, not what a run computes.
+# --threads may change too, with a warning: it changes the order of float sums, so a whole run's numbers
+RESUME_MAY_CHANGE = {"data_dir", "log_dir", "results_csv", "workers", "threads", "cluster", "gpus_per_run",
+                     "devices", "resume"}
+# The code that makes a sweep's rows: the template and these modules; the reporting ones (summary,
+# figures, cli) may change without changing a row
+RUN_MAKING = ("settings", "runs", "stop", "augment", "folders", "start", "engine", "ray_engine", "resume")
+
+
+@dataclasses.dataclass
+class Resumed:
+    """What an interrupted sweep left: its rows, pretraining included, its backbones' checkpoints and what
+    made its rows (made_by())."""
+
+    rows: list[RunResult]
+    checkpoints: dict[int, str]  # pretraining seed -> checkpoint
+    made_by: dict[str, typing.Any]
+
+
+def settings_path(csv_path: str | Path) -> Path:
+    """The settings of the sweep whose rows are in csv_path, saved beside it at its start."""
+    return Path(csv_path).with_suffix(".json")
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def code_digests() -> tuple[str, str]:
+    """Digests of the code that makes the rows (the template but its docstring, whose headline changes with
+    the results, and the run-making modules of this package), and of all of it, reporting included."""
+    template = Path(tm.__file__).read_text()
+    package = {path.stem: path.read_text() for path in sorted(Path(__file__).parent.glob("*.py"))}
+    making = [template[template.index('"""', 4) + 3:], *(package[name] for name in RUN_MAKING)]
+    return sha256("\0".join(making).encode()), sha256("\0".join([template, *package.values()]).encode())
+
+
+def made_by(threads: int, accelerator: str) -> dict[str, typing.Any]:
+    """What makes a row besides the settings: the code, the libraries, the kind of CPU, the torch threads
+    and the accelerator."""
+    versions = {}
+    for package in ("torch", "torchvision", "lightning", "ray"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    code, everything = code_digests()
+    return {"code_sha256": code, "script_sha256": everything, **versions, "cpu": cpu_model(), "threads": threads,
+            "accelerator": accelerator}
+
+
+def cpu_model() -> str:
+    """The kind of CPU: float kernels differ between kinds, and 500 epochs amplify that."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def write_settings(path: Path, settings: dict) -> None:
+    path.write_text(json.dumps(settings, indent=1) + "\n")
+
+
+def save_settings(cfg: argparse.Namespace, csv_path: str, checkpoints: dict[int, str],
+                  made: dict[str, typing.Any]) -> None:
+    """The settings beside the CSV: the resolved flags, what made the rows, and each backbone's checkpoint
+    (relative to the CSV, so a sweep moved with its log folder resumes) with a digest once it is written."""
+    write_settings(settings_path(csv_path), {
+        "config": vars(cfg), "made_by": made,
+        "checkpoints": {seed: {"path": os.path.relpath(path, Path(csv_path).parent), "sha256": None}
+                        for seed, path in checkpoints.items()}})
+
+
+def record_backbone(csv_path: str, seed: int) -> None:
+    """Add the digest of seed's freshly written backbone to the settings: --resume checks it."""
+    path = settings_path(csv_path)
+    settings = json.loads(path.read_text())
+    checkpoint = settings["checkpoints"][str(seed)]
+    checkpoint["sha256"] = sha256((Path(csv_path).parent / checkpoint["path"]).read_bytes())
+    write_settings(path, settings)
+
+
+def saved_config(csv_path: str | Path) -> dict:
+    """The settings saved beside a results CSV, or {} where there are none (a CSV from elsewhere)."""
+    try:
+        return json.loads(settings_path(csv_path).read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def resume_settings(cfg: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespace, Resumed]:
+    """The saved settings of the sweep in --resume CSV, with what `given` (the flags on this command line)
+    may change; a flag that would change a run's numbers must match the saved value, and nothing that
+    destroys (--overwrite) is restored."""
+    path = settings_path(cfg.resume)
+    try:
+        saved = json.loads(path.read_text())
+        settings = complete(argparse.Namespace(**saved["config"]))
+        checkpoints = {int(seed): Path(cfg.resume).parent / c["path"] for seed, c in saved["checkpoints"].items()}
+        digests = {int(seed): c["sha256"] for seed, c in saved["checkpoints"].items()}
+        made = saved["made_by"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise tm.ExperimentError(f"--resume {cfg.resume}: cannot read the sweep's settings from {path} "
+                                 f"({one_line(err)}); only a results CSV this script wrote can be resumed") from None
+    if "overwrite" in given:
+        raise tm.ExperimentError(f"--resume {cfg.resume} continues that sweep; --overwrite would delete it")
+    differ = [name for name in sorted(given - RESUME_MAY_CHANGE) if getattr(cfg, name) != getattr(settings, name)]
+    if differ:
+        name = differ[0]
+        also = f" (also differing: {', '.join(differ[1:])})" if differ[1:] else ""
+        raise tm.ExperimentError(f"--resume {cfg.resume}: --{name.replace('_', '-')} {getattr(cfg, name)} differs "
+                                 f"from the sweep's {getattr(settings, name)}, which produced its rows; drop it or "
+                                 f"start a new sweep{also}")
+    if cfg.results_csv and Path(cfg.results_csv).resolve() != Path(cfg.resume).resolve():
+        raise tm.ExperimentError(f"--resume {cfg.resume} writes to that file; drop --results-csv {cfg.results_csv}")
+    if Path(cfg.log_dir).resolve() != Path(settings.log_dir).resolve() and "log_dir" in given:
+        settings.version = ""  # another log folder: the resumed runs take a new version there
+    for name in given & RESUME_MAY_CHANGE:
+        setattr(settings, name, getattr(cfg, name))
+    settings.overwrite = False  # it cleared the log folder once, at the sweep's start; never again
+    if "threads" not in given:  # the sweep's threads, whatever --workers is now
+        settings.threads = made["threads"]
+    elif cfg.threads != made["threads"]:
+        logger.warning(f"--threads {cfg.threads} differs from the sweep's {made['threads']}: the remaining rows "
+                       f"come from another order of float sums, and may differ from an uninterrupted sweep's")
+    try:  # a sweep stopped during its first pretraining has a header and no rows
+        with open(cfg.resume) as f:
+            rows = read_results([cfg.resume], "--resume") if len(f.readlines()) > 1 else []
+    except OSError as err:
+        raise tm.ExperimentError(f"--resume {cfg.resume} cannot be read ({one_line(err)})") from None
+    for seed in {r.seed for r in rows if r.mode not in tm.ARMS}:
+        checkpoint = checkpoints[seed]
+        if not checkpoint.is_file():
+            raise tm.ExperimentError(f"--resume {cfg.resume}: the sweep's pretrained backbone {checkpoint} is "
+                                     f"missing; resume where it was written, or start a new sweep")
+        if digests[seed] != sha256(checkpoint.read_bytes()):
+            raise tm.ExperimentError(f"--resume {cfg.resume}: the sweep's pretrained backbone {checkpoint} has "
+                                     f"changed since it was written (another sweep in the same --log-dir?); start a "
+                                     f"new sweep")
+    settings.resume, settings.results_csv = cfg.resume, cfg.resume
+    return settings, Resumed(rows, {seed: str(path) for seed, path in checkpoints.items()}, made)
+
+
+def check_made_by(resumed: Resumed, now: dict[str, typing.Any], resume: str) -> None:
+    """--resume adds rows only where the same code, libraries and accelerator would make them."""
+    names = {"code_sha256": "the code that makes the rows"}
+    for key, value in resumed.made_by.items():
+        if key not in ("script_sha256", "threads") and now.get(key) != value:
+            raise tm.ExperimentError(f"--resume {resume}: the sweep's rows were made with {names.get(key, key)} "
+                                     f"{str(value)[:12]}, this is {str(now.get(key))[:12]}; resume with what made "
+                                     f"them, or start a new sweep")

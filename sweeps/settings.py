@@ -1,0 +1,185 @@
+"""A sweep's settings: the two protocols, the command line (the template's flags and the harness's), and
+what follows from them (a seed's backbone, the torch threads). Imported by every module of the package;
+it imports only the template.
+
+A sweep's settings are an argparse.Namespace, as the template's are: the template's functions take it
+as their `args`. main() completes it once (complete()); after that only its `version` is set, at start.
+"""
+
+import argparse
+import math
+import os
+import typing
+from collections.abc import Callable
+
+import transfer_mnist as tm
+
+# --protocol post (the default) is the blog post's: these values, each arm at its own rate.
+POST = {"seeds": 1, "modes": ("finetuned", "from_scratch"), "lr_grid": (), "select": "seed",
+        "backbone_per_seed": False, "disjoint": False}
+# --protocol fair: what an honest comparison needs, for every one of these flags the command line does not give
+FAIR = {
+    "seeds": 5,  # an interval over seeds; with 2 or 3, t(0.975) is 12.7 or 4.3
+    "modes": tuple(tm.ARMS),  # every arm
+    "lr_grid": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),  # every arm at its best rate (Kornblith et al. 2019)
+    "select": "pooled",  # one rate over the seeds: 12-50 validation images pick a rate per seed noisily
+    "backbone_per_seed": True,  # pretraining's noise in the intervals too
+    "disjoint": True,  # no target image that pretraining learned with its digit label
+}
+PROTOCOLS = {"post": POST, "fair": FAIR}
+
+
+class ExperimentFailure(Exception):
+    """A run failed for a reason outside the user's input (a worker killed, out of memory): exit status 1."""
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line for the console."""
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def number(kind: type, low: float, high: float, what: str) -> Callable[[str], typing.Any]:
+    """An argparse type: a `kind` from low to high, else the error says `what`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text}")
+        return value
+    return parse
+
+
+positive_int = number(int, 1, math.inf, "a positive whole number")
+non_negative_int = number(int, 0, math.inf, "0 or more")
+gpu_share = number(float, 0, 1, "a share of one GPU, from 0 to 1")
+
+
+positive_float = number(float, math.ulp(0.0), math.nextafter(math.inf, 0), "a positive number")
+
+
+def target_name(text: str) -> str:
+    """A registered target, or a folder to read as an image-folder target (sweeps.folders)."""
+    if text in tm.TARGETS or os.path.isdir(text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a registered target ({', '.join(tm.TARGETS)}) nor a folder")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The template's flags, some of them widened (several --n-train, image folders, what a protocol sets),
+    and the harness's."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sweeps", parents=[tm.make_parser()], conflict_handler="resolve",
+        description="The transfer experiment of transfer_mnist.py over seeds, training-set sizes and learning-rate "
+                    "grids, in one process or on Ray, with resume, summaries over seeds and figures. Arms' default "
+                    f"rates: {', '.join(f'{name} {arm.learning_rate:g}' for name, arm in tm.ARMS.items())}.")
+    add = parser.add_argument
+    fair = ", ".join(f"--{name.replace('_', '-')} {shown(value)}" for name, value in FAIR.items())
+    add("--protocol", choices=PROTOCOLS, default="post", help="post: the blog post's protocol, as the defaults say; "
+        f"fair: an honest comparison, with these settings unless the command line gives them: {fair} (default: post)")
+    # the template's flags, widened
+    add("--source", type=target_name, default="mnist", help="registered target (or image folder) to pretrain the "
+        "backbone on (default: mnist)")
+    add("--targets", nargs="+", type=target_name, default=("even-odd", "fashion-mnist"), help="registered targets, "
+        "or folders of your own images laid out as FOLDER/train/<class>/* and FOLDER/test/<class>/* "
+        "(default: even-odd fashion-mnist)")
+    add("--modes", nargs="+", choices=tm.ARMS, help=f"arms to run on every target (default: {shown(POST['modes'])})")
+    add("--n-train", nargs="+", type=positive_int, default=(200,), help="training images per target run, plus a "
+        "quarter as many for validation; several sizes give a learning curve, e.g. 50 100 200 500 (default: 200)")
+    add("--patience", type=non_negative_int, default=100, help="stop a run this many epochs after its best "
+        "validation loss; 0 never stops early (the post) (default: 100)")
+    add("--disjoint", action=argparse.BooleanOptionalAction, help="draw each target's training and validation "
+        "images only from those that its backbone was not pretrained on, where source and target read the same "
+        "files (even-odd and mnist) (default: off)")
+    add("--threads", type=positive_int, help="torch threads of every run, pretraining included; the same --threads "
+        "gives the same numbers (default: torch's own in one process, the machine's cores divided by --workers "
+        "with workers, 1 on a cluster)")
+    # the harness's own
+    add("--seeds", type=positive_int, help="repeat every target run for this many seeds, --seed upwards (default: 1)")
+    add("--pretrain-seed", type=int, help="seed of pretraining (default: --seed); fix it to split the seeds of one "
+        "sweep over machines, e.g. --seed 3 --seeds 2 --pretrain-seed 0")
+    add("--backbone-per-seed", action=argparse.BooleanOptionalAction, help="pretrain one backbone per seed "
+        "(pretraining seed s for the target runs of seed s) instead of one for the whole invocation (default: off)")
+    add("--lr-grid", nargs="+", type=positive_float, metavar="LR", help="train every target run once per learning "
+        "rate, the same grid for every arm, and select per (target, arm, n_train, seed) the rate with the lowest "
+        "validation loss, e.g. 1e-5 3e-5 1e-4 3e-4 1e-3 3e-3 (default: none, each arm at its own rate)")
+    add("--select", choices=("seed", "pooled"), help="how --lr-grid picks: per seed on its own validation loss, or "
+        "pooled: one rate per (target, arm, n_train), the lowest mean validation loss over seeds (default: seed)")
+    add("--augment", action="store_true", help="train the target runs on randomly shifted, rotated and scaled images "
+        "(a new transform per image and epoch, drawn from the run's seed); never validation or test")
+    add("--overwrite", action="store_true", help="delete the log folder first, instead of adding a new version "
+        "beside the earlier ones")
+    add("--workers", type=positive_int, default=1, help="target runs side by side on a local Ray instance (1: all "
+        "in this process, no Ray); each run's numbers depend on --threads, not on this (default: 1)")
+    add("--cluster", metavar="ADDRESS", help="run the target runs on a running Ray cluster: auto (the one `ray "
+        "start` runs on this machine), or host:port as `ray start --head` prints it")
+    add("--gpus-per-run", type=gpu_share, help="share of a GPU that each target run asks Ray for, so that several "
+        "runs share one GPU (default: 1/--workers on a GPU accelerator, else 0)")
+    add("--resume", metavar="CSV", help="continue the sweep whose results are in CSV with its saved settings (CSV's "
+        ".json): skip its finished runs and its pretraining")
+    add("--report", nargs="+", metavar="CSV", default=(), help="no training: rebuild the summary, its Markdown and "
+        "the figure from results CSVs, merged; written beside the first CSV, or beside --results-csv (which then "
+        "gets the merged rows). LABEL=CSV ... compares sweeps side by side (a label on several CSVs merges them)")
+    return parser
+
+
+def shown(value) -> str:
+    """A setting as a command line would give it."""
+    if isinstance(value, tuple):
+        return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return "on" if value is True else "off" if value is False else str(value)
+
+
+def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
+    """The settings of the command line, completed, and the names of the flags it gives. Every flag that a
+    protocol sets, or that --resume compares with a sweep's saved settings, needs to be told given or not:
+    the parser's defaults are taken first, then set to None, so that a flag left out parses to None."""
+    parser = make_parser()
+    defaults = vars(parser.parse_args([]))
+    parser.set_defaults(**dict.fromkeys(defaults))
+    given = {name: value for name, value in vars(parser.parse_args(argv)).items() if value is not None}
+    cfg = argparse.Namespace(**{**defaults, **given})
+    preset = PROTOCOLS[cfg.protocol]
+    for name, value in POST.items():
+        if name not in given:
+            setattr(cfg, name, preset.get(name, value))
+    return complete(cfg), set(given)
+
+
+def complete(cfg: argparse.Namespace) -> argparse.Namespace:
+    """Lists as tuples in their order, repeats dropped; every arm's rate, --lr's where it gives one."""
+    for name, value in vars(cfg).items():
+        if isinstance(value, list):
+            setattr(cfg, name, tuple(dict.fromkeys(value)))
+    cfg.lr = {**{name: arm.learning_rate for name, arm in tm.ARMS.items()}, **dict(cfg.lr)}
+    if not hasattr(cfg, "version"):
+        cfg.version = "version_0"  # set at start: the log version that all runs of this invocation share
+    return cfg
+
+
+def backbone_seed(cfg: argparse.Namespace, seed: int) -> int:
+    """The pretraining seed of the backbone that the target runs of `seed` start from."""
+    if cfg.backbone_per_seed:
+        return seed
+    return cfg.seed if cfg.pretrain_seed is None else cfg.pretrain_seed
+
+
+def seeds(cfg: argparse.Namespace) -> range:
+    return range(cfg.seed, cfg.seed + cfg.seeds)
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run_threads(cfg: argparse.Namespace) -> int | None:
+    """Torch threads of every run, pretraining included: --threads; else the machine's cores shared out among
+    --workers; 1 per run on a cluster; in one process, torch's own choice (None)."""
+    if cfg.threads:
+        return cfg.threads
+    if cfg.workers > 1:
+        return max(1, available_cores() // cfg.workers)
+    return 1 if cfg.cluster else None

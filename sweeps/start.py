@@ -1,0 +1,184 @@
+"""Before a sweep's first run: its targets registered (image folders too), its devices, data, labels and sizes
+checked, the subsets described, and its outputs (log folder, version, CSV) made, so that bad input fails in
+one line before any training and leaves nothing behind. Imported by cli; it imports settings, runs, folders
+and the template."""
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import lightning
+import torch
+
+import transfer_mnist as tm
+from sweeps.folders import folder_of, register_image_folder
+from sweeps.runs import ResultsCsv
+from sweeps.settings import backbone_seed, seeds
+
+logger = tm.logger  # the experiment's console, as the template's
+
+
+def resolve_targets(cfg: argparse.Namespace) -> None:
+    """Replace image folders in --source and --targets by the names they are registered under."""
+    folders = {}
+    for arg in (cfg.source, *cfg.targets):
+        if arg not in tm.TARGETS and arg not in folders:
+            folders[arg] = register_image_folder(arg)
+    names = list(folders.values())
+    if len(set(names)) < len(names):
+        raise tm.ExperimentError(f"two image folders share a name ({', '.join(folders)}); rename one")
+    cfg.source = folders.get(cfg.source, cfg.source)
+    cfg.targets = tuple(folders.get(arg, arg) for arg in cfg.targets)
+
+
+def same_files(cfg: argparse.Namespace, name: str) -> bool:
+    """Whether a target reads the source's files (even-odd and mnist: MNIST's training split), as --disjoint asks."""
+    return tm.TARGETS[cfg.source].dataset == tm.TARGETS[name].dataset
+
+
+def check_data(cfg: argparse.Namespace) -> None:
+    """Fail before pretraining, not half an hour later, when a dataset, its labels or a size is wrong: every
+    subset of the sweep is drawn once (tm.load_data checks labels and sizes)."""
+    source = tm.TARGETS[cfg.source]
+    tm.load_data(cfg.source, cfg.n_pretrain, cfg.data_dir, cfg.seed, where=folder_of(source) or cfg.source,
+                 flag="--n-pretrain")
+    for name in cfg.targets:
+        try:  # labels first, so that a wrong keep or relabel is named with its target
+            tm.read_split(tm.TARGETS[name], cfg.data_dir, True)
+        except tm.LabelError as err:
+            raise tm.ExperimentError(f"target {name}: {err}; fix its entry in TARGETS") from None
+        for seed in seeds(cfg):
+            available, where = tm.available_images(cfg, name, backbone_seed(cfg, seed))
+            for n_train in cfg.n_train:
+                tm.load_data(name, n_train, cfg.data_dir, seed, available, folder_of(tm.TARGETS[name]) or where)
+
+
+def describe_subsets(cfg: argparse.Namespace) -> list[str]:
+    """Per target and n_train, over the seeds: training and validation images per class, and how many of
+    them pretraining saw (the backbone of that seed, on the same files)."""
+    lines, seed_range = [], seeds(cfg)
+    span = lambda values: f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"  # noqa: E731
+    for name in cfg.targets:
+        names = tm.TARGETS[name].label_names
+        _, labels, positions = tm.read_split(tm.TARGETS[name], cfg.data_dir, True)
+        for n_train in cfg.n_train:
+            counts, seen = [], []
+            for seed in seed_range:
+                available = tm.available_images(cfg, name, backbone_seed(cfg, seed))[0]
+                subsets = tm.draw_subset(name, n_train, available, seed)
+                counts.append([torch.bincount(labels[idx], minlength=len(names)).tolist() for idx in subsets])
+                pretrained_on = tm.pretraining_images(cfg, backbone_seed(cfg, seed)) if same_files(cfg, name) \
+                    else torch.empty(0, dtype=torch.long)
+                seen.append([int(torch.isin(positions[idx], pretrained_on).sum()) for idx in subsets])
+            per_class = ", ".join(f"{label} {span([c[0][k] for c in counts])} + {span([c[1][k] for c in counts])}"
+                                  for k, label in enumerate(names))
+            overlap = (f"pretraining saw {span([s[0] for s in seen])} of the training and {span([s[1] for s in seen])} "
+                       f"of the validation images" + ("" if cfg.disjoint else " (--disjoint keeps them apart)")
+                       if same_files(cfg, name) else f"pretraining ({cfg.source}) saw none of them")
+            lines.append(f"{name}: {n_train} training + {len(subsets[1])} validation images a run"
+                         f"{f', seeds {seed_range[0]}-{seed_range[-1]}' if len(seed_range) > 1 else ''}; per class "
+                         f"{per_class}; {overlap}")
+    return lines
+
+
+def check_devices(cfg: argparse.Namespace) -> str:
+    """The experiment runs on one device; say so before any training if --accelerator/--devices disagree.
+    Returns the accelerator that Lightning resolves --accelerator to (cpu, cuda, mps, ...)."""
+    try:
+        trainer = lightning.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, logger=False,
+                                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    except Exception as err:  # Lightning raises several kinds for an unknown or unavailable accelerator
+        raise tm.ExperimentError(f"--accelerator {cfg.accelerator} --devices {cfg.devices}: "
+                              f"{str(err).strip().splitlines()[0]}") from None
+    if trainer.world_size > 1:
+        raise tm.ExperimentError("this experiment runs on one device; pass --devices 1")
+    return type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
+
+
+def make_dirs(path: Path, created: list[Path]) -> None:
+    """mkdir -p that remembers the topmost folder it made, so that a failed start can remove it."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    if missing:
+        created.append(missing[-1])
+
+
+def run_names() -> set[str]:
+    """Top-level entries that this script writes into the log folder (besides results_*)."""
+    return {"pretrain", "learning_curve", "figure", *tm.TARGETS}
+
+
+def clear_log_dir(log_dir: Path) -> None:
+    """--overwrite: delete the log folder, unless it holds files this script did not write."""
+    foreign = sorted(p.name for p in log_dir.iterdir()
+                     if p.name not in run_names() and not p.name.startswith("results_"))
+    if foreign:
+        raise tm.ExperimentError(f"--overwrite would delete {log_dir}, which holds files this script did not write "
+                              f"({', '.join(foreign[:3])}); choose another --log-dir")
+    logger.info(f"--overwrite: removing {log_dir}")
+    shutil.rmtree(log_dir)
+
+
+def prepare_outputs(cfg: argparse.Namespace, created: list[Path]) -> ResultsCsv:
+    """Create the log folder and the results CSV now, so that a path that cannot be written fails before
+    any training; set the version that this invocation's runs share.
+    A resumed sweep appends to its CSV, and keeps its version where it keeps its log folder."""
+    log_dir = Path(cfg.log_dir)
+    if log_dir.exists() and not log_dir.is_dir():
+        raise tm.ExperimentError(f"--log-dir {log_dir} is a file, not a folder")
+    if cfg.overwrite and log_dir.is_dir() and not cfg.dry_run:
+        clear_log_dir(log_dir)
+    try:
+        make_dirs(log_dir, created)
+        with tempfile.TemporaryFile(dir=log_dir):
+            pass
+    except OSError as err:
+        raise tm.ExperimentError(f"--log-dir {log_dir} cannot be created or written ({err.strerror or err})") from None
+    if not (cfg.resume and cfg.version):
+        taken = [int(p.name.removeprefix("version_")) for p in log_dir.glob("**/version_*")
+                 if p.name.removeprefix("version_").isdigit()]
+        cfg.version = f"version_{max(taken, default=-1) + 1}"
+    csv_path = Path(cfg.results_csv or log_dir / f"results_{cfg.version}.csv")
+    if csv_path.is_dir():
+        raise tm.ExperimentError(f"--results-csv {csv_path} is a folder, not a file")
+    try:
+        make_dirs(csv_path.parent, created)
+        if not csv_path.exists():
+            created.append(csv_path)
+        return ResultsCsv(str(csv_path), append=bool(cfg.resume))
+    except OSError as err:
+        raise tm.ExperimentError(f"--results-csv {csv_path} cannot be written ({err.strerror or err})") from None
+
+
+def check_inputs(cfg: argparse.Namespace, created: list[Path]) -> str:
+    """Everything that can be checked before training: targets, devices, the data, its labels and sizes.
+    Data folders that a failed download leaves are added to `created`. Returns the resolved accelerator."""
+    resolve_targets(cfg)
+    if cfg.backbone_per_seed and cfg.pretrain_seed is not None:
+        raise tm.ExperimentError("--backbone-per-seed pretrains each seed's backbone with that seed; "
+                                 "drop --pretrain-seed")
+    accelerator = check_devices(cfg)
+    for name in (cfg.source, *cfg.targets):
+        if folder_of(tm.TARGETS[name]) is None:
+            raw = Path(cfg.data_dir, tm.TARGETS[name].dataset.__name__, "raw")
+            missing = [p for p in (raw, *raw.parents) if not p.exists()]
+            if missing and missing[-1] not in created:
+                created.append(missing[-1])
+    check_data(cfg)
+    for name in dict.fromkeys((cfg.source, *cfg.targets)):
+        target = tm.TARGETS[name]
+        logger.info(f"{name}: {folder_of(target) or target.dataset.__name__}, {len(target.label_names)} classes "
+                    f"({', '.join(target.label_names)})")
+    for line in describe_subsets(cfg):
+        logger.info(line)
+    return accelerator
+
+
+def remove(paths: list[Path]) -> None:
+    """What a failed start made, removed again."""
+    for path in reversed(paths):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

@@ -1,0 +1,46 @@
+"""Ctrl-C and SIGTERM stop a sweep whenever they arrive, and the finished runs stay. Imported by runs, the
+engines and cli; it imports only the standard library."""
+
+import contextlib
+import signal
+
+
+class StopSignal:
+    """Ctrl-C (SIGINT) and SIGTERM stop the sweep whenever they arrive. The handler raises KeyboardInterrupt
+    and remembers the signal: code that swallows exceptions may meet it first (the garbage collector runs
+    Lightning's Profiler.__del__, which drops what is raised in it), and check(), called between runs,
+    raises it again."""
+
+    received: int | None = None
+    deferring = False
+
+    @classmethod
+    def handle(cls, signum: int, frame) -> None:
+        cls.received = signum
+        if not cls.deferring:
+            raise KeyboardInterrupt
+
+    @classmethod
+    @contextlib.contextmanager
+    def deferred(cls):
+        """A signal that arrives in here stops the sweep at the end of the block (around gc.collect(): an
+        exception raised in a __del__ is printed as 'Exception ignored' and dropped)."""
+        cls.deferring = True
+        try:
+            yield
+        finally:
+            cls.deferring = False
+        cls.check()
+
+    @classmethod
+    def install(cls) -> None:
+        """Also after ray.init(), which sets a SIGTERM handler of its own. A SIGINT ignored from the start (a
+        job in the background of a script) stays ignored."""
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) is not signal.SIG_IGN or signum == signal.SIGTERM:
+                signal.signal(signum, cls.handle)
+
+    @classmethod
+    def check(cls) -> None:
+        if cls.received is not None:
+            raise KeyboardInterrupt
