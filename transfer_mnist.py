@@ -34,7 +34,6 @@ from pathlib import Path
 
 import lightning
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -108,13 +107,14 @@ def read_split(target: Target, data_dir: str, train: bool) -> tuple[torch.Tensor
         raise
     except Exception as err:  # a failed download, or a file torchvision cannot parse
         name, files = target.dataset.__name__, [Path(file).stem for file, _ in target.dataset.resources]
-        raw = Path(data_dir, name, "raw")
-        raise ExperimentError(f"the raw files in {raw} are damaged; delete them to download them again" if all(
-            (raw / file).is_file() for file in files) else f"{name} is not in {raw} and could not be downloaded "
-            f"({str(err).strip().splitlines()[-1]}); put {', '.join(files)} there, or pass --data-dir with a "
-            f"folder that holds {name}/raw/") from None
-    images, labels = data.data, data.targets
-    positions = torch.arange(len(labels))
+        raw, split = Path(data_dir, name, "raw"), [file for file in files if file.startswith(("t10k", "train")[train])]
+        if all((raw / file).is_file() for file in files):
+            raise ExperimentError(f"{' or '.join(split)} in {raw} is damaged (truncated or corrupt); delete it to "
+                                  f"download it again") from None
+        raise ExperimentError(f"{name} is not in {raw} and could not be downloaded ({str(err).strip().splitlines()[-1]}"
+                              f"); put {', '.join(files)} there, or pass --data-dir with a folder that holds "
+                              f"{name}/raw/") from None
+    images, labels, positions = data.data, data.targets, torch.arange(len(data.targets))
     if target.keep is not None:
         mask = target.keep(labels)
         if getattr(mask, "dtype", None) != torch.bool or mask.shape != labels.shape:
@@ -244,7 +244,7 @@ class LitModule(lightning.LightningModule):
     def _shared_step(self, batch, stage: str) -> torch.Tensor:
         images, labels = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, labels)
+        loss = nn.functional.cross_entropy(logits, labels)
         # summed here, logged once an epoch: self.log() per step made target runs 6% slower
         sums = torch.stack([loss.detach() * len(labels), (logits.argmax(dim=1) == labels).sum().float()])
         self._sums[stage] = self._sums.get(stage, 0) + sums
@@ -275,8 +275,7 @@ class LitModule(lightning.LightningModule):
         trainable = [p for p in self.parameters() if p.requires_grad]  # fused: one kernel, pretraining 14% faster
         return torch.optim.Adam(trainable, lr=self.hparams.learning_rate, fused=True)
 
-    def parameter_counts(self) -> dict[str, int]:
-        """Trainable and total parameters, logged with every run: a frozen backbone shows."""
+    def parameter_counts(self) -> dict[str, int]:  # logged with every run: a frozen backbone shows
         return {"trainable_params": sum(p.numel() for p in self.parameters() if p.requires_grad),
                 "total_params": sum(p.numel() for p in self.parameters())}
 
@@ -494,7 +493,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.exit(2, f"error: transfer_mnist.py runs one comparison, without {unknown[0]}; seeds, grids, protocols, "
                     f"Ray, resume and reports are the harness's: python -m sweeps {' '.join(argv or sys.argv[1:])}\n")
     args.lr = {**{name: arm.learning_rate for name, arm in ARMS.items()}, **dict(args.lr)}
-    args.version = None  # main() sets it: the log version that every run of this invocation shares
     return args
 
 
@@ -518,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
             load_data(target, args.n_train, args.data_dir, args.seed, *available_images(args, target, args.seed))
         load_data(args.source, args.n_pretrain, args.data_dir, args.seed, flag="--n-pretrain")
         taken = [int(p.name[8:]) for p in Path(args.log_dir).glob("**/version_*") if p.name[8:].isdigit()]
-        args.version = f"version_{max(taken, default=-1) + 1}"  # above every version there: nothing overwritten
+        args.version = f"version_{max(taken, default=-1) + 1}"  # every run's; above all there: nothing overwritten
         csv_path = args.results_csv or os.path.join(args.log_dir, f"results_{args.version}.csv")
         os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
         write_results(csv_path, [])

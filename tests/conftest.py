@@ -27,6 +27,7 @@ SWEEPS = [sys.executable, "-m", "sweeps"]
 def template_args(log_dir, *argv: str, **settings):
     """The template's settings for a fit on the CPU, logging under log_dir, with `settings` set on them."""
     args = transfer_mnist.parse_args(["--log-dir", str(log_dir), "--accelerator", "cpu", "--devices", "1", *argv])
+    args.version = None  # main() sets it; Lightning picks version_0 in a new folder
     for name, value in settings.items():
         setattr(args, name, value)
     return args
