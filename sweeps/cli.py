@@ -99,8 +99,8 @@ def report(cfg: argparse.Namespace, given: set[str]) -> int:
                 ResultsCsv(cfg.results_csv).rewrite(results)
             except OSError as err:
                 raise tm.ExperimentError(f"--results-csv {out} cannot be written ({err.strerror or err})") from None
-        summary = write_summary(results, str(out.with_suffix(".md")), cfg.select)  # summary
-        draw_figure(results).savefig(out.with_suffix(".png"))  # figure
+        summary = write_summary(results, str(out.with_suffix(".md")), cfg.select)
+        draw_figure(results).savefig(out.with_suffix(".png"))
     except tm.ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
