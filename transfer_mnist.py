@@ -465,7 +465,7 @@ def make_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--data-dir", default="data", help="folder with MNIST/raw and FashionMNIST/raw; missing files are downloaded")
     add("--log-dir", default="pretraining_logs", help="TensorBoard folder; each invocation adds a version to it")
-    add("--results-csv", metavar="PATH", help="a row per run; default: <log-dir>/results_<version>.csv")
+    add("--results-csv", metavar="PATH", help="a row per run; None: <log-dir>/results_<version>.csv")
     add("--seed", type=int, default=0, help="draws the training subsets and initial weights")
     add("--source", choices=TARGETS, default="mnist", help="target to pretrain the backbone on")
     add("--n-pretrain", type=positive(int), default=10_000, help="pretraining images, +25%% to validate")

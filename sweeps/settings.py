@@ -70,54 +70,58 @@ def target_name(text: str) -> str:
 
 def make_parser() -> argparse.ArgumentParser:
     """The template's flags, some of them widened (several --n-train, image folders, what a protocol sets),
-    and the harness's."""
+    and the harness's. A flag that --protocol sets has no default here (SUPPRESS): parse() fills it in."""
     parser = argparse.ArgumentParser(
         prog="python -m sweeps", parents=[tm.make_parser()], conflict_handler="resolve",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="The transfer experiment of transfer_mnist.py over seeds, training-set sizes and learning-rate "
-                    "grids, in one process or on Ray, with resume, summaries over seeds and figures. Arms' default "
-                    f"rates: {', '.join(f'{name} {arm.learning_rate:g}' for name, arm in tm.ARMS.items())}.")
+                    "grids, in one process or on Ray, with resume, summaries over seeds and figures.")
     add = parser.add_argument
+    by_protocol = {"default": argparse.SUPPRESS}
     fair = ", ".join(f"--{name.replace('_', '-')} {shown(value)}" for name, value in FAIR.items())
-    add("--protocol", choices=PROTOCOLS, default="post", help="post: the blog post's protocol, as the defaults say; "
-        f"fair: an honest comparison, with these settings unless the command line gives them: {fair} (default: post)")
+    add("--protocol", choices=PROTOCOLS, default="post", help="post: the blog post's protocol; fair: an honest "
+        f"comparison, with these settings unless the command line gives them: {fair}")
     # the template's flags, widened
     add("--source", type=target_name, default="mnist", help="registered target (or image folder) to pretrain the "
-        "backbone on (default: mnist)")
+        "backbone on")
     add("--targets", nargs="+", type=target_name, default=("even-odd", "fashion-mnist"), help="registered targets, "
-        "or folders of your own images laid out as FOLDER/train/<class>/* and FOLDER/test/<class>/* "
-        "(default: even-odd fashion-mnist)")
-    add("--modes", nargs="+", choices=tm.ARMS, help=f"arms to run on every target (default: {shown(POST['modes'])})")
+        "or folders of your own images laid out as FOLDER/train/<class>/* and FOLDER/test/<class>/*")
+    add("--modes", nargs="+", choices=tm.ARMS, **by_protocol, help="arms to run on every target (post: "
+        f"{shown(POST['modes'])}; fair: all)")
     add("--n-train", nargs="+", type=positive_int, default=(200,), help="training images per target run, plus a "
-        "quarter as many for validation; several sizes give a learning curve, e.g. 50 100 200 500 (default: 200)")
+        "quarter as many for validation; several sizes give a learning curve, e.g. 50 100 200 500")
     add("--patience", type=non_negative_int, default=100, help="stop a run this many epochs after its best "
-        "validation loss; 0 never stops early (the post) (default: 100)")
-    add("--disjoint", action=argparse.BooleanOptionalAction, help="draw each target's training and validation "
-        "images only from those that its backbone was not pretrained on, where source and target read the same "
-        "files (even-odd and mnist) (default: off)")
+        "validation loss; 0 never stops early (the post)")
+    add("--disjoint", action=argparse.BooleanOptionalAction, **by_protocol, help="draw each target's training and "
+        "validation images only from those that its backbone was not pretrained on, where source and target read "
+        "the same files (even-odd and mnist) (post: off; fair: on)")
     add("--threads", type=positive_int, help="torch threads of every run, pretraining included; the same --threads "
-        "gives the same numbers (default: torch's own in one process, the machine's cores divided by --workers "
-        "with workers, 1 on a cluster)")
+        "gives the same numbers. None: torch's own in one process, the machine's cores divided by --workers with "
+        "workers, 1 on a cluster")
     # the harness's own
-    add("--seeds", type=positive_int, help="repeat every target run for this many seeds, --seed upwards (default: 1)")
-    add("--pretrain-seed", type=int, help="seed of pretraining (default: --seed); fix it to split the seeds of one "
+    add("--seeds", type=positive_int, **by_protocol, help="repeat every target run for this many seeds, --seed "
+        "upwards (post: 1; fair: 5)")
+    add("--pretrain-seed", type=int, help="seed of pretraining, None: --seed; fix it to split the seeds of one "
         "sweep over machines, e.g. --seed 3 --seeds 2 --pretrain-seed 0")
-    add("--backbone-per-seed", action=argparse.BooleanOptionalAction, help="pretrain one backbone per seed "
-        "(pretraining seed s for the target runs of seed s) instead of one for the whole invocation (default: off)")
-    add("--lr-grid", nargs="+", type=positive_float, metavar="LR", help="train every target run once per learning "
-        "rate, the same grid for every arm, and select per (target, arm, n_train, seed) the rate with the lowest "
-        "validation loss, e.g. 1e-5 3e-5 1e-4 3e-4 1e-3 3e-3 (default: none, each arm at its own rate)")
-    add("--select", choices=("seed", "pooled"), help="how --lr-grid picks: per seed on its own validation loss, or "
-        "pooled: one rate per (target, arm, n_train), the lowest mean validation loss over seeds (default: seed)")
+    add("--backbone-per-seed", action=argparse.BooleanOptionalAction, **by_protocol, help="pretrain one backbone "
+        "per seed (pretraining seed s for the target runs of seed s) instead of one for the whole invocation "
+        "(post: off; fair: on)")
+    add("--lr-grid", nargs="+", type=positive_float, metavar="LR", **by_protocol, help="train every target run "
+        "once per learning rate, the same grid for every arm, and select per (target, arm, n_train, seed) the rate "
+        f"with the lowest validation loss (post: none, each arm at its own rate; fair: {shown(FAIR['lr_grid'])})")
+    add("--select", choices=("seed", "pooled"), **by_protocol, help="how --lr-grid picks: per seed on its own "
+        "validation loss, or pooled: one rate per (target, arm, n_train), the lowest mean validation loss over "
+        "seeds (post: seed; fair: pooled)")
     add("--augment", action="store_true", help="train the target runs on randomly shifted, rotated and scaled images "
         "(a new transform per image and epoch, drawn from the run's seed); never validation or test")
     add("--overwrite", action="store_true", help="delete the log folder first, instead of adding a new version "
         "beside the earlier ones")
     add("--workers", type=positive_int, default=1, help="target runs side by side on a local Ray instance (1: all "
-        "in this process, no Ray); each run's numbers depend on --threads, not on this (default: 1)")
+        "in this process, no Ray); each run's numbers depend on --threads, not on this")
     add("--cluster", metavar="ADDRESS", help="run the target runs on a running Ray cluster: auto (the one `ray "
         "start` runs on this machine), or host:port as `ray start --head` prints it")
     add("--gpus-per-run", type=gpu_share, help="share of a GPU that each target run asks Ray for, so that several "
-        "runs share one GPU (default: 1/--workers on a GPU accelerator, else 0)")
+        "runs share one GPU; None: 1/--workers on a GPU accelerator, else 0")
     add("--resume", metavar="CSV", help="continue the sweep whose results are in CSV with its saved settings (CSV's "
         ".json): skip its finished runs and its pretraining")
     add("--report", nargs="+", metavar="CSV", default=(), help="no training: rebuild the summary, its Markdown and "
@@ -134,19 +138,16 @@ def shown(value) -> str:
 
 
 def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
-    """The settings of the command line, completed, and the names of the flags it gives. Every flag that a
-    protocol sets, or that --resume compares with a sweep's saved settings, needs to be told given or not:
-    the parser's defaults are taken first, then set to None, so that a flag left out parses to None."""
+    """The settings of the command line, completed, and the names of the flags it gives (what --resume
+    compares with a sweep's saved settings): parsed again with every default None, a flag left out is None."""
     parser = make_parser()
-    defaults = vars(parser.parse_args([]))
-    parser.set_defaults(**dict.fromkeys(defaults))
-    given = {name: value for name, value in vars(parser.parse_args(argv)).items() if value is not None}
-    cfg = argparse.Namespace(**{**defaults, **given})
-    preset = PROTOCOLS[cfg.protocol]
-    for name, value in POST.items():
-        if name not in given:
-            setattr(cfg, name, preset.get(name, value))
-    return complete(cfg), set(given)
+    cfg = parser.parse_args(argv)  # --help and every error as the user meets them
+    for name, value in PROTOCOLS[cfg.protocol].items():  # what the protocol sets, where the command line does not
+        if not hasattr(cfg, name):
+            setattr(cfg, name, value)
+    parser.set_defaults(**dict.fromkeys(vars(cfg)))
+    given = {name for name, value in vars(parser.parse_args(argv)).items() if value is not None}
+    return complete(cfg), given
 
 
 def complete(cfg: argparse.Namespace) -> argparse.Namespace:
