@@ -53,12 +53,11 @@ def number(kind: type, low: float, high: float, what: str) -> Callable[[str], ty
     return parse
 
 
+# the template's positive(int) says "invalid positive int value: '0'"; these keep the harness's messages
 positive_int = number(int, 1, math.inf, "a positive whole number")
+positive_float = number(float, math.ulp(0.0), math.nextafter(math.inf, 0), "a positive number")
 non_negative_int = number(int, 0, math.inf, "0 or more")
 gpu_share = number(float, 0, 1, "a share of one GPU, from 0 to 1")
-
-
-positive_float = number(float, math.ulp(0.0), math.nextafter(math.inf, 0), "a positive number")
 
 
 def target_name(text: str) -> str:
