@@ -43,12 +43,12 @@ def run_here(cfg: argparse.Namespace, jobs: dict, finished: Callable) -> None:
 
 
 def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resumed | None = None,
-                   on_pretrained: Callable[[int], None] | None = None) -> list[RunResult]:
+                   on_pretrained: Callable[[int, str], None] | None = None) -> list[RunResult]:
     """Pretrain, then run every arm on every target, training-set size and seed, once per rate of --lr-grid,
     in this process or on Ray (--workers, --cluster). Rows go to the CSV as their runs finish; at the end
     the CSV holds them in the order of pretraining_runs() and sweep_runs(), whatever order they finished
     in. A resumed sweep skips the runs, pretraining included, that its CSV holds already.
-    on_pretrained(seed) is called once seed's backbone checkpoint is written."""
+    on_pretrained(seed, checkpoint) is called once seed's backbone is written, before its row."""
     pretraining, runs = pretraining_runs(cfg), sweep_runs(cfg)
     grids: dict[tuple, list[int]] = {}  # the runs among which one rate is selected
     for index, run in enumerate(runs):
@@ -62,11 +62,11 @@ def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resume
 
     def pretrained(seed: int, result: RunResult, backbone: dict) -> None:
         earlier[run_key(result)], backbones[seed] = result, backbone
-        csv_out.append(result)
         if not os.path.isfile(pretrain_checkpoint(cfg, seed)):  # pretrained on another node: keep it for --resume
             save_backbone(backbone, pretrain_checkpoint(cfg, seed))
-        if on_pretrained:
-            on_pretrained(seed)
+        if on_pretrained:  # before the row: a resume that finds the row finds the backbone's digest too
+            on_pretrained(seed, pretrain_checkpoint(cfg, seed))
+        csv_out.append(result)
         StopSignal.check()
 
     def finished(index: int, result: RunResult, _=None) -> None:

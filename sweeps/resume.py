@@ -80,7 +80,10 @@ def cpu_model() -> str:
 
 
 def write_settings(path: Path, settings: dict) -> None:
-    path.write_text(json.dumps(settings, indent=1) + "\n")
+    """In one step: a signal or a full disk while writing leaves the old settings whole."""
+    partial = path.with_name(f"{path.name}.partial")
+    partial.write_text(json.dumps(settings, indent=1) + "\n")
+    os.replace(partial, path)
 
 
 def save_settings(cfg: argparse.Namespace, csv_path: str, checkpoints: dict[int, str],
@@ -93,12 +96,13 @@ def save_settings(cfg: argparse.Namespace, csv_path: str, checkpoints: dict[int,
                         for seed, path in checkpoints.items()}})
 
 
-def record_backbone(csv_path: str, seed: int) -> None:
-    """Add the digest of seed's freshly written backbone to the settings: --resume checks it."""
+def record_backbone(csv_path: str, seed: int, checkpoint_path: str) -> None:
+    """Record seed's freshly written backbone in the settings, where it was written (a resumed sweep may write
+    into another --log-dir) and with its digest, which --resume checks."""
     path = settings_path(csv_path)
     settings = json.loads(path.read_text())
-    checkpoint = settings["checkpoints"][str(seed)]
-    checkpoint["sha256"] = sha256((Path(csv_path).parent / checkpoint["path"]).read_bytes())
+    settings["checkpoints"][str(seed)] = {"path": os.path.relpath(checkpoint_path, Path(csv_path).parent),
+                                          "sha256": sha256(Path(checkpoint_path).read_bytes())}
     write_settings(path, settings)
 
 

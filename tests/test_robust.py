@@ -1,12 +1,13 @@
 """A robust answer: augmentation, a backbone per seed and pooled rate selection. Tiny data only."""
 
 import csv
+import json
 
 import torch
 from conftest import HPARAMS, template_args
 
 import transfer_mnist as tm
-from sweeps import cli, runs, summary
+from sweeps import cli, resume, runs, summary
 from sweeps.augment import Augment
 
 
@@ -144,3 +145,29 @@ def test_a_backbone_per_seed_sweep_resumes_with_its_backbones(tiny_args, tmp_pat
     assert cli.main(["--resume", str(tmp_path / "r.csv")]) == 0
     assert calls == [0, 1, 1]  # seed 0's backbone was reused, seed 1's pretrained on resuming
     assert (tmp_path / "r.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
+
+
+def test_a_sweep_stopped_in_its_second_pretraining_resumes_elsewhere_with_another_log_dir(tiny_args, tmp_path,
+                                                                                          monkeypatch):
+    args = tiny_args + ["--targets", "even-odd", "--modes", "finetuned", "--seeds", "2", "--backbone-per-seed"]
+    assert cli.main(args + ["--results-csv", str(tmp_path / "whole.csv")]) == 0
+    pretrain = tm.pretrain
+
+    def stopped_at_the_second_seed(cfg, seed, *rest):
+        if seed == 1:
+            raise KeyboardInterrupt
+        return pretrain(cfg, seed, *rest)
+
+    monkeypatch.setattr(tm, "pretrain", stopped_at_the_second_seed)
+    assert cli.main(args + ["--log-dir", str(tmp_path / "logs2"), "--results-csv", str(tmp_path / "r.csv")]) == 130
+    monkeypatch.setattr(tm, "pretrain", pretrain)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert cli.main(["--resume", str(tmp_path / "r.csv"), "--log-dir", "other"]) == 0
+    assert (tmp_path / "r.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
+    checkpoints = json.loads((tmp_path / "r.json").read_text())["checkpoints"]
+    second = tmp_path / checkpoints["1"]["path"]  # recorded where it was written, relative to the CSV
+    assert second.resolve() == (tmp_path / "elsewhere" / "other" / "pretrain" / "version_0" / "seed1" / "checkpoints"
+                                / "best.ckpt").resolve()
+    assert checkpoints["1"]["sha256"] == resume.sha256(second.read_bytes())
+    assert cli.main(["--resume", str(tmp_path / "r.csv")]) == 0  # and it resumes again, nothing left to run
