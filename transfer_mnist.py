@@ -75,8 +75,8 @@ ARMS: dict[str, Arm] = {
     "finetuned": Arm(learning_rate=5e-5, pretrained=True),
     "from_scratch": Arm(learning_rate=1e-4, pretrained=False),
     "frozen": Arm(learning_rate=HEAD_LR, pretrained=True, train_backbone=False),
-    # LP-FT (Kumar et al. 2022): a trained head sends no large random gradients into the pretrained features;
-    # by epoch 100 of 500 a head on the frozen backbone was within 0.05 of its best validation loss
+    # LP-FT (Kumar et al. 2022): a head trained first sends no random gradients into the features; by epoch 100
+    # of 500 it was within 0.05 of its best validation loss on the frozen backbone
     "lp_ft": Arm(learning_rate=5e-5, pretrained=True, head_fraction=0.2, head_lr=HEAD_LR),
 }
 
@@ -85,8 +85,7 @@ EVAL_BATCH_SIZE = 500  # evaluation only: the same numbers at any size; pretrain
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # the post normalises every dataset with MNIST's statistics
 VAL_FRACTION = 0.2  # the post draws n_train / 0.8 images and holds 20% of them out for validation
 MONITOR = "ce_loss/val"  # best epoch = lowest validation cross-entropy, as in the post
-# Lightning 2.6 calls a pytree API that torch 2.14 deprecates: nothing for a user to act on
-LIBRARY_WARNINGS = [r"`isinstance\(treespec, LeafSpec\)` is deprecated"]
+LIBRARY_WARNINGS = [r"`isinstance\(treespec, LeafSpec\)` is deprecated"]  # Lightning 2.6 on torch 2.14: not yours
 
 
 class ExperimentError(Exception):
@@ -165,8 +164,7 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 class TensorLoader:
-    """Batches sliced from in-memory tensors, in a fixed order (the post does not shuffle): a DataLoader's
-    per-sample indexing made target runs 21% and pretraining 12% slower."""
+    """Batches sliced from tensors in a fixed order (the post's); a DataLoader made target runs 21% slower."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int):
         self.images, self.labels, self.batch_size = images, labels, batch_size
@@ -223,8 +221,7 @@ class LitModule(lightning.LightningModule):
         self.convnet = decapitated_lenet()
         self.classification_head = classification_head(len(label_names))
         self.set_stage(learning_rate, train_backbone)
-        # channels-last convolutions and pooling: NCHW makes target runs 12% and pretraining 42% slower here
-        self.convnet.to(memory_format=torch.channels_last)
+        self.convnet.to(memory_format=torch.channels_last)  # NCHW: target runs 12%, pretraining 42% slower here
         self.augment = augment  # a transform of training batches (python -m sweeps --augment)
         self.epochs_before = 0  # epochs of an earlier stage (LP-FT): this stage's epochs count on from there
         self._sums, self._counts = {}, {}  # per stage, this epoch: summed loss and hits, samples
@@ -368,10 +365,8 @@ def fit_best(module: LitModule, loaders, run_name: str, max_epochs: int, args, s
         logger=tb_logger, callbacks=callbacks,
         deterministic="warn",  # same seed, same numbers; "warn" where CUDA lacks a deterministic kernel
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,  # see above
-        num_sanity_val_steps=0,  # the same step runs at the end of epoch 1
-        log_every_n_steps=1,  # metrics are per epoch anyway; this stops a warning about 2-step epochs
-        **dict.fromkeys(["limit_train_batches", "limit_val_batches", "limit_test_batches"], 2 if args.dry_run else 1.0),
-    )
+        num_sanity_val_steps=0, log_every_n_steps=1,  # epoch 1 validates anyway; no warning on 2-step epochs
+        **dict.fromkeys(["limit_train_batches", "limit_val_batches", "limit_test_batches"], 2 if args.dry_run else 1.0))
     trainer.fit(module, *loaders)
     module.load_state_dict(keep_best.best_state)
     return trainer, keep_best
@@ -431,8 +426,7 @@ def train(backbone: dict[str, torch.Tensor], target: str, mode: str, args, seed:
                "max_epochs": args.train_epochs, **module.parameter_counts()}
     run_name, sub_dir, keep_best = f"{target}/{mode}", sub_dir or f"n{n_train}_seed{seed}", None
     if arm.head_fraction:
-        # Two fits, each with a fresh Adam (Lightning's BackboneFinetuning adds a param group mid-fit, which
-        # fused Adam does not take); the run is tested with the best epoch of either stage
+        # Two fits, a fresh Adam each (BackboneFinetuning's mid-fit param group breaks fused Adam); best of either
         module.set_stage(arm.head_lr, train_backbone=False)
         head_epochs = max(1, round(arm.head_fraction * args.train_epochs))
         trainer, keep_best = fit_best(module, loaders[:2], run_name, head_epochs, args, sub_dir)
@@ -503,12 +497,20 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
+def warn_if_busy(threads: int, flags: str = "--threads") -> None:
+    """Beside one busy process, torch's default threads made runs 16 to 35 times slower: say so at the start."""
+    if (cores := os.cpu_count() or 1) - round(load := os.getloadavg()[0]) < threads:  # the last minute's load
+        logger.warning(f"Warning: a load of {load:.1f} on {cores} cores leaves fewer free than the {threads} torch "
+                       f"threads: runs may be many times slower; lower {flags}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """The post's runs: pretrain once, then every arm on every target, a CSV row as each run ends."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_libraries()
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    warn_if_busy(torch.get_num_threads())
     if args.dry_run:  # a smoke test leaves nothing in the real log folder
         args.log_dir = tempfile.mkdtemp(prefix="transfer_mnist_dry_run_")
     try:  # what can fail before training fails now: the data, a label, a size, the output paths

@@ -17,14 +17,16 @@ import torch
 
 import transfer_mnist as tm
 from sweeps.engine import run_experiment
-from sweeps.figures import draw_comparison, draw_figure, log_figure
+from sweeps.figures import draw_comparison, draw_figure, log_figure, save_figure
+from sweeps.files import SweepLock, SweepLocked, replace_text
 from sweeps.resume import (
     check_made_by,
     made_by,
     record_backbone,
     resume_settings,
     save_settings,
-    saved_config,
+    differences,
+    saved_settings,
     settings_path,
 )
 from sweeps.runs import (
@@ -34,12 +36,14 @@ from sweeps.runs import (
     pretraining_runs,
     read_results,
     settle,
+    sweep_runs,
 )
-from sweeps.settings import ExperimentFailure, one_line, parse, run_threads
-from sweeps.start import check_inputs, prepare_outputs, remove
+from sweeps.settings import ExperimentFailure, complete, one_line, parse, run_threads
+from sweeps.start import check_inputs, prepare_outputs, remove, remove_unfinished
 from sweeps.stop import StopSignal
 from sweeps.summary import (
     ARMS,
+    SELECTIONS,
     aligned,
     baseline_arm,
     comparison_table,
@@ -54,12 +58,12 @@ from sweeps.summary import (
 logger = tm.logger  # the experiment's console, as the template's
 
 
-def show(results: list[RunResult], summary: str) -> None:
+def show(results: list[RunResult], summary: str, warnings: list[str] = ()) -> None:
     """The run table, the summary over seeds when there is one, and where the answer is fragile."""
     print(f"\n{format_table(results)}\n")
     if summary:
         print(f"{summary}\n")
-    for warning in fragile(results):
+    for warning in [*warnings, *fragile(results)]:
         print(f"Warning: {warning}")
 
 
@@ -70,16 +74,41 @@ def report_output(cfg: argparse.Namespace, given: set[str]) -> Path:
     if cfg.results_csv:
         return Path(cfg.results_csv)
     first = Path(cfg.report[0])
-    own_select = saved_config(first).get("select", "seed")
+    own_select = saved_settings(first).get("config", {}).get("select", "seed")
     parts = ["merged"] * (len(cfg.report) > 1) + [cfg.select] * ("select" in given and cfg.select != own_select)
     return first.with_name(".".join([first.stem, *parts, "csv"])) if parts else first
 
 
-def load_sweep(paths: list[str], cfg: argparse.Namespace, given: set[str]) -> tuple[list[RunResult], str]:
-    """The rows of results CSVs, merged, their rates selected as --select says, else as the first sweep did."""
-    select = cfg.select if "select" in given else saved_config(Path(paths[0])).get("select", cfg.select)
-    grid = {rate for path in paths for rate in saved_config(Path(path)).get("lr_grid", ())}
-    return settle(read_results(paths), select, grid), select
+def load_sweep(paths: list[str], cfg: argparse.Namespace, given: set[str]) -> tuple[list[RunResult], str, list[str]]:
+    """The rows of results CSVs, merged, their rates selected as --select says, else as the first sweep did,
+    in each (target, arm, n_train) that holds every run its sweep's saved settings plan; and the warnings:
+    groups left out as incomplete, CSVs without settings, sweeps made on different machines."""
+    saved = {path: saved_settings(path) for path in paths}
+    configs = [settings.get("config", {}) for settings in saved.values()]
+    select = cfg.select if "select" in given else next((c["select"] for c in configs if "select" in c), cfg.select)
+    planned = []
+    for path, settings in saved.items():
+        try:
+            planned += sweep_runs(complete(argparse.Namespace(**{**settings["config"], "targets": [
+                name if name in tm.TARGETS else Path(name).name for name in settings["config"]["targets"]]})))
+        except (KeyError, TypeError, AttributeError):
+            planned = None if len(paths) == 1 else planned
+    results, incomplete = settle(read_results(paths), select, planned or ())
+    warnings = [f"{path} has no settings beside it ({settings_path(path).name}): its planned seeds, sizes and rates "
+                f"are taken from its rows, and {SELECTIONS[select]}" for path, settings in saved.items()
+                if "config" not in settings]
+    return results, select, incomplete + warnings + machines_differ(saved)
+
+
+def machines_differ(saved: dict[str, dict]) -> list[str]:
+    """A warning where merged sweeps were made with different code, libraries or kinds of CPU."""
+    made = {path: settings["made_by"] for path, settings in saved.items() if isinstance(settings.get("made_by"), dict)}
+    if len(made) < 2:
+        return []
+    first, *others = made.items()
+    differ = sorted({key for _, m in others for key in differences(first[1], m)})
+    return [f"the merged sweeps were not made alike: {', '.join(differ)} differ between {', '.join(made)}; their "
+            f"rows may not be comparable"] if differ else []
 
 
 def report(cfg: argparse.Namespace, given: set[str]) -> int:
@@ -91,7 +120,7 @@ def report(cfg: argparse.Namespace, given: set[str]) -> int:
             raise tm.ExperimentError("--report takes CSVs, or LABEL=CSV for each to compare sweeps; not both")
         if all(labelled):  # comparing sweeps
             return compare(cfg, given)
-        results, cfg.select = load_sweep(list(cfg.report), cfg, given)
+        results, cfg.select, warnings = load_sweep(list(cfg.report), cfg, given)
         out = report_output(cfg, given)
         if cfg.results_csv:
             try:
@@ -99,15 +128,15 @@ def report(cfg: argparse.Namespace, given: set[str]) -> int:
                 ResultsCsv(cfg.results_csv).rewrite(results)
             except OSError as err:
                 raise tm.ExperimentError(f"--results-csv {out} cannot be written ({err.strerror or err})") from None
-        summary = write_summary(results, str(out.with_suffix(".md")), cfg.select)
-        draw_figure(results).savefig(out.with_suffix(".png"))
+        summary = write_summary(results, str(out.with_suffix(".md")), cfg.select, warnings)
+        save_figure(draw_figure(results), out.with_suffix(".png"))
     except tm.ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 1
-    show(results, summary)
+    show(results, summary, warnings)
     print(f"Rebuilt from {', '.join(cfg.report)}: {out.with_suffix('.md')} and {out.with_suffix('.png')}")
     return 0
 
@@ -124,20 +153,22 @@ def compare(cfg: argparse.Namespace, given: set[str]) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     sweeps = {}
     for label, csvs in paths.items():
-        sweeps[label], select = load_sweep(csvs, cfg, given)
+        sweeps[label], select, warnings = load_sweep(csvs, cfg, given)
+        for warning in warnings:
+            print(f"Warning: {label}: {warning}")
         name = out.with_name(f"{out.stem}.{''.join(c if c.isalnum() or c in '-_' else '_' for c in label)}.md")
-        write_summary(sweeps[label], str(name), select)
-        draw_figure(sweeps[label]).savefig(name.with_suffix(".png"))
+        write_summary(sweeps[label], str(name), select, warnings)
+        save_figure(draw_figure(sweeps[label]), name.with_suffix(".png"))
     table = comparison_table(sweeps)
     modes = [mode for mode in ARMS if any(r.mode == mode for results in sweeps.values() for r in results)]
     header = ["sweep", *percent_table([], modes)[0]]
     means = [[label, *row] for label, results in sweeps.items() for row in percent_table(results, modes)[1]]
-    out.with_suffix(".md").write_text(
+    replace_text(out.with_suffix(".md"), 
         f"# Sweeps compared\n\nMean test accuracy in %, and each pretrained arm minus {baseline_arm()} in points "
         f"with its 95% interval:\n\n{markdown(header, means)}\n\nThe paired differences side by side:\n\n"
         f"{markdown(*table)}\n\nSweeps: " + "; ".join(f"{label}: {', '.join(c)}" for label, c in paths.items())
         + ".\n")
-    draw_comparison(sweeps).savefig(out.with_suffix(".png"))
+    save_figure(draw_comparison(sweeps), out.with_suffix(".png"))
     print(f"\n{aligned(*table)}\n\nCompared: {out.with_suffix('.md')} and {out.with_suffix('.png')}, and each "
           f"sweep's summary beside them")
     return 0
@@ -150,66 +181,86 @@ def resume_command(csv_path: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """A sweep, a resumed sweep, or a report: its exit status (0, 1 for a failure outside the input, 2 for
     bad input, 128 + the signal that stopped it)."""
-    cfg, given = parse(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    tm.quiet_libraries()
-    if cfg.report:
-        return report(cfg, given)
-    resumed, csv_out = None, None
     with contextlib.ExitStack() as stack:
-        if cfg.dry_run:  # a smoke test leaves no runs behind in the real log folder
-            cfg.log_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="sweeps_dry_run_"))
         handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
         stack.callback(lambda: [signal.signal(signum, handler) for signum, handler in handlers.items()])
         StopSignal.received = None
         StopSignal.install()
-        created: list[Path] = []  # files and folders this start made: removed if it fails
         try:
-            if cfg.resume:  # resume
-                if cfg.dry_run:
-                    raise tm.ExperimentError("--resume continues a real sweep; it does not go with --dry-run")
-                cfg, resumed = resume_settings(cfg, given)
-            as_given = argparse.Namespace(**vars(cfg))  # before image folders become target names
-            accelerator = check_inputs(cfg, created)
-            made = made_by(run_threads(cfg) or torch.get_num_threads(), accelerator)
-            if resumed:  # resume
-                check_made_by(resumed, made, cfg.resume)
-            csv_out = prepare_outputs(cfg, created)
-            if not cfg.resume:  # resume: the settings beside the CSV
-                created.append(settings_path(csv_out.path))
-                save_settings(argparse.Namespace(**{**vars(as_given), "version": cfg.version}), csv_out.path,
-                              {run.seed: pretrain_checkpoint(cfg, run.seed) for run in pretraining_runs(cfg)}, made)
-        except OSError as err:
-            remove(created)
-            print(f"error: cannot write {err.filename or 'the results'} ({one_line(err)})", file=sys.stderr)
-            return 2
-        except tm.ExperimentError as err:
-            remove(created)
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        logger.info(f"Settings: {', '.join(f'{key}={value}' for key, value in vars(cfg).items())}")
-        summary_path, figure_path = (Path(csv_out.path).with_suffix(suffix) for suffix in (".md", ".png"))
-        try:
-            results = run_experiment(cfg, csv_out, resumed,
-                                     on_pretrained=functools.partial(record_backbone, csv_out.path))  # resume
-            summary = write_summary(results, str(summary_path), cfg.select)
-            log_learning_curves(results, cfg)
-            figure = draw_figure(results)
-            figure.savefig(figure_path)
-            log_figure(figure, cfg)
-        except tm.ExperimentError as err:
-            if not csv_out.rows:  # a failed start (workers that cannot receive the targets) leaves nothing
-                remove(created)
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        except (OSError, ExperimentFailure) as err:  # a full disk, a killed worker: the finished rows stay
+            cfg, given = parse(argv)
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
+            tm.quiet_libraries()
+            return report(cfg, given) if cfg.report else sweep(cfg, given, stack)
+        except KeyboardInterrupt:  # before the first run, or in a report: nothing half-made is left
+            print("\nInterrupted: nothing was written", file=sys.stderr)
+            return 128 + (StopSignal.received or signal.SIGINT)
+
+
+def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack) -> int:
+    """A sweep or a resumed sweep, from its checks to its outputs."""
+    resumed, csv_out = None, None
+    if cfg.dry_run:  # a smoke test leaves no runs behind in the real log folder
+        cfg.log_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="sweeps_dry_run_"))
+    created: list[Path] = []  # files and folders this start made: removed if it fails
+    try:
+        if cfg.resume:  # resume
+            if cfg.dry_run:
+                raise tm.ExperimentError("--resume continues a real sweep; it does not go with --dry-run")
+            lock = SweepLock(cfg.resume)  # before its rows are read: nobody else is writing them
+            lock.acquire()
+            stack.callback(lock.release)
+            cfg, resumed = resume_settings(cfg, given)
+        as_given = argparse.Namespace(**vars(cfg))  # before image folders become target names
+        accelerator = check_inputs(cfg, created)
+        made = made_by(run_threads(cfg) or torch.get_num_threads(), accelerator)
+        if resumed:  # resume
+            check_made_by(resumed, made, cfg.resume)
+        csv_out = prepare_outputs(cfg, created, stack)
+        if not cfg.resume:  # resume: the settings beside the CSV
+            created.append(settings_path(csv_out.path))
+            save_settings(argparse.Namespace(**{**vars(as_given), "version": cfg.version}), csv_out.path,
+                          {run.seed: pretrain_checkpoint(cfg, run.seed) for run in pretraining_runs(cfg)}, made)
+    except OSError as err:
+        remove(created)
+        print(f"error: cannot write {err.filename or 'the results'} ({one_line(err)})", file=sys.stderr)
+        return 2
+    except (tm.ExperimentError, SweepLocked) as err:
+        remove(created)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        remove(created)
+        raise
+    logger.info(f"Settings: {', '.join(f'{key}={value}' for key, value in vars(cfg).items())}")
+    if not cfg.cluster:  # every worker's threads on this machine's cores
+        tm.warn_if_busy((run_threads(cfg) or torch.get_num_threads()) * cfg.workers, "--threads (and --workers)")
+    summary_path, figure_path = (Path(csv_out.path).with_suffix(suffix) for suffix in (".md", ".png"))
+    try:
+        results = run_experiment(cfg, csv_out, resumed,
+                                 on_pretrained=functools.partial(record_backbone, csv_out.path))  # resume
+        summary = write_summary(results, str(summary_path), cfg.select)
+        log_learning_curves(results, cfg)
+        figure = draw_figure(results)
+        save_figure(figure, figure_path)
+        log_figure(figure, cfg)
+    except tm.ExperimentError as err:
+        remove_unfinished(cfg, csv_out, resumed, created)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (OSError, ExperimentFailure) as err:  # a full disk, a killed worker: the finished rows stay
+        if remove_unfinished(cfg, csv_out, resumed, created):
             print(f"error: {one_line(err)}; the finished runs are in {csv_out.path}; to go on: "
                   f"{resume_command(csv_out.path)}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print(f"\nInterrupted: every finished run is in {csv_out.path} (logs: {cfg.log_dir}, {cfg.version}). "
-                  f"To go on: {resume_command(csv_out.path)}", file=sys.stderr)
-            return 128 + (StopSignal.received or signal.SIGINT)
+        else:
+            print(f"error: {one_line(err)}; no run had finished", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        with StopSignal.deferred(then_stop=False):  # a second Ctrl-C does not cut the clean-up short
+            kept = remove_unfinished(cfg, csv_out, resumed, created)
+        print(f"\nInterrupted: every finished run is in {csv_out.path} (logs: {cfg.log_dir}, {cfg.version}). "
+              f"To go on: {resume_command(csv_out.path)}" if kept else
+              "\nInterrupted before any run finished: nothing was kept", file=sys.stderr)
+        return 128 + (StopSignal.received or signal.SIGINT)
     show(results, summary)
     if cfg.dry_run:
         print("Dry run: every stage ran; its logs were in a temporary folder, now removed.")
@@ -217,5 +268,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Results: {csv_out.path}, {summary_path} and {figure_path}. "
               f"TensorBoard: tensorboard --logdir {cfg.log_dir}")
     return 0
-
-

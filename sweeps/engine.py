@@ -7,6 +7,7 @@ import contextlib
 import functools
 import gc
 import os
+import time
 from collections.abc import Callable
 
 import torch
@@ -16,6 +17,7 @@ from sweeps.ray_engine import RaySweep
 from sweeps.resume import Resumed
 from sweeps.runs import (
     ResultsCsv,
+    Run,
     RunResult,
     execute,
     pretrain_checkpoint,
@@ -33,13 +35,59 @@ logger = tm.logger  # the experiment's console, as the template's
 
 
 def run_here(cfg: argparse.Namespace, jobs: dict, finished: Callable) -> None:
-    """Each (run, backbone) of `jobs` in this process, one after the other; finished(key, result, backbone)."""
-    for key, (run, backbone) in jobs.items():
+    """Each (run, backbone) of `jobs` in this process, one after the other; finished(key, result, backbone)
+    may return more jobs, which run after these."""
+    queue = dict(jobs)
+    while queue:
         StopSignal.check()
+        key = next(iter(queue))
+        run, backbone = queue.pop(key)
         result, backbone = execute(cfg, run, backbone)
-        finished(key, result, backbone)
-        logger.info(f"{result.target}/{result.mode}: best epoch {result.best_epoch}, test loss {result.test_loss:.4f}, "
-                    f"test accuracy {result.test_acc:.4f}, {result.seconds:.1f} s")
+        queue.update(finished(key, result, backbone, "") or {})
+
+
+def clock(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
+
+
+class Progress:
+    """The console's line for each finished run: [k/N], its numbers and seconds, the time since the first run
+    began and an estimate of what is left: the mean seconds of the finished runs of each kind (pretraining,
+    target run) times the runs of that kind left, shared among the workers. Target runs not yet timed are
+    left out of the estimate, and the line says so."""
+
+    def __init__(self, pretraining: int, target_runs: int, workers: int):
+        self.left = {"pretraining": pretraining, "target run": target_runs}
+        self.seconds: dict[str, list[float]] = {kind: [] for kind in self.left}
+        self.total, self.workers, self.started = pretraining + target_runs, workers, time.monotonic()
+
+    def line(self, run, result: RunResult, where: str) -> str:
+        kind = "pretraining" if run.mode == "pretrain" else "target run"
+        self.left[kind] -= 1
+        self.seconds[kind].append(result.seconds)
+        done = self.total - sum(self.left.values())
+        work = sum(sum(times) / len(times) * self.left[k] for k, times in self.seconds.items() if times)
+        timed = any(self.left[k] for k, times in self.seconds.items() if times)
+        untimed = [f"{n} {k}{'s' * (n > 1)} not yet timed" for k, n in self.left.items() if n and not self.seconds[k]]
+        share = max(1, min(self.workers, sum(self.left.values())))
+        estimate = "; ".join([f"about {clock(work / share)} left"] * timed + untimed) or "done"
+        return (f"[{done}/{self.total}] {run}: best epoch {result.best_epoch}, test loss {result.test_loss:.4f}, "
+                f"test accuracy {result.test_acc:.4f}, {result.seconds:.1f} s{where}; "
+                f"{clock(time.monotonic() - self.started)} elapsed; {estimate}")
+
+
+def plan_line(cfg: argparse.Namespace, pretraining: list[Run], todo: list[Run]) -> str:
+    """What a sweep is about to run, in one line."""
+    rates = "each arm at its own rate" if not cfg.lr_grid else f"rates {', '.join(f'{r:g}' for r in cfg.lr_grid)}"
+    where = (f"on {cfg.workers} workers" if cfg.workers > 1 else "in this process") if not cfg.cluster \
+        else f"on the Ray cluster at {cfg.cluster}"
+    seed_list = sorted({run.seed for run in todo}) or [cfg.seed]
+    return (f"Running {len(pretraining)} pretraining{'s' * (len(pretraining) != 1)} ({cfg.source}, {cfg.n_pretrain} "
+            f"images, {cfg.pretrain_epochs} epochs) and {len(todo)} target runs ({', '.join(cfg.targets)}; n_train "
+            f"{', '.join(map(str, cfg.n_train))}; {', '.join(cfg.modes)}; "
+            + (f"seeds {seed_list[0]}-{seed_list[-1]}; " if len(seed_list) > 1 else "")
+            + f"{rates}; up to {cfg.train_epochs} epochs) {where}; target runs start as their backbone is ready")
 
 
 def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resumed | None = None,
@@ -60,18 +108,32 @@ def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resume
     def in_order() -> list[RunResult]:
         return [earlier[run] for run in pretraining if run in earlier] + [done[i] for i in sorted(done)]
 
-    def pretrained(seed: int, result: RunResult, backbone: dict) -> None:
+    todo = {index: run for index, run in enumerate(runs) if index not in done}
+    waiting: dict[int, dict] = {}  # backbone seed -> its target runs, submitted once that backbone exists
+    for index, run in todo.items():
+        waiting.setdefault(backbone_seed(cfg, run.seed), {})[index] = run
+    progress = Progress(sum(run.seed not in backbones for run in pretraining), len(todo), max(cfg.workers, 1))
+
+    def ready(seed: int) -> dict:
+        """Seed's target runs, as jobs with their backbone."""
+        return {index: (run, backbones[seed]) for index, run in waiting.pop(seed, {}).items()}
+
+    def pretrained(seed: int, result: RunResult, backbone: dict, where: str) -> dict:
         earlier[run_key(result)], backbones[seed] = result, backbone
         if not os.path.isfile(pretrain_checkpoint(cfg, seed)):  # pretrained on another node: keep it for --resume
             save_backbone(backbone, pretrain_checkpoint(cfg, seed))
         if on_pretrained:  # before the row: a resume that finds the row finds the backbone's digest too
             on_pretrained(seed, pretrain_checkpoint(cfg, seed))
         csv_out.append(result)
+        logger.info(progress.line(run_key(result), result, where))
         StopSignal.check()
+        return ready(seed)
 
-    def finished(index: int, result: RunResult, _=None) -> None:
+    def finished(index: int | Run, result: RunResult, backbone: dict | None, where: str) -> dict:
         """Every row goes to the CSV as its run finishes, `selected` false until its grid is complete; then
-        the grid's choice is made and the CSV rewritten with it."""
+        the grid's choice is made and the CSV rewritten with it. A pretraining's target runs follow it."""
+        if isinstance(index, Run):
+            return pretrained(index.seed, result, backbone, where)
         done[index] = result
         grid = grids[selection_group(runs[index], cfg.select)]
         complete = all(i in done for i in grid)
@@ -81,16 +143,18 @@ def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resume
             csv_out.rewrite(in_order())
         else:
             csv_out.append(result)
+        logger.info(progress.line(runs[index], result, where))
         # Free the finished run now: Lightning's reference cycles keep its tensors until the cyclic
         # collector happens to run. Measured: without this, resident memory grew from 1.1 to 1.45 GB
         # over 24 runs (2.7 GB over 121); each collection takes 0.16 s.
         with StopSignal.deferred():
             gc.collect()
+        return {}
 
-    todo = {index: run for index, run in enumerate(runs) if index not in done}
     if resumed:
         logger.info(f"Resuming {csv_out.path}: {len(done)} of {len(runs)} target runs and {len(backbones)} of "
                     f"{len(pretraining)} pretraining runs done, skipped; {len(todo)} target runs remain")
+    logger.info(plan_line(cfg, [run for run in pretraining if run.seed not in backbones], list(todo.values())))
     threads = run_threads(cfg)
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(threads or torch_threads)  # pretraining too: the same --threads, the same numbers
@@ -98,9 +162,11 @@ def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resume
         # Ray starts first: a cluster that cannot be reached fails before pretraining, not after it
         with RaySweep(cfg, threads) if cfg.workers > 1 or cfg.cluster else contextlib.nullcontext() as engine:
             run_all = engine.run if engine is not None else functools.partial(run_here, cfg)
-            run_all({run.seed: (run, None) for run in pretraining if run.seed not in backbones}, pretrained)
-            backbone_of = {run.seed: backbones[backbone_seed(cfg, run.seed)] for run in runs}
-            run_all({index: (run, backbone_of[run.seed]) for index, run in todo.items()}, finished)
+            # pretraining first (keyed by its Run), each seed's target runs (by index) once its backbone exists
+            jobs = {run: (run, None) for run in pretraining if run.seed not in backbones}
+            for seed in list(backbones):
+                jobs.update(ready(seed))
+            run_all(jobs, finished)
     finally:
         torch.set_num_threads(torch_threads)
     for grid in grids.values():  # grids completed by rows of an earlier, interrupted invocation too

@@ -7,6 +7,7 @@ import argparse
 
 import lightning
 
+from sweeps.files import replace
 from sweeps.runs import RunResult
 from sweeps.summary import ARMS, MeanCI, accuracy_ci, baseline_arm, group_by_arm, paired
 
@@ -58,6 +59,11 @@ def draw_figure(results: list[RunResult]):
     seeds = max(ci.n for arms in points.values() for curve in arms.values() for _, ci in curve)
     figure.suptitle("1 seed, no interval" if seeds == 1 else f"Mean over {seeds} seeds, 95% interval")
     return figure
+
+
+def save_figure(figure, path) -> None:
+    """The figure as a PNG, in one step (files.replace)."""
+    replace(path, lambda partial: figure.savefig(partial, format="png"))
 
 
 def log_figure(figure, cfg: argparse.Namespace) -> None:

@@ -9,6 +9,8 @@ import gc
 import logging
 import os
 import signal
+import time
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,23 +73,71 @@ def run_remote(cfg: argparse.Namespace, registry: list, backbone: dict | None, r
     return result, backbone, ray.util.get_node_ip_address() + where
 
 
-def local_processes(roots: list[int], session: str) -> set[int]:
-    """Processes of a local Ray instance: those started by its own processes (`roots`), and by those, ...,
-    and any whose command line names its session (Linux's /proc; none elsewhere)."""
-    children: dict[int, list[int]] = {}
-    found: set[int] = set()
-    for proc in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(proc.name))
-            if session in (proc / "cmdline").read_text():
-                found.add(int(proc.name))
-    todo = list(roots)
-    while todo:
-        started = children.get(todo.pop(), [])
-        found.update(started)
-        todo += started
-    return found - {os.getpid()}
+def process_start(pid: int) -> int | None:
+    """A process's start time (clock ticks after boot, /proc/PID/stat): with its PID, it names one process
+    for good, where the PID alone may be reused. None once it is gone (or off Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return None if fields[0] in "ZX" else int(fields[19])  # a zombie has ended
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class InstanceProcesses:
+    """The processes that this invocation's local Ray instance started: the ones Ray names (gcs_server,
+    raylet, ...) and their descendants (the raylet's agents and workers), each seen alive in /proc with its
+    start time. Looked at while the instance runs, so that processes which the death of their parent leaves
+    behind are known too; nothing is found by name, and nobody else's process is ever in here."""
+
+    def __init__(self, node):
+        self.node = node
+        self.seen: dict[int, tuple[int, str]] = {}  # pid -> (start time, process title)
+
+    def look(self) -> None:
+        roots = [p.process.pid for infos in self.node.all_processes.values() for p in infos]
+        children: dict[int, list[int]] = {}
+        for proc in Path("/proc").glob("[0-9]*"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                children.setdefault(int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(
+                    int(proc.name))
+        todo = list(roots)
+        while todo:
+            pid = todo.pop()
+            start = process_start(pid)
+            if start is not None and self.seen.get(pid, (None,))[0] != start:
+                with contextlib.suppress(OSError, IndexError):
+                    title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+                    self.seen[pid] = (start, os.path.basename(title.removeprefix("ray::")))
+            todo += children.get(pid, [])
+
+    def dead(self) -> list[str]:
+        """The instance's own processes (not its workers, which Ray replaces) that have died, the first to go
+        named: one killed by a signal, else one that failed; an agent's death makes the raylet exit with 0,
+        a raylet's takes its agents with it."""
+        exited = {kind: popen.returncode for kind, popen in self.node.dead_processes()}
+        agents = [title for pid, (start, title) in list(self.seen.items())
+                  if title.endswith("Agent") and process_start(pid) != start]
+        for first in ([k for k, code in exited.items() if code is not None and code < 0],
+                      [k for k, code in exited.items() if code], agents, list(exited)):
+            if first:
+                return first
+        return []
+
+    def kill(self) -> None:
+        """SIGKILL each process seen that is still that very process: a pidfd is opened first, then its start
+        time checked, so the signal cannot reach a process that took over a freed PID."""
+        for pid, (start, _) in list(self.seen.items()):
+            with contextlib.suppress(OSError):
+                if not hasattr(os, "pidfd_open"):  # not Linux 5.3+: the start time just before the signal
+                    if process_start(pid) == start:
+                        os.kill(pid, signal.SIGKILL)
+                    continue
+                handle = os.pidfd_open(pid)
+                try:
+                    if process_start(pid) == start:
+                        signal.pidfd_send_signal(handle, signal.SIGKILL)
+                finally:
+                    os.close(handle)
 
 
 class RaySweep:
@@ -97,6 +147,8 @@ class RaySweep:
     def __init__(self, cfg: argparse.Namespace, threads: int):
         self.cfg, self.threads, self.gpus = cfg, threads, gpus_per_run(cfg)
         self.pending: dict = {}  # task -> key of its run
+        self.processes: InstanceProcesses | None = None
+        self.looked = 0.0  # when the instance's processes were last looked at
 
     def __enter__(self) -> "RaySweep":
         cfg = self.cfg
@@ -118,6 +170,10 @@ class RaySweep:
         except Exception as err:  # ConnectionError, or a ValueError/RuntimeError for an address Ray cannot use
             raise tm.ExperimentError(f"cannot start Ray on {cfg.cluster or 'this machine'}: {one_line(err)}") from None
         StopSignal.install()  # ray.init() replaced the SIGTERM handler
+        # no public API for a local instance's processes
+        self.processes = None if cfg.cluster else InstanceProcesses(ray._private.worker._global_node)
+        if self.processes:
+            self.processes.look()
         resources = ray.cluster_resources()
         if self.gpus and not resources.get("GPU"):
             self.__exit__()
@@ -134,19 +190,16 @@ class RaySweep:
         for task in self.pending:  # Ctrl-C or an error: nothing of this sweep keeps running on the cluster
             with contextlib.suppress(Exception):  # an instance that died has nothing left to cancel
                 self.ray.cancel(task, force=True)
-        node = None if self.cfg.cluster else self.ray._private.worker._global_node
-        if node is None:
+        if self.processes is None:
             self.ray.shutdown()
             return
-        session = node.session_name
-        started = local_processes([p.process.pid for infos in node.all_processes.values() for p in infos], session)
+        self.processes.look()
         self.ray.shutdown()  # a local instance stops with every process it started,
-        for pid in started | local_processes([], session):  # unless it lost its GCS: the raylet's agents outlive it
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        self.processes.kill()  # unless it lost its GCS or raylet: what they started outlives them
 
     def run(self, jobs: dict, finished: Callable) -> None:
-        """Submit each (run, backbone) of `jobs`; call finished(key, result, backbone) here as each one ends."""
+        """Submit each (run, backbone) of `jobs`; call finished(key, result, backbone, where) here as each one
+        ends, and submit the jobs it returns."""
         ray = self.ray
         # absolute paths: a worker process does not start in this folder
         cfg = argparse.Namespace(**{**vars(self.cfg), "data_dir": os.path.abspath(self.cfg.data_dir),
@@ -155,35 +208,51 @@ class RaySweep:
                              {name: tm.ARMS[name] for name in cfg.modes}))]  # a list: Ray passes the id, not the value
         task = ray.remote(run_remote).options(num_cpus=self.threads, num_gpus=self.gpus, max_retries=RETRIES,
                                               retry_exceptions=False)
-        stored = {id(backbone): ray.put(backbone) for _, backbone in jobs.values() if backbone is not None}  # once each
-        self.pending = {task.remote(cfg, registry, stored.get(id(backbone)), run, self.threads): key
-                        for key, (run, backbone) in jobs.items()}
+        stored: dict[int, typing.Any] = {}  # each backbone put into the object store once
+
+        def submit(more: dict) -> None:
+            for key, (run, backbone) in more.items():
+                if backbone is not None and id(backbone) not in stored:
+                    stored[id(backbone)] = ray.put(backbone)
+                self.pending[task.remote(cfg, registry, stored.get(id(backbone)), run, self.threads)] = key
+                runs[key] = run
+
+        runs: dict = {}
+        self.pending = {}  # the warm-up tasks are not waited for
+        submit(jobs)
         while self.pending:
             StopSignal.check()
             for ref in self.wait():
                 key = self.pending.pop(ref)
-                run = jobs[key][0]
                 try:
                     result, backbone, where = ray.get(ref)
                 except ray.exceptions.RayTaskError as err:  # raised inside the run: ExperimentError, a full disk
                     raise (err.cause if isinstance(err.cause, (tm.ExperimentError, OSError)) else err) from None
                 except ray.exceptions.LocalRayletDiedError:
+                    self.check_instance()  # an agent's death, which took the raylet with it
                     raise ExperimentFailure(self.died("raylet")) from None
                 except ray.exceptions.RayError as err:  # its worker died every time
-                    raise ExperimentFailure(f"{run} failed {RETRIES + 1} times: its worker process died "
+                    self.check_instance()  # or the instance under it
+                    raise ExperimentFailure(f"{runs[key]} failed {RETRIES + 1} times: its worker process died "
                                             f"({type(err).__name__})") from None
-                finished(key, result, backbone)
-                logger.info(f"[{len(jobs) - len(self.pending)}/{len(jobs)}] {run}: best epoch {result.best_epoch}, "
-                            f"test accuracy {result.test_acc:.4f}, {result.seconds:.1f} s on {where}")
+                submit(finished(key, result, backbone, f" on {where}") or {})
 
     def wait(self) -> list:
-        """The tasks that finished within a second (the timeout lets Ctrl-C in). A local instance that lost
-        one of its processes ends the sweep: without its GCS it runs on but cannot be shut down cleanly."""
-        node = None if self.cfg.cluster else self.ray._private.worker._global_node  # no public API for this
-        dead = sorted({kind for kind, _ in node.dead_processes()}) if node else []
-        if dead:
-            raise ExperimentFailure(self.died(", ".join(dead)))
+        """The tasks that finished within a second (the timeout lets Ctrl-C in)."""
+        self.check_instance()
         return self.ray.wait(list(self.pending), num_returns=1, timeout=1.0)[0]
+
+    def check_instance(self) -> None:
+        """A local instance that lost one of its processes ends the sweep, naming it: without its GCS, raylet
+        or an agent it runs on but cannot run tasks or be shut down cleanly."""
+        if self.processes is None:
+            return
+        if time.monotonic() - self.looked > 2:  # workers come and go; 2 s is 40 ms of /proc a minute
+            self.processes.look()
+            self.looked = time.monotonic()
+        dead = self.processes.dead()
+        if dead:
+            raise ExperimentFailure(self.died(", ".join(dict.fromkeys(dead))))
 
     def died(self, process: str) -> str:
         return f"the local Ray instance stopped under the script: its {process} process died"

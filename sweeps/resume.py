@@ -1,5 +1,5 @@
 """--resume: the settings saved beside a sweep's CSV (the resolved flags, what made its rows, its backbones'
-digests), and a sweep continued from them. Imported by engine, cli and the reporting modules (saved_config);
+digests), and a sweep continued from them. Imported by engine and cli (saved_settings for --report);
 it imports settings, runs and the template."""
 
 import argparse
@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 
 import transfer_mnist as tm
+from sweeps.files import replace_text
 from sweeps.runs import RunResult, read_results
 from sweeps.settings import complete, one_line
 
@@ -66,32 +67,87 @@ def made_by(threads: int, accelerator: str) -> dict[str, typing.Any]:
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
     code, everything = code_digests()
-    return {"code_sha256": code, "script_sha256": everything, **versions, "cpu": cpu_model(), "threads": threads,
+    return {"code_sha256": code, "script_sha256": everything, **versions, "cpu": cpu_kind(), "threads": threads,
             "accelerator": accelerator}
 
 
-def cpu_model() -> str:
-    """The kind of CPU: float kernels differ between kinds, and 500 epochs amplify that."""
+# The instruction sets whose kernels torch chooses between: they decide which float code a run executes
+ISA_FLAGS = ("sse", "ssse3", "avx", "fma", "f16c", "amx", "bmi", "popcnt", "abm", "movbe")
+
+
+def cpu_kind() -> dict[str, str]:
+    """The kind of CPU, as exactly as "the same kind" needs (float kernels differ between kinds, and 500 epochs
+    amplify that): /proc/cpuinfo's vendor, family, model and stepping (a model name such as "Intel(R) Xeon(R)
+    Processor" covers several), the instruction-set flags, and the kernels torch picked from them."""
+    fields: dict[str, str] = {}
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+        for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines():
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+    flags = " ".join(sorted(f for f in fields.get("flags", "").split() if f.startswith(ISA_FLAGS)))
+    capability = ""
+    with contextlib.suppress(Exception):  # torch before 2.1 cannot say
+        import torch
+
+        capability = torch.backends.cpu.get_cpu_capability()
+    return {"model_name": fields.get("model name", platform.processor() or platform.machine()),
+            "vendor_id": fields.get("vendor_id", ""), "cpu_family": fields.get("cpu family", ""),
+            "model": fields.get("model", ""), "stepping": fields.get("stepping", ""), "isa_flags": flags,
+            "torch_cpu_capability": capability}
+
+
+def differences(saved: dict[str, typing.Any], now: dict[str, typing.Any]) -> list[str]:
+    """The entries of two made_by() records that differ (the CPU's field by field), named: cpu.stepping."""
+    differ = []
+    for key in sorted(saved.keys() | now.keys()):
+        if key in ("script_sha256", "threads"):  # the reporting code; --threads may change, with a warning
+            continue
+        old, new = saved.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differ += [f"{key}.{name}" for name in differences(old, new)]
+        elif old != new:
+            differ.append(key)
+    return differ
 
 
 def write_settings(path: Path, settings: dict) -> None:
     """In one step: a signal or a full disk while writing leaves the old settings whole."""
-    partial = path.with_name(f"{path.name}.partial")
-    partial.write_text(json.dumps(settings, indent=1) + "\n")
-    os.replace(partial, path)
+    replace_text(path, json.dumps(settings, indent=1) + "\n")
+
+
+# The settings that name files or folders: saved relative to the CSV's folder, so that --resume finds them
+# from any working folder (and a sweep moved with its log folder and data resumes)
+PATHS = ("data_dir", "log_dir", "results_csv")
+
+
+def relative_paths(config: dict, folder: Path, to_csv: bool) -> dict:
+    """config's paths (PATHS, and image folders among source and targets) relative to the CSV's `folder`
+    (to_csv), or back from there to paths that open from here."""
+    def path(value):
+        if to_csv:
+            return os.path.relpath(value, folder)
+        joined = os.path.normpath(folder / value)
+        return joined if not os.path.isabs(value) else value
+
+    def folder_target(name):
+        if name in tm.TARGETS:
+            return name
+        return path(name) if to_csv or os.path.isdir(path(name)) else name
+
+    changed = {name: path(config[name]) for name in PATHS if config.get(name) is not None}
+    if "source" in config:
+        changed["source"] = folder_target(config["source"])
+    if "targets" in config:
+        changed["targets"] = [folder_target(name) for name in config["targets"]]
+    return {**config, **changed}
 
 
 def save_settings(cfg: argparse.Namespace, csv_path: str, checkpoints: dict[int, str],
                   made: dict[str, typing.Any]) -> None:
-    """The settings beside the CSV: the resolved flags, what made the rows, and each backbone's checkpoint
-    (relative to the CSV, so a sweep moved with its log folder resumes) with a digest once it is written."""
+    """The settings beside the CSV: the resolved flags (paths relative to the CSV), what made the rows, and
+    each backbone's checkpoint (relative to the CSV too) with a digest once it is written."""
     write_settings(settings_path(csv_path), {
-        "config": vars(cfg), "made_by": made,
+        "config": relative_paths(vars(cfg), Path(csv_path).parent, to_csv=True), "made_by": made,
         "checkpoints": {seed: {"path": os.path.relpath(path, Path(csv_path).parent), "sha256": None}
                         for seed, path in checkpoints.items()}})
 
@@ -106,12 +162,14 @@ def record_backbone(csv_path: str, seed: int, checkpoint_path: str) -> None:
     write_settings(path, settings)
 
 
-def saved_config(csv_path: str | Path) -> dict:
-    """The settings saved beside a results CSV, or {} where there are none (a CSV from elsewhere)."""
+def saved_settings(csv_path: str | Path) -> dict:
+    """The settings saved beside a results CSV (config, made_by, checkpoints), or {} where there are none (a
+    CSV from elsewhere)."""
     try:
-        return json.loads(settings_path(csv_path).read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
+        settings = json.loads(settings_path(csv_path).read_text())
+    except (OSError, ValueError):
         return {}
+    return settings if isinstance(settings, dict) and isinstance(settings.get("config"), dict) else {}
 
 
 def resume_settings(cfg: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespace, Resumed]:
@@ -121,7 +179,7 @@ def resume_settings(cfg: argparse.Namespace, given: set[str]) -> tuple[argparse.
     path = settings_path(cfg.resume)
     try:
         saved = json.loads(path.read_text())
-        settings = complete(argparse.Namespace(**saved["config"]))
+        settings = complete(argparse.Namespace(**relative_paths(saved["config"], path.parent, to_csv=False)))
         checkpoints = {int(seed): Path(cfg.resume).parent / c["path"] for seed, c in saved["checkpoints"].items()}
         digests = {int(seed): c["sha256"] for seed, c in saved["checkpoints"].items()}
         made = saved["made_by"]
@@ -168,10 +226,15 @@ def resume_settings(cfg: argparse.Namespace, given: set[str]) -> tuple[argparse.
 
 
 def check_made_by(resumed: Resumed, now: dict[str, typing.Any], resume: str) -> None:
-    """--resume adds rows only where the same code, libraries and accelerator would make them."""
-    names = {"code_sha256": "the code that makes the rows"}
-    for key, value in resumed.made_by.items():
-        if key not in ("script_sha256", "threads") and now.get(key) != value:
-            raise tm.ExperimentError(f"--resume {resume}: the sweep's rows were made with {names.get(key, key)} "
-                                     f"{str(value)[:12]}, this is {str(now.get(key))[:12]}; resume with what made "
-                                     f"them, or start a new sweep")
+    """--resume adds rows only where the same code, libraries, kind of CPU and accelerator would make them."""
+    differ = differences(resumed.made_by, now)
+    if differ:
+        def value(record, name):
+            for part in name.split("."):
+                record = record.get(part) if isinstance(record, dict) else None
+            return str(record)[:12] if name.endswith("sha256") else str(record)
+        names = {"code_sha256": "the code that makes the rows"}
+        shown = "; ".join(f"{names.get(name, name)} {value(resumed.made_by, name)}, here {value(now, name)}"
+                          for name in differ[:3])
+        raise tm.ExperimentError(f"--resume {resume}: the sweep's rows were made otherwise ({shown}); resume with "
+                                 f"what made them, or start a new sweep")

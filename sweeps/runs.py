@@ -15,6 +15,7 @@ import torch
 
 import transfer_mnist as tm
 from sweeps.augment import Augment
+from sweeps.files import replace
 from sweeps.settings import backbone_seed, seeds
 from sweeps.stop import StopSignal
 
@@ -58,19 +59,31 @@ def pretraining_runs(cfg: argparse.Namespace) -> list[Run]:
 
 def pretrain_checkpoint(cfg: argparse.Namespace, seed: int) -> str:
     """Where tm.pretrain() writes the backbone that the target runs (of this seed) start from."""
-    per_seed = [f"seed{seed}"] if cfg.backbone_per_seed else []
-    return os.path.join(cfg.log_dir, "pretrain", cfg.version, *per_seed, "checkpoints", "best.ckpt")
+    return os.path.join(run_folder(cfg, Run(cfg.source, "pretrain", seed, cfg.n_pretrain, cfg.pretrain_lr)),
+                        "checkpoints", "best.ckpt")
+
+
+def sub_dir(cfg: argparse.Namespace, run: Run) -> str | None:
+    """The run's folder inside its TensorBoard run (name and version), as the template's sub_dir."""
+    if run.mode == "pretrain":
+        return f"seed{run.seed}" if cfg.backbone_per_seed else None
+    return f"n{run.n_train}_seed{run.seed}" + (f"_lr{run.learning_rate:g}" if cfg.lr_grid else "")
+
+
+def run_folder(cfg: argparse.Namespace, run: Run) -> str:
+    """Where the run writes its TensorBoard logs (and a pretraining its checkpoint)."""
+    name = "pretrain" if run.mode == "pretrain" else f"{run.target}/{run.mode}"
+    return os.path.join(cfg.log_dir, name, cfg.version, *filter(None, [sub_dir(cfg, run)]))
 
 
 def execute(cfg: argparse.Namespace, run: Run, backbone: dict | None) -> tuple[RunResult, dict | None]:
     """One run, here: a pretraining returns the backbone it made too; a target run starts from `backbone`."""
     try:
         if run.mode == "pretrain":
-            checkpoint_path, result = tm.pretrain(cfg, run.seed, f"seed{run.seed}" if cfg.backbone_per_seed else None)
+            checkpoint_path, result = tm.pretrain(cfg, run.seed, sub_dir(cfg, run))
             return result, tm.read_backbone(checkpoint_path)
-        sub_dir = f"n{run.n_train}_seed{run.seed}" + (f"_lr{run.learning_rate:g}" if cfg.lr_grid else "")
         return tm.train(backbone, run.target, run.mode, cfg, run.seed, run.n_train, run.learning_rate,
-                        pretrain_seed=backbone_seed(cfg, run.seed), sub_dir=sub_dir,
+                        pretrain_seed=backbone_seed(cfg, run.seed), sub_dir=sub_dir(cfg, run),
                         augment=Augment(run.seed) if cfg.augment else None), None  # the same transforms for every arm
     except SystemExit:  # Lightning ends a fit that a signal interrupted with sys.exit(1): stop the sweep instead
         if StopSignal.received is not None:
@@ -103,28 +116,37 @@ def select_rates(results: list[RunResult], select: str = "seed") -> list[RunResu
     return results
 
 
-def settle(results: list[RunResult], select: str, grid: typing.Iterable[float] = ()) -> list[RunResult]:
-    """select_rates() in every complete selection group of rows read back (--report). A group that lacks a
-    rate of `grid` (the sweeps' saved --lr-grid), or a rate or seed that its (target, mode, n_train) has
-    elsewhere, the grid an interrupted sweep left half done, gets no selected row: it is not in the
-    summary until --resume completes it."""
-    grids: dict[tuple, tuple[set, set]] = {}  # (target, mode, n_train) -> (seeds, rates)
-    groups: dict[tuple, list[RunResult]] = {}
+def settle(results: list[RunResult], select: str,
+           planned: typing.Iterable[Run] = ()) -> tuple[list[RunResult], list[str]]:
+    """select_rates() in every (target, mode, n_train) of rows read back (--report) that holds each run it
+    should: those `planned` (from the sweeps' saved settings) and every (seed, rate) that it has for some
+    rate or seed (rows without settings: an interrupted sweep leaves a grid half done). One that lacks any
+    gets no selected row, so it stays out of the summary until --resume completes it; returned as lines
+    that name it, with the seeds it lacks, beside the rows."""
+    expected: dict[tuple, set] = {}  # (target, mode, n_train) -> its (seed, rate)s
+    for run in planned:
+        expected.setdefault((run.target, run.mode, run.n_train), set()).add((run.seed, run.learning_rate))
+    held: dict[tuple, list[RunResult]] = {}
     for r in results:
-        seen, rates = grids.setdefault((r.target, r.mode, r.n_train),
-                                       (set(), set(grid) if r.mode in tm.ARMS else set()))
-        seen.add(r.seed)
-        rates.add(r.learning_rate)
-        groups.setdefault(selection_group(r, select), []).append(r)
-    for group in groups.values():
-        seen, rates = grids[(group[0].target, group[0].mode, group[0].n_train)]
-        seen = seen if select == "pooled" else {group[0].seed}
-        if {(r.seed, r.learning_rate) for r in group} >= {(s, rate) for s in seen for rate in rates}:
-            select_rates(group, select)
-        else:
-            for r in group:
-                r.selected = False
-    return results
+        held.setdefault((r.target, r.mode, r.n_train), []).append(r)
+    incomplete = []
+    for (target, mode, n_train), rows in held.items():
+        have = {(r.seed, r.learning_rate) for r in rows}
+        rates = {rate for _, rate in have} if mode in tm.ARMS else set()
+        want = expected.get((target, mode, n_train), set()) | {(s, rate) for s, _ in have for rate in rates}
+        if have >= want:
+            select_rates(rows, select)
+            continue
+        for r in rows:
+            r.selected = False
+        seeds_of = lambda pairs: {seed for seed, _ in pairs}  # noqa: E731
+        missing, partial = seeds_of(want) - seeds_of(have), seeds_of(want - have) & seeds_of(have)
+        lacking = [f"seed{'s' * (len(found) > 1)} {', '.join(map(str, sorted(found)))} {what}"
+                   for found, what in ((missing, "missing"), (partial, "part-done")) if found]
+        incomplete.append(f"{target}/{mode} n_train {n_train} is incomplete: {len(have)} of {len(want)} runs "
+                          f"({'; '.join(lacking)}); its {len(rows)} finished rows stay out of the summary until "
+                          f"--resume completes it")
+    return results, incomplete
 
 
 # ---- The results CSV --------------------------------------------------------------------
@@ -138,9 +160,7 @@ class ResultsCsv:
 
     def rewrite(self, results: list[RunResult]) -> None:
         """Replace the file by these rows in this order, in one step (the old file stays if writing fails)."""
-        partial = f"{self.path}.partial"
-        tm.write_results(partial, results)
-        os.replace(partial, self.path)
+        replace(self.path, lambda partial: tm.write_results(partial, results))
         self.rows = len(results)
 
     def append(self, result: RunResult) -> None:

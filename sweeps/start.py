@@ -4,6 +4,7 @@ one line before any training and leaves nothing behind. Imported by cli; it impo
 and the template."""
 
 import argparse
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,7 +14,8 @@ import torch
 
 import transfer_mnist as tm
 from sweeps.folders import folder_of, register_image_folder
-from sweeps.runs import ResultsCsv
+from sweeps.files import SweepLock
+from sweeps.runs import ResultsCsv, pretraining_runs, read_results, run_folder, run_key, sweep_runs
 from sweeps.settings import backbone_seed, seeds
 
 logger = tm.logger  # the experiment's console, as the template's
@@ -120,10 +122,11 @@ def clear_log_dir(log_dir: Path) -> None:
     shutil.rmtree(log_dir)
 
 
-def prepare_outputs(cfg: argparse.Namespace, created: list[Path]) -> ResultsCsv:
+def prepare_outputs(cfg: argparse.Namespace, created: list[Path], stack: contextlib.ExitStack) -> ResultsCsv:
     """Create the log folder and the results CSV now, so that a path that cannot be written fails before
-    any training; set the version that this invocation's runs share.
-    A resumed sweep appends to its CSV, and keeps its version where it keeps its log folder."""
+    any training; set the version that this invocation's runs share. A new sweep locks its CSV first (held
+    until `stack` closes): another invocation may be writing that file.
+    A resumed sweep appends to its CSV (locked already), and keeps its version where it keeps its log folder."""
     log_dir = Path(cfg.log_dir)
     if log_dir.exists() and not log_dir.is_dir():
         raise tm.ExperimentError(f"--log-dir {log_dir} is a file, not a folder")
@@ -144,6 +147,10 @@ def prepare_outputs(cfg: argparse.Namespace, created: list[Path]) -> ResultsCsv:
         raise tm.ExperimentError(f"--results-csv {csv_path} is a folder, not a file")
     try:
         make_dirs(csv_path.parent, created)
+        if not cfg.resume:
+            lock = SweepLock(csv_path)
+            lock.acquire()
+            stack.callback(lock.release)
         if not csv_path.exists():
             created.append(csv_path)
         return ResultsCsv(str(csv_path), append=bool(cfg.resume))
@@ -173,6 +180,28 @@ def check_inputs(cfg: argparse.Namespace, created: list[Path]) -> str:
     for line in describe_subsets(cfg):
         logger.info(line)
     return accelerator
+
+
+def remove_unfinished(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed, created: list[Path]) -> bool:
+    """After a sweep stopped: the log folders of its runs that did not finish removed (their checkpoints
+    too), and, where no run finished in a new sweep, everything it made. Returns whether rows are kept."""
+    try:
+        finished = {run_key(r) for r in read_results([csv_out.path], "--resume")}
+    except tm.ExperimentError:  # a header and no rows
+        finished = set()
+    if not finished and not resumed:
+        remove(created)
+    log_dir = Path(cfg.log_dir)
+    for run in pretraining_runs(cfg) + sweep_runs(cfg):
+        folder = Path(run_folder(cfg, run))
+        if run not in finished and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            for parent in folder.parents:  # the folders that held only it
+                if parent == log_dir or not parent.is_relative_to(log_dir) or not parent.is_dir() \
+                        or any(parent.iterdir()):
+                    break
+                parent.rmdir()
+    return bool(finished) or bool(resumed)
 
 
 def remove(paths: list[Path]) -> None:

@@ -22,15 +22,17 @@ class StopSignal:
 
     @classmethod
     @contextlib.contextmanager
-    def deferred(cls):
+    def deferred(cls, then_stop: bool = True):
         """A signal that arrives in here stops the sweep at the end of the block (around gc.collect(): an
-        exception raised in a __del__ is printed as 'Exception ignored' and dropped)."""
+        exception raised in a __del__ is printed as 'Exception ignored' and dropped), or, then_stop=False,
+        is only remembered (the clean-up after a first signal)."""
         cls.deferring = True
         try:
             yield
         finally:
             cls.deferring = False
-        cls.check()
+        if then_stop:
+            cls.check()
 
     @classmethod
     def install(cls) -> None:

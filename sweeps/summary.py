@@ -13,6 +13,7 @@ import typing
 import lightning
 
 import transfer_mnist as tm
+from sweeps.files import replace_text
 from sweeps.runs import RunResult
 
 ARMS = tm.ARMS
@@ -244,30 +245,29 @@ SELECTIONS = {"seed": "each seed's own validation loss picks its rate (--select 
                         "(--select pooled)"}
 
 
-def write_summary(results: list[RunResult], path: str, select: str = "seed") -> str:
+def write_summary(results: list[RunResult], path: str, select: str = "seed", warnings: typing.Sequence[str] = ()) -> str:
     """Markdown at `path`: the summary over seeds (the run table when every arm ran one seed), then the
-    learning rates chosen and the runs still improving at the end of their budget. Returns the summary as
+    learning rates chosen and the runs still improving at the end of their budget, and the warnings (these
+    `warnings` first: a report's incomplete groups, say). Returns the summary as
     aligned text for the console: '' for one seed, where the run table says it all."""
     budget = budget_rows(results)
     grid = any(not r.selected for r in results)
     closing = ("## Learning rates and epoch budget\n\n" + (f"Rate selection: {SELECTIONS[select]}.\n\n" if grid else "")
                + f"{markdown(BUDGET_HEADER, budget)}\n")
-    if fragile(results):
-        closing += "\n## Warnings\n\n" + "".join(f"- {warning}\n" for warning in fragile(results))
+    if [*warnings, *fragile(results)]:
+        closing += "\n## Warnings\n\n" + "".join(f"- {warning}\n" for warning in [*warnings, *fragile(results)])
     if all(len(by_seed) < 2 for by_seed in group_by_arm(results).values()):
-        with open(path, "w") as f:
-            f.write(f"# Test results\n\n{markdown(*run_rows(results))}\n\n{closing}")
+        replace_text(path, f"# Test results\n\n{markdown(*run_rows(results))}\n\n{closing}")
         return ""
     arms, differences = summarize(results)
     fewest = min(int(row[3]) for row in arms)
     caution = (f"Intervals from {fewest} seeds are wide (t(0.975) is {t_975(fewest - 1):g} with {fewest} seeds, "
                f"{t_975(4):g} with 5); they are cut to what the metric can reach.\n\n" if fewest in (2, 3) else "")
-    with open(path, "w") as f:
-        f.write(f"# Test results over seeds\n\n{markdown(ARM_HEADER, arms)}\n\n{caution}")
-        f.write("Paired by seed: both arms of a seed share the training subset and the head's initial weights.\n\n")
-        f.write(f"{markdown(DIFF_HEADER, differences)}\n\n")
-        f.write(f"In percent: mean test accuracy, and the paired difference in points with its 95% interval.\n\n"
-                f"{markdown(*percent_table(results))}\n\n{closing}")
+    replace_text(path, f"# Test results over seeds\n\n{markdown(ARM_HEADER, arms)}\n\n{caution}"
+                       "Paired by seed: both arms of a seed share the training subset and the head's initial weights."
+                       f"\n\n{markdown(DIFF_HEADER, differences)}\n\n"
+                       "In percent: mean test accuracy, and the paired difference in points with its 95% interval."
+                       f"\n\n{markdown(*percent_table(results))}\n\n{closing}")
     return "\n\n".join([aligned(ARM_HEADER, arms)] + [caution.strip()] * bool(caution)
                        + [aligned(*table) for table in ((DIFF_HEADER, differences), (BUDGET_HEADER, budget))])
 

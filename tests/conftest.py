@@ -6,7 +6,9 @@ does with the real files, so no test needs the network.
 
 import os
 import struct
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,16 @@ def write_image_folder(root: Path, classes=("box", "disc", "bar"), per_class=Non
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return write_image_folder(tmp_path / "shapes")
+
+
+def tail_ray_log(raytmp: Path, seconds: float = 120) -> subprocess.Popen | None:
+    """A `tail -f` of a Ray session's raylet.out below raytmp (RAY_TMPDIR), in a session of its own: a
+    process that names the Ray session and that no sweep started. None if no log appears in time."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        logs = list(raytmp.glob("**/session_*/logs/raylet.out"))
+        if logs:
+            return subprocess.Popen(["tail", "-f", str(logs[0])], stdout=subprocess.DEVNULL,
+                                    start_new_session=True)
+        time.sleep(0.2)
+    return None

@@ -9,12 +9,13 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torchvision
-from conftest import SWEEPS, sweep_settings
+from conftest import SWEEPS, sweep_settings, tail_ray_log
 
 import transfer_mnist as tm
 from sweeps import cli, ray_engine
@@ -83,7 +84,7 @@ def test_local_workers_and_a_two_node_cluster_give_the_rows_of_one_process(sweep
     assert "Target runs on a local Ray instance: 2 CPUs, 0 GPUs; each run takes 1 CPU(s) and torch thread(s)" \
         in caplog.messages
     finished = [m for m in caplog.messages if m.startswith("[") and "/pretrain" not in m]
-    assert len(finished) == 4 and all(m.endswith("on 127.0.0.1, CPU") for m in finished)  # loopback only
+    assert len(finished) == 4 and all(" s on 127.0.0.1, CPU; " in m for m in finished)  # loopback only
     assert (tmp_path / "local" / "flaky" / "from_scratch" / "version_0" / "n20_seed0_lr0.01").is_dir()
 
     # two nodes of one CPU and one logical GPU each
@@ -99,7 +100,7 @@ def test_local_workers_and_a_two_node_cluster_give_the_rows_of_one_process(sweep
         assert f"Target runs on the Ray cluster at {cluster.address}: 2 CPUs, 2 GPUs; each run takes 1 CPU(s) and " \
                f"torch thread(s) and 0.25 of a GPU" in caplog.messages
         finished = [m for m in caplog.messages if m.startswith("[") and "/pretrain" not in m]
-        assert len(finished) == 4 and all(m.endswith(", GPU 0") for m in finished)
+        assert len(finished) == 4 and all(", GPU 0; " in m for m in finished)
     finally:
         cluster.shutdown()
 
@@ -120,11 +121,14 @@ def test_one_process_does_not_import_ray(tiny_args, tmp_path, monkeypatch):
 def test_ctrl_c_stops_the_script_and_its_ray_instance_and_keeps_finished_rows(tiny_args, tmp_path):
     args = [a if a != "3" else "300" for a in tiny_args]  # runs of a few seconds each
     log = tmp_path / "stderr.log"
+    raytmp = Path(tempfile.mkdtemp(dir="/tmp"))  # short: Ray's socket paths live below it
     process = subprocess.Popen([*SWEEPS, *args, "--targets", "even-odd",
                                 "--modes", "finetuned", "--lr-grid", "1e-3", "1e-2", "--patience", "0",
                                 "--results-csv", str(tmp_path / "r.csv"), "--workers", "2", "--threads", "1"],
                                stdout=subprocess.DEVNULL, stderr=log.open("w"), cwd=tmp_path,
-                               start_new_session=True)  # its own process group and session, as a terminal gives it
+                               start_new_session=True,  # its own process group and session, as a terminal gives it
+                               env={**os.environ, "RAY_TMPDIR": str(raytmp)})
+    tail = tail_ray_log(raytmp)  # names the session, was not started by it
     running = lambda: [line for line in session_processes(process.pid) if "ray::run_remote" in line]  # noqa: E731
     assert wait_for(lambda: len(running()) == 2), log.read_text()
     os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the script and every process of its Ray instance get it
@@ -135,6 +139,8 @@ def test_ctrl_c_stops_the_script_and_its_ray_instance_and_keeps_finished_rows(ti
     assert "Interrupted" in err and "Traceback" not in err, err
     assert wait_for(lambda: not session_processes(process.pid), 5), session_processes(process.pid)
     assert [r["mode"] for r in read_csv(tmp_path / "r.csv")] == ["pretrain"]  # the finished row stays
+    assert tail.poll() is None  # the clean-up left it alone
+    tail.kill()
 
 
 def test_a_run_that_keeps_dying_ends_the_sweep_and_bad_input_is_not_retried(sweep, tmp_path, monkeypatch, capsys):
