@@ -7,6 +7,7 @@ importing only those above it in this list, and the run-making ones (up to engin
 
     settings    the protocols, the command line (the template's flags and the harness's)
     stop        Ctrl-C and SIGTERM between and inside runs
+    files       files replaced in one step, the lock beside a sweep's CSV
     augment     --augment
     folders     image-folder targets
     runs        the Run record, the plan, one run executed, rate selection, the results CSV
