@@ -169,8 +169,7 @@ class TensorLoader:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int):
         self.images, self.labels, self.batch_size = images, labels, batch_size
 
-    def __len__(self) -> int:
-        return math.ceil(len(self.labels) / self.batch_size)
+    def __len__(self) -> int: return math.ceil(len(self.labels) / self.batch_size)  # noqa: E704
 
     def __iter__(self):
         return zip(self.images.split(self.batch_size), self.labels.split(self.batch_size))
@@ -235,8 +234,7 @@ class LitModule(lightning.LightningModule):
         """The epoch being run, counted from 1 and on across stages, as in every log and file."""
         return self.epochs_before + self.current_epoch + 1
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classification_head(self.convnet(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor: return self.classification_head(self.convnet(x))  # noqa: E704
 
     def _shared_step(self, batch, stage: str) -> torch.Tensor:
         images, labels = batch
@@ -499,8 +497,10 @@ def quiet_libraries() -> None:
 
 def warn_if_busy(threads: int, flags: str = "--threads") -> None:
     """Beside one busy process, torch's default threads made runs 16 to 35 times slower: say so at the start."""
-    if (cores := os.cpu_count() or 1) - round(load := os.getloadavg()[0]) < threads:  # the last minute's load
-        logger.warning(f"Warning: a load of {load:.1f} on {cores} cores leaves fewer free than the {threads} torch "
+    loadavg = Path("/proc/loadavg")  # Linux's 4th field: the tasks running now, this one too (not the last minute's)
+    busy = int(loadavg.read_text().split()[3].split("/")[0]) - 1 if loadavg.exists() else round(os.getloadavg()[0])
+    if (cores := os.cpu_count() or 1) - busy < threads:
+        logger.warning(f"Warning: {busy} other processes keep {cores} cores busy, fewer free than the {threads} torch "
                        f"threads: runs may be many times slower; lower {flags}")
 
 

@@ -114,13 +114,12 @@ def test_the_settings_record_the_kind_of_cpu_and_resume_names_what_differs(tiny_
 
 
 def test_a_busy_machine_is_named_at_the_start(monkeypatch, caplog):
-    monkeypatch.setattr(os, "getloadavg", lambda: (os.cpu_count() or 1, 0.0, 0.0))
-    with caplog.at_level("WARNING", logger="transfer_mnist"):
-        tm.warn_if_busy(1, "--threads (and --workers)")
-    assert caplog.messages == [f"Warning: a load of {os.cpu_count() or 1:.1f} on {os.cpu_count() or 1} cores leaves "
-                               f"fewer free than the 1 torch threads: runs may be many times slower; lower --threads "
-                               f"(and --workers)"]
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    caplog.clear()
-    tm.warn_if_busy(1)
-    assert not caplog.messages
+    cores = os.cpu_count() or 1
+    for running, warned in ((cores + 1, True), (1, False)):  # every core busy besides this process; only this one
+        monkeypatch.setattr(tm.Path, "read_text", lambda self: f"0.00 0.00 0.00 {running}/300 4242")
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="transfer_mnist"):
+            tm.warn_if_busy(1, "--threads (and --workers)")
+        assert caplog.messages == [f"Warning: {cores} other processes keep {cores} cores busy, fewer free than the 1 "
+                                   f"torch threads: runs may be many times slower; lower --threads (and --workers)"
+                                   ] * warned
