@@ -222,7 +222,7 @@ def test_an_interrupted_sweep_resumes_to_the_uninterrupted_result(sweep, tmp_pat
     assert "cannot read the sweep's settings" in capsys.readouterr().err
 
 
-def test_a_sweep_stopped_in_its_pretraining_resumes_from_the_start(sweep, tmp_path, monkeypatch):
+def test_a_sweep_stopped_in_its_pretraining_leaves_nothing_and_starts_again(sweep, tmp_path, monkeypatch):
     args, one = sweep
     pretrain = tm.pretrain
 
@@ -230,8 +230,9 @@ def test_a_sweep_stopped_in_its_pretraining_resumes_from_the_start(sweep, tmp_pa
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tm, "pretrain", interrupted)
-    assert cli.main(args + ["--log-dir", str(tmp_path / "logs"), "--results-csv", str(tmp_path / "r.csv")]) == 130
-    assert len((tmp_path / "r.csv").read_text().splitlines()) == 1  # the header only
+    run = args + ["--log-dir", str(tmp_path / "logs"), "--results-csv", str(tmp_path / "r.csv")]
+    assert cli.main(run) == 130
+    assert not list(tmp_path.iterdir())  # no empty CSV, no settings, no log version: nothing had finished
     monkeypatch.setattr(tm, "pretrain", pretrain)
-    assert cli.main(["--resume", str(tmp_path / "r.csv")]) == 0
+    assert cli.main(run) == 0
     assert (tmp_path / "r.csv").read_bytes() == one.read_bytes()
