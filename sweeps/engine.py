@@ -72,8 +72,9 @@ class Progress:
         untimed = [f"{n} {k}{'s' * (n > 1)} not yet timed" for k, n in self.left.items() if n and not self.seconds[k]]
         share = max(1, min(self.workers, sum(self.left.values())))
         estimate = "; ".join([f"about {clock(work / share)} left"] * timed + untimed) or "done"
-        return (f"[{done}/{self.total}] {run}: best epoch {result.best_epoch}, test loss {result.test_loss:.4f}, "
-                f"test accuracy {result.test_acc:.4f}, {result.seconds:.1f} s{where}; "
+        return (f"[{done}/{self.total}] {run.target}/{run.mode}: best epoch {result.best_epoch}, test loss "
+                f"{result.test_loss:.4f}, test accuracy {result.test_acc:.4f} (n_train {run.n_train}, seed {run.seed}, "
+                f"lr {run.learning_rate:g}), {result.seconds:.1f} s{where}; "
                 f"{clock(time.monotonic() - self.started)} elapsed; {estimate}")
 
 

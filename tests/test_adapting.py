@@ -352,7 +352,7 @@ def test_epochs_count_from_1_in_log_lines_csv_and_tensorboard(tiny_args, tmp_pat
     assert int(row["best_epoch"]) == best.step == accumulator.Scalars("accuracy/test")[0].step
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("even-odd/from_scratch: ")]
     assert "even-odd/from_scratch: epoch 4/4, val loss" in "\n".join(lines)
-    (done,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[2/2] even-odd/from_scratch ")]
+    (done,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[2/2] even-odd/from_scratch: ")]
     assert f"best epoch {best.step}, test loss" in done and done.endswith(" elapsed; done")
 
 
