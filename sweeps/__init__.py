@@ -13,6 +13,7 @@ importing only those above it in this list, and the run-making ones (up to engin
     runs        the Run record, the plan, one run executed, rate selection, the results CSV
     start       the checks before the first run, the outputs
     resume      the settings saved beside a CSV, --resume
+    watch       a local Ray instance's processes, watched from outside the driver (stdlib only)
     ray_engine  runs on Ray
     engine      a sweep from start to end
     summary     reporting: tables, the summary over seeds, warnings          (reporting)

@@ -20,9 +20,12 @@ from sweeps.engine import run_experiment
 from sweeps.figures import draw_comparison, draw_figure, log_figure, save_figure
 from sweeps.files import SweepLock, SweepLocked, replace_text
 from sweeps.resume import (
+    NodeRecords,
     check_made_by,
     made_by,
     record_backbone,
+    resume_command,
+    resume_hint,
     resume_settings,
     save_settings,
     differences,
@@ -101,14 +104,22 @@ def load_sweep(paths: list[str], cfg: argparse.Namespace, given: set[str]) -> tu
 
 
 def machines_differ(saved: dict[str, dict]) -> list[str]:
-    """A warning where merged sweeps were made with different code, libraries or kinds of CPU."""
-    made = {path: settings["made_by"] for path, settings in saved.items() if isinstance(settings.get("made_by"), dict)}
-    if len(made) < 2:
-        return []
-    first, *others = made.items()
-    differ = sorted({key for _, m in others for key in differences(first[1], m)})
-    return [f"the merged sweeps were not made alike: {', '.join(differ)} differ between {', '.join(made)}; their "
-            f"rows may not be comparable"] if differ else []
+    """Warnings where merged sweeps were made with different code, libraries or kinds of CPU, and where the
+    nodes that made the rows of cluster sweeps differ (NodeRecords)."""
+    warnings = []
+    for what, records in (("merged sweeps", {path: settings["made_by"] for path, settings in saved.items()
+                                             if isinstance(settings.get("made_by"), dict)}),
+                          ("nodes that made the rows", {f"{path} node {address}": record
+                                                        for path, settings in saved.items()
+                                                        for address, record in settings.get("nodes", {}).items()})):
+        if len(records) < 2:
+            continue
+        first, *others = records.values()
+        differ = sorted({key for other in others for key in differences(first, other)})
+        if differ:
+            warnings.append(f"the {what} were not made alike: {', '.join(differ)} differ between "
+                            f"{', '.join(records)}; their rows may not be comparable")
+    return warnings
 
 
 def report(cfg: argparse.Namespace, given: set[str]) -> int:
@@ -174,10 +185,6 @@ def compare(cfg: argparse.Namespace, given: set[str]) -> int:
     return 0
 
 
-def resume_command(csv_path: str) -> str:
-    return f"python -m sweeps --resume {csv_path}"
-
-
 def main(argv: list[str] | None = None) -> int:
     """A sweep, a resumed sweep, or a report: its exit status (0, 1 for a failure outside the input, 2 for
     bad input, 128 + the signal that stopped it)."""
@@ -236,8 +243,8 @@ def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack)
         tm.warn_if_busy((run_threads(cfg) or torch.get_num_threads()) * cfg.workers, "--threads (and --workers)")
     summary_path, figure_path = (Path(csv_out.path).with_suffix(suffix) for suffix in (".md", ".png"))
     try:
-        results = run_experiment(cfg, csv_out, resumed,
-                                 on_pretrained=functools.partial(record_backbone, csv_out.path))  # resume
+        results = run_experiment(cfg, csv_out, resumed, on_pretrained=functools.partial(record_backbone, csv_out.path),
+                                 on_node=NodeRecords(csv_out.path))  # resume
         summary = write_summary(results, str(summary_path), cfg.select)
         log_learning_curves(results, cfg)
         figure = draw_figure(results)
@@ -249,8 +256,7 @@ def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack)
         return 2
     except (OSError, ExperimentFailure) as err:  # a full disk, a killed worker: the finished rows stay
         if remove_unfinished(cfg, csv_out, resumed, created):
-            print(f"error: {one_line(err)}; the finished runs are in {csv_out.path}; to go on: "
-                  f"{resume_command(csv_out.path)}", file=sys.stderr)
+            print(f"error: {one_line(err)}; {resume_hint(csv_out.path)}", file=sys.stderr)
         else:
             print(f"error: {one_line(err)}; no run had finished", file=sys.stderr)
         return 1

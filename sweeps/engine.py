@@ -35,15 +35,15 @@ logger = tm.logger  # the experiment's console, as the template's
 
 
 def run_here(cfg: argparse.Namespace, jobs: dict, finished: Callable) -> None:
-    """Each (run, backbone) of `jobs` in this process, one after the other; finished(key, result, backbone)
-    may return more jobs, which run after these."""
+    """Each (run, backbone) of `jobs` in this process, one after the other; finished(key, result, backbone,
+    where, node) may return more jobs, which run after these."""
     queue = dict(jobs)
     while queue:
         StopSignal.check()
         key = next(iter(queue))
         run, backbone = queue.pop(key)
         result, backbone = execute(cfg, run, backbone)
-        queue.update(finished(key, result, backbone, "") or {})
+        queue.update(finished(key, result, backbone, "", None) or {})
 
 
 def clock(seconds: float) -> str:
@@ -92,12 +92,14 @@ def plan_line(cfg: argparse.Namespace, pretraining: list[Run], todo: list[Run]) 
 
 
 def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resumed | None = None,
-                   on_pretrained: Callable[[int, str], None] | None = None) -> list[RunResult]:
+                   on_pretrained: Callable[[int, str], None] | None = None,
+                   on_node: Callable[[Run, dict], None] | None = None) -> list[RunResult]:
     """Pretrain, then run every arm on every target, training-set size and seed, once per rate of --lr-grid,
     in this process or on Ray (--workers, --cluster). Rows go to the CSV as their runs finish; at the end
     the CSV holds them in the order of pretraining_runs() and sweep_runs(), whatever order they finished
     in. A resumed sweep skips the runs, pretraining included, that its CSV holds already.
-    on_pretrained(seed, checkpoint) is called once seed's backbone is written, before its row."""
+    on_pretrained(seed, checkpoint) is called once seed's backbone is written, before its row; on a cluster,
+    on_node(run, node) with the node that made each row (its address, libraries and CPU), before the row."""
     pretraining, runs = pretraining_runs(cfg), sweep_runs(cfg)
     grids: dict[tuple, list[int]] = {}  # the runs among which one rate is selected
     for index, run in enumerate(runs):
@@ -130,9 +132,12 @@ def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resume
         StopSignal.check()
         return ready(seed)
 
-    def finished(index: int | Run, result: RunResult, backbone: dict | None, where: str) -> dict:
+    def finished(index: int | Run, result: RunResult, backbone: dict | None, where: str,
+                 node: dict | None) -> dict:
         """Every row goes to the CSV as its run finishes, `selected` false until its grid is complete; then
         the grid's choice is made and the CSV rewritten with it. A pretraining's target runs follow it."""
+        if node and on_node and cfg.cluster:  # local workers run on this machine, which made_by records
+            on_node(run_key(result), node)
         if isinstance(index, Run):
             return pretrained(index.seed, result, backbone, where)
         done[index] = result
@@ -161,7 +166,8 @@ def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resume
     torch.set_num_threads(threads or torch_threads)  # pretraining too: the same --threads, the same numbers
     try:
         # Ray starts first: a cluster that cannot be reached fails before pretraining, not after it
-        with RaySweep(cfg, threads) if cfg.workers > 1 or cfg.cluster else contextlib.nullcontext() as engine:
+        on_ray = cfg.workers > 1 or cfg.cluster
+        with RaySweep(cfg, threads, csv_out.path) if on_ray else contextlib.nullcontext() as engine:
             run_all = engine.run if engine is not None else functools.partial(run_here, cfg)
             # pretraining first (keyed by its Run), each seed's target runs (by index) once its backbone exists
             jobs = {run: (run, None) for run in pretraining if run.seed not in backbones}

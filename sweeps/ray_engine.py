@@ -7,17 +7,20 @@ import argparse
 import contextlib
 import gc
 import logging
+import json
 import os
-import signal
+import subprocess
+import sys
 import time
 import typing
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 import sweeps
 import transfer_mnist as tm
+from sweeps import watch
+from sweeps.resume import machine, resume_hint
 from sweeps.runs import RunResult, execute
 from sweeps.settings import ExperimentFailure, one_line
 from sweeps.stop import StopSignal
@@ -52,11 +55,11 @@ RECEIVED: dict[str, tuple[dict, dict]] = {}  # in a worker process: registries b
 
 
 def run_remote(cfg: argparse.Namespace, registry: list, backbone: dict | None, run,
-               threads: int) -> tuple[RunResult, dict | None, str]:
-    """One run in a Ray worker process (execute()); returns its row, its backbone if it pretrained one, and
-    where it ran (node, GPU). `registry` holds the object id of the driver's targets and arms: unpickled once
-    per worker process, so a target's keep/relabel stays the same object and its data is read once
-    (read_split's cache), not once per run."""
+               threads: int) -> tuple[RunResult, dict | None, str, dict]:
+    """One run in a Ray worker process (execute()); returns its row, its backbone if it pretrained one, where
+    it ran (node, GPU) and its node: address, libraries and CPU (machine()). `registry` holds the object id
+    of the driver's targets and arms: unpickled once per worker process, so a target's keep/relabel stays
+    the same object and its data is read once (read_split's cache), not once per run."""
     import ray
 
     key = registry[0].hex()
@@ -70,45 +73,33 @@ def run_remote(cfg: argparse.Namespace, registry: list, backbone: dict | None, r
     result, backbone = execute(run_devices(cfg, gpus), run, backbone)
     gc.collect()
     where = f", GPU {', '.join(map(str, gpus))}" if gpus else ", CPU"
-    return result, backbone, ray.util.get_node_ip_address() + where
-
-
-def process_start(pid: int) -> int | None:
-    """A process's start time (clock ticks after boot, /proc/PID/stat): with its PID, it names one process
-    for good, where the PID alone may be reused. None once it is gone (or off Linux)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return None if fields[0] in "ZX" else int(fields[19])  # a zombie has ended
-    except (OSError, IndexError, ValueError):
-        return None
+    address = ray.util.get_node_ip_address()
+    return result, backbone, address + where, {"ip": address, **machine()}
 
 
 class InstanceProcesses:
     """The processes that this invocation's local Ray instance started: the ones Ray names (gcs_server,
     raylet, ...) and their descendants (the raylet's agents and workers), each seen alive in /proc with its
     start time. Looked at while the instance runs, so that processes which the death of their parent leaves
-    behind are known too; nothing is found by name, and nobody else's process is ever in here."""
+    behind are known too; nothing is found by name, and nobody else's process is ever in here. Each look is
+    told to the watch (sweeps/watch.py), which outlives this process if Ray ends it."""
 
-    def __init__(self, node):
-        self.node = node
-        self.seen: dict[int, tuple[int, str]] = {}  # pid -> (start time, process title)
+    def __init__(self, node, ending: str):
+        self.node, self.ending = node, ending
+        self.seen: dict[str, list] = {}  # pid -> [start time, process title]
+        self.watch = subprocess.Popen([sys.executable, watch.__file__], stdin=subprocess.PIPE)
+
+    def roots(self) -> list[int]:
+        return [p.process.pid for infos in self.node.all_processes.values() for p in infos]
 
     def look(self) -> None:
-        roots = [p.process.pid for infos in self.node.all_processes.values() for p in infos]
-        children: dict[int, list[int]] = {}
-        for proc in Path("/proc").glob("[0-9]*"):
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                children.setdefault(int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(
-                    int(proc.name))
-        todo = list(roots)
-        while todo:
-            pid = todo.pop()
-            start = process_start(pid)
-            if start is not None and self.seen.get(pid, (None,))[0] != start:
-                with contextlib.suppress(OSError, IndexError):
-                    title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-                    self.seen[pid] = (start, os.path.basename(title.removeprefix("ray::")))
-            todo += children.get(pid, [])
+        watch.family(self.roots(), self.seen)
+        self.tell({"roots": self.roots(), "seen": self.seen, "ending": self.ending})
+
+    def tell(self, message: dict) -> None:
+        with contextlib.suppress(OSError):  # a watch that is gone has nothing to be told
+            self.watch.stdin.write(json.dumps(message).encode() + b"\n")
+            self.watch.stdin.flush()
 
     def dead(self) -> list[str]:
         """The instance's own processes (not its workers, which Ray replaces) that have died, the first to go
@@ -116,7 +107,7 @@ class InstanceProcesses:
         a raylet's takes its agents with it."""
         exited = {kind: popen.returncode for kind, popen in self.node.dead_processes()}
         agents = [title for pid, (start, title) in list(self.seen.items())
-                  if title.endswith("Agent") and process_start(pid) != start]
+                  if title.endswith("Agent") and watch.process_start(int(pid)) != start]
         for first in ([k for k, code in exited.items() if code is not None and code < 0],
                       [k for k, code in exited.items() if code], agents, list(exited)):
             if first:
@@ -124,28 +115,21 @@ class InstanceProcesses:
         return []
 
     def kill(self) -> None:
-        """SIGKILL each process seen that is still that very process: a pidfd is opened first, then its start
-        time checked, so the signal cannot reach a process that took over a freed PID."""
-        for pid, (start, _) in list(self.seen.items()):
-            with contextlib.suppress(OSError):
-                if not hasattr(os, "pidfd_open"):  # not Linux 5.3+: the start time just before the signal
-                    if process_start(pid) == start:
-                        os.kill(pid, signal.SIGKILL)
-                    continue
-                handle = os.pidfd_open(pid)
-                try:
-                    if process_start(pid) == start:
-                        signal.pidfd_send_signal(handle, signal.SIGKILL)
-                finally:
-                    os.close(handle)
+        """What the instance left running after its shutdown, then the watch, told that all is done."""
+        watch.end(self.seen)
+        self.tell({"done": True})
+        with contextlib.suppress(OSError):
+            self.watch.stdin.close()
+        self.watch.wait()
 
 
 class RaySweep:
     """The runs as Ray tasks of `threads` CPUs and a share of a GPU each: on a local instance for --workers
     runs at a time, started and stopped here, or on the cluster at --cluster."""
 
-    def __init__(self, cfg: argparse.Namespace, threads: int):
+    def __init__(self, cfg: argparse.Namespace, threads: int, csv_path: str):
         self.cfg, self.threads, self.gpus = cfg, threads, gpus_per_run(cfg)
+        self.ending = resume_hint(csv_path)
         self.pending: dict = {}  # task -> key of its run
         self.processes: InstanceProcesses | None = None
         self.looked = 0.0  # when the instance's processes were last looked at
@@ -171,7 +155,7 @@ class RaySweep:
             raise tm.ExperimentError(f"cannot start Ray on {cfg.cluster or 'this machine'}: {one_line(err)}") from None
         StopSignal.install()  # ray.init() replaced the SIGTERM handler
         # no public API for a local instance's processes
-        self.processes = None if cfg.cluster else InstanceProcesses(ray._private.worker._global_node)
+        self.processes = None if cfg.cluster else InstanceProcesses(ray._private.worker._global_node, self.ending)
         if self.processes:
             self.processes.look()
         resources = ray.cluster_resources()
@@ -198,8 +182,8 @@ class RaySweep:
         self.processes.kill()  # unless it lost its GCS or raylet: what they started outlives them
 
     def run(self, jobs: dict, finished: Callable) -> None:
-        """Submit each (run, backbone) of `jobs`; call finished(key, result, backbone, where) here as each one
-        ends, and submit the jobs it returns."""
+        """Submit each (run, backbone) of `jobs`; call finished(key, result, backbone, where, node) here as each
+        one ends, and submit the jobs it returns."""
         ray = self.ray
         # absolute paths: a worker process does not start in this folder
         cfg = argparse.Namespace(**{**vars(self.cfg), "data_dir": os.path.abspath(self.cfg.data_dir),
@@ -225,7 +209,7 @@ class RaySweep:
             for ref in self.wait():
                 key = self.pending.pop(ref)
                 try:
-                    result, backbone, where = ray.get(ref)
+                    result, backbone, where, node = ray.get(ref)
                 except ray.exceptions.RayTaskError as err:  # raised inside the run: ExperimentError, a full disk
                     raise (err.cause if isinstance(err.cause, (tm.ExperimentError, OSError)) else err) from None
                 except ray.exceptions.LocalRayletDiedError:
@@ -235,7 +219,7 @@ class RaySweep:
                     self.check_instance()  # or the instance under it
                     raise ExperimentFailure(f"{runs[key]} failed {RETRIES + 1} times: its worker process died "
                                             f"({type(err).__name__})") from None
-                submit(finished(key, result, backbone, f" on {where}") or {})
+                submit(finished(key, result, backbone, f" on {where}", node) or {})
 
     def wait(self) -> list:
         """The tasks that finished within a second (the timeout lets Ctrl-C in)."""

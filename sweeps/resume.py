@@ -57,17 +57,23 @@ def code_digests() -> tuple[str, str]:
     return sha256("\0".join(making).encode()), sha256("\0".join([template, *package.values()]).encode())
 
 
-def made_by(threads: int, accelerator: str) -> dict[str, typing.Any]:
-    """What makes a row besides the settings: the code, the libraries, the kind of CPU, the torch threads
-    and the accelerator."""
+def machine() -> dict[str, typing.Any]:
+    """The libraries and the kind of CPU that make a row: of the machine a sweep runs on, and of each node of
+    a cluster."""
     versions = {}
     for package in ("torch", "torchvision", "lightning", "ray"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
+    return {**versions, "cpu": cpu_kind()}
+
+
+def made_by(threads: int, accelerator: str) -> dict[str, typing.Any]:
+    """What makes a row besides the settings: the code, the libraries, the kind of CPU, the torch threads
+    and the accelerator."""
     code, everything = code_digests()
-    return {"code_sha256": code, "script_sha256": everything, **versions, "cpu": cpu_kind(), "threads": threads,
+    return {"code_sha256": code, "script_sha256": everything, **machine(), "threads": threads,
             "accelerator": accelerator}
 
 
@@ -162,6 +168,32 @@ def record_backbone(csv_path: str, seed: int, checkpoint_path: str) -> None:
     write_settings(path, settings)
 
 
+class NodeRecords:
+    """On a cluster, each row's node with its libraries and CPU (machine()), in the settings beside the CSV
+    ("nodes": address -> machine, "row_nodes": run -> address), recorded before the row. A node unlike one
+    that made other rows of the sweep (or its own earlier rows, on a resume) is named once, with what differs."""
+
+    def __init__(self, csv_path: str):
+        self.csv_path, self.named = csv_path, set()
+
+    def __call__(self, run, node: dict) -> None:
+        path = settings_path(self.csv_path)
+        settings = json.loads(path.read_text())
+        nodes = settings.setdefault("nodes", {})
+        address, record = node["ip"], {key: value for key, value in node.items() if key != "ip"}
+        if address not in self.named:
+            self.named.add(address)
+            for other, earlier in nodes.items():
+                differ = differences(earlier, record)
+                if differ:
+                    made = "its own earlier rows" if other == address else f"the rows of node {other}"
+                    logger.warning(f"Warning: node {address} is not like what made {made}: {', '.join(differ)} "
+                                   f"differ; the rows of the two may not be comparable")
+        nodes[address] = record
+        settings.setdefault("row_nodes", {})[str(run)] = address
+        write_settings(path, settings)
+
+
 def saved_settings(csv_path: str | Path) -> dict:
     """The settings saved beside a results CSV (config, made_by, checkpoints), or {} where there are none (a
     CSV from elsewhere)."""
@@ -238,3 +270,12 @@ def check_made_by(resumed: Resumed, now: dict[str, typing.Any], resume: str) -> 
                           for name in differ[:3])
         raise tm.ExperimentError(f"--resume {resume}: the sweep's rows were made otherwise ({shown}); resume with "
                                  f"what made them, or start a new sweep")
+
+
+def resume_command(csv_path: str) -> str:
+    return f"python -m sweeps --resume {csv_path}"
+
+
+def resume_hint(csv_path: str) -> str:
+    """How a failed sweep's message ends, in the driver and in the watch (sweeps/watch.py) alike."""
+    return f"the finished runs are in {csv_path}; to go on: {resume_command(csv_path)}"

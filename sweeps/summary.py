@@ -43,11 +43,13 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def format_table(results: list[RunResult]) -> str:
-    """One line per run, aligned, with its wall time (not in the CSV, so not after --report)."""
+    """One line per run, aligned, with its wall time (not in the CSV, so not after --report, nor for the rows
+    of an earlier invocation of a resumed sweep, marked "earlier")."""
     header, rows = run_rows(results)
     if all(math.isnan(r.seconds) for r in results):
         return aligned(header, rows)
-    return aligned(header + ["time"], [row + [f"{r.seconds:.1f} s"] for row, r in zip(rows, results)])
+    return aligned(header + ["time"], [row + ["earlier" if math.isnan(r.seconds) else f"{r.seconds:.1f} s"]
+                                       for row, r in zip(rows, results)])
 
 
 # Student's t quantile t(0.975, df) for df = 1..30: the 95% interval of a mean of few seeds

@@ -4,6 +4,7 @@ RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). The Ray tests are few: each starts Ray and
 workers, seconds apiece."""
 
 import csv
+import json
 import logging
 import os
 import signal
@@ -18,7 +19,7 @@ import torchvision
 from conftest import SWEEPS, sweep_settings, tail_ray_log
 
 import transfer_mnist as tm
-from sweeps import cli, ray_engine
+from sweeps import cli, ray_engine, resume
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -101,6 +102,10 @@ def test_local_workers_and_a_two_node_cluster_give_the_rows_of_one_process(sweep
                f"torch thread(s) and 0.25 of a GPU" in caplog.messages
         finished = [m for m in caplog.messages if m.startswith("[") and "/pretrain" not in m]
         assert len(finished) == 4 and all(", GPU 0; " in m for m in finished)
+        # each row's node (the pretraining's too), with its CPU and libraries
+        settings = json.loads((tmp_path / "cluster.json").read_text())
+        assert len(settings["row_nodes"]) == 5 and set(settings["row_nodes"].values()) == {"127.0.0.1"}
+        assert settings["nodes"]["127.0.0.1"]["cpu"] == resume.cpu_kind()
     finally:
         cluster.shutdown()
 

@@ -14,6 +14,7 @@ import pytest
 
 import transfer_mnist as tm
 from sweeps import cli, engine, files, resume, start
+from sweeps.runs import Run
 from sweeps.stop import StopSignal
 
 GRID = ["--targets", "even-odd", "--modes", "finetuned", "from_scratch", "--lr-grid", "1e-3", "1e-2"]
@@ -113,6 +114,27 @@ def test_the_settings_record_the_kind_of_cpu_and_resume_names_what_differs(tiny_
         == ["cpu.stepping"]
 
 
+
+def test_on_a_cluster_each_row_s_node_is_recorded_and_an_unlike_node_is_named(tmp_path, caplog):
+    csv = tmp_path / "r.csv"
+    resume.write_settings(resume.settings_path(csv), {"config": {}, "made_by": {}, "checkpoints": {}})
+    record = resume.NodeRecords(str(csv))
+    node = {"ip": "10.0.0.1", **resume.machine()}
+    unlike = {**node, "ip": "10.0.0.2", "torch": "0.0", "cpu": {**node["cpu"], "model": "x"}}
+    first, second, third = (Run("even-odd", "finetuned", seed, 50, 1e-3) for seed in range(3))
+    with caplog.at_level("WARNING", logger="transfer_mnist"):
+        record(first, node)
+        record(second, unlike)
+        record(third, unlike)  # named once
+    assert caplog.messages == ["Warning: node 10.0.0.2 is not like what made the rows of node 10.0.0.1: cpu.model, "
+                               "torch differ; the rows of the two may not be comparable"]
+    settings = json.loads(resume.settings_path(csv).read_text())
+    assert settings["row_nodes"] == {str(first): "10.0.0.1", str(second): "10.0.0.2", str(third): "10.0.0.2"}
+    assert settings["nodes"]["10.0.0.1"] == {key: value for key, value in node.items() if key != "ip"}
+    assert cli.machines_differ({str(csv): settings}) == [
+        f"the nodes that made the rows were not made alike: cpu.model, torch differ between {csv} node 10.0.0.1, "
+        f"{csv} node 10.0.0.2; their rows may not be comparable"]
+
 def test_a_busy_machine_is_named_at_the_start(monkeypatch, caplog):
     cores = os.cpu_count() or 1
     for running, warned in ((cores + 1, True), (1, False)):  # every core busy besides this process; only this one
@@ -120,6 +142,6 @@ def test_a_busy_machine_is_named_at_the_start(monkeypatch, caplog):
         caplog.clear()
         with caplog.at_level("WARNING", logger="transfer_mnist"):
             tm.warn_if_busy(1, "--threads (and --workers)")
-        assert caplog.messages == [f"Warning: {cores} other processes keep {cores} cores busy, fewer free than the 1 "
-                                   f"torch threads: runs may be many times slower; lower --threads (and --workers)"
-                                   ] * warned
+        assert caplog.messages == [f"Warning: {cores} other running process{'es' * (cores != 1)} leave 0 of {cores} "
+                                   f"cores free for 1 torch threads: runs may be many times slower; lower "
+                                   f"--threads (and --workers)"] * warned

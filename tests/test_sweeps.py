@@ -242,8 +242,10 @@ def test_workers_start_their_own_instance_read_a_lambda_target_once_and_leave_gp
         cluster.shutdown()
 
 
-def test_a_local_ray_instance_that_dies_ends_the_sweep_in_one_line_and_spares_other_processes(tiny_args, tmp_path):
-    victim = "raylet/raylet"  # (a killed agent ends this process from inside Ray within 0.2 s: not caught yet)
+# a killed agent makes the raylet exit and Ray end the driver at once, without a word: the watch says it
+@pytest.mark.parametrize("victim", ["raylet/raylet", "ray::RuntimeEnvAgent"])
+def test_a_local_ray_instance_that_dies_ends_the_sweep_in_one_line_and_spares_other_processes(victim, tiny_args,
+                                                                                               tmp_path):
     args = [a if a != "3" else "400" for a in tiny_args]
     log = tmp_path / "stderr.log"
     raytmp = Path(tempfile.mkdtemp(dir="/tmp"))  # short: Ray's socket paths live below it
@@ -257,11 +259,12 @@ def test_a_local_ray_instance_that_dies_ends_the_sweep_in_one_line_and_spares_ot
     assert wait_for(lambda: len([line for line in session_processes(process.pid) if "ray::run_remote" in line]) == 2)
     os.kill(int(found()[0]), signal.SIGKILL)
     assert process.wait(timeout=60) == 1
+    assert wait_for(lambda: not session_processes(process.pid), 10), session_processes(process.pid)  # the watch too
     err = log.read_text()
     name = victim.split("/")[-1].removeprefix("ray::")
     assert f"error: the local Ray instance stopped under the script: its {name} process died; the finished runs " \
            f"are in {tmp_path / 'r.csv'}; to go on: python -m sweeps --resume" in err and "Traceback" not in err, err
-    assert wait_for(lambda: not session_processes(process.pid), 10), session_processes(process.pid)
+    assert err.count("error:") == 1, err
     assert [r["mode"] for r in read_csv(tmp_path / "r.csv")] == ["pretrain"]
     assert tail.poll() is None  # the clean-up left it alone
     tail.kill()

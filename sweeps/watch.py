@@ -1,0 +1,106 @@
+"""The processes of a local Ray instance, named by PID and start time, and the watch on them from outside the
+driver. Ray's core worker ends the driver at once, with exit 1 and not a word, when its raylet goes, as the
+raylet does when one of its agents dies: nothing in the driver runs after that. So ray_engine starts this
+file as a second process that outlives the driver; the driver tells it the instance's processes as it sees
+them, and "done" when it has stopped the instance itself. If the driver ends without "done", the watch
+names the process that died first, stops what the instance left running and prints how to resume.
+
+Imported by ray_engine (process_start, family, end) and run by it as a script; it imports only the standard
+library, so that it starts in milliseconds."""
+
+import contextlib
+import json
+import os
+import select
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def process_start(pid: int) -> int | None:
+    """A process's start time (clock ticks after boot, /proc/PID/stat): with its PID, it names one process
+    for good, where the PID alone may be reused. None once it is gone (or off Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return None if fields[0] in "ZX" else int(fields[19])  # a zombie has ended
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def family(roots: list[int], seen: dict[str, list]) -> None:
+    """Adds to `seen` (PID -> [start time, title]) the processes of `roots` that are alive and their
+    descendants, each with its start time and the title Ray gave it (ray::RuntimeEnvAgent -> RuntimeEnvAgent)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(proc.name))
+    todo = list(roots)
+    while todo:
+        pid = todo.pop()
+        start = process_start(pid)
+        if start is not None and seen.get(str(pid), (None,))[0] != start:
+            with contextlib.suppress(OSError, IndexError):
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+                seen[str(pid)] = [start, os.path.basename(title.removeprefix("ray::"))]
+        todo += children.get(pid, [])
+
+
+def end(seen: dict[str, list]) -> None:
+    """SIGKILL each process seen that is still that very process: a pidfd is opened first, then its start
+    time checked, so the signal cannot reach a process that took over a freed PID."""
+    for pid, (start, _) in list(seen.items()):
+        pid = int(pid)
+        with contextlib.suppress(OSError):
+            if not hasattr(os, "pidfd_open"):  # not Linux 5.3+: the start time just before the signal
+                if process_start(pid) == start:
+                    os.kill(pid, signal.SIGKILL)
+                continue
+            handle = os.pidfd_open(pid)
+            try:
+                if process_start(pid) == start:
+                    signal.pidfd_send_signal(handle, signal.SIGKILL)
+            finally:
+                os.close(handle)
+
+
+def is_own(title: str, roots: list[int], pid: str) -> bool:
+    """One of the instance's own processes (the ones Ray started and its agents), not a worker, which Ray
+    replaces when it dies."""
+    return int(pid) in roots or title.endswith("Agent")
+
+
+def watch() -> int:
+    """Reads the driver's messages on stdin, one JSON object a line: {"roots", "seen", "ending"} as the driver
+    looks, {"done": true} when it has stopped the instance. Checks the instance's own processes ten times a
+    second, so that the first to die is known when the driver goes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the driver's to handle; this waits for its end
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    driver, roots, seen, ending, gone, received = os.getppid(), [], {}, "", [], b""
+    while True:
+        if select.select([0], [], [], 0.1)[0]:
+            chunk = os.read(0, 1 << 16)
+            if not chunk:
+                break
+            *lines, received = (received + chunk).split(b"\n")
+            for message in map(json.loads, lines):
+                if message.get("done"):
+                    return 0
+                roots, ending = message["roots"], message["ending"]
+                seen.update(message["seen"])
+        gone += [title for pid, (start, title) in seen.items()
+                 if is_own(title, roots, pid) and title not in gone and process_start(int(pid)) != start]
+    # the driver ended without stopping its instance
+    time.sleep(0.2)  # what its end takes with it ends too
+    family([int(pid) for pid in seen], seen)  # workers started since the driver last looked
+    end(seen)
+    agents = [title for title in gone if title.endswith("Agent")]  # an agent's death takes the raylet with it
+    what = (f"the local Ray instance stopped under the script: its {(agents or gone)[0]} process died" if gone else
+            f"the script (PID {driver}) was ended from outside; its local Ray instance is stopped")
+    print(f"error: {what}; {ending}", file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(watch())
