@@ -55,6 +55,8 @@ TARGETS: dict[str, Target] = {
     "mnist": Target(torchvision.datasets.MNIST, tuple(torchvision.datasets.MNIST.classes)),
     "even-odd": Target(torchvision.datasets.MNIST, ("even", "odd"), relabel=lambda digits: digits % 2),
     "fashion-mnist": Target(torchvision.datasets.FashionMNIST, tuple(torchvision.datasets.FashionMNIST.classes)),
+    "digits-0-4": Target(torchvision.datasets.MNIST, tuple("01234"), keep=lambda digits: digits < 5),
+    "digits-5-9": Target(torchvision.datasets.MNIST, tuple("56789"), relabel=lambda d: d - 5, keep=lambda d: d > 4),
 }
 
 
@@ -176,15 +178,15 @@ class TensorLoader:
 
 
 def load_data(target: str, n_train: int, data_dir: str, seed: int, available: torch.Tensor | None = None,
-              where: str = "the dataset", flag: str = "--n-train"):
-    """Train, validation (n_train + 25%, from `available`) and test batches of a target, and its label names."""
+              where: str = "the dataset", flag: str = "--n-train", draw: Callable = draw_subset):
+    """Train, validation (n_train + 25%, from `available`, as `draw` picks them) and test batches, label names."""
     spec = TARGETS[target]
     try:
         (images, labels, _), (test_images, test_labels, _) = (read_split(spec, data_dir, s) for s in (True, False))
     except LabelError as err:
         raise ExperimentError(f"target {target}: {err}; fix its entry in TARGETS") from None
-    train_idx, val_idx = draw_subset(target, n_train, torch.arange(len(labels)) if available is None else available,
-                                     seed, where, flag)
+    train_idx, val_idx = draw(target, n_train, torch.arange(len(labels)) if available is None else available,
+                              seed, where, flag)
     return (TensorLoader(normalize(images[train_idx]), labels[train_idx], TRAIN_BATCH_SIZE),
             TensorLoader(normalize(images[val_idx]), labels[val_idx], EVAL_BATCH_SIZE),
             TensorLoader(normalize(test_images), test_labels, EVAL_BATCH_SIZE), spec.label_names)
@@ -355,12 +357,10 @@ def fit_best(module: LitModule, loaders, run_name: str, max_epochs: int, args, s
     tb_logger = lightning.pytorch.loggers.TensorBoardLogger(args.log_dir, name=run_name, version=args.version,
                                                            sub_dir=sub_dir, default_hp_metric=False)
     keep_best = keep_best or KeepBestWeights(run_name)
-    callbacks = [keep_best]
-    if args.patience:
-        callbacks.append(lightning.pytorch.callbacks.EarlyStopping(MONITOR, patience=args.patience, mode="min"))
+    stopping = [lightning.pytorch.callbacks.EarlyStopping(MONITOR, patience=args.patience)] if args.patience else []
     trainer = lightning.Trainer(
         max_epochs=1 if args.dry_run else max_epochs, accelerator=args.accelerator, devices=args.devices,
-        logger=tb_logger, callbacks=callbacks,
+        logger=tb_logger, callbacks=[keep_best, *stopping],
         deterministic="warn",  # same seed, same numbers; "warn" where CUDA lacks a deterministic kernel
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,  # see above
         num_sanity_val_steps=0, log_every_n_steps=1,  # epoch 1 validates anyway; no warning on 2-step epochs
@@ -408,14 +408,14 @@ def pretrain(args, seed: int, sub_dir: str | None = None) -> tuple[str, RunResul
 
 def train(backbone: dict[str, torch.Tensor], target: str, mode: str, args, seed: int, n_train: int,
           learning_rate: float | None = None, pretrain_seed: int | None = None, sub_dir: str | None = None,
-          augment: Callable | None = None) -> RunResult:
+          augment: Callable | None = None, draw: Callable = draw_subset) -> RunResult:
     """Train an arm on a target at `learning_rate` (default: the arm's, as --lr sets it), from the backbone
-    (pretrained with pretrain_seed, default `seed`) or from scratch, as the arm says."""
+    (pretrained with pretrain_seed, default `seed`) or from scratch, as the arm says, on images `draw` picks."""
     started = time.perf_counter()
     arm, learning_rate = ARMS[mode], learning_rate or args.lr[mode]
     logger.info(f"{target}/{mode}: {n_train} training images, seed {seed}, learning rate {learning_rate:g}")
     available, where = available_images(args, target, seed if pretrain_seed is None else pretrain_seed)
-    *loaders, label_names = load_data(target, n_train, args.data_dir, seed, available, where)
+    *loaders, label_names = load_data(target, n_train, args.data_dir, seed, available, where, draw=draw)
     lightning.seed_everything(seed, verbose=False)  # every arm of a seed: the same fresh head
     module = LitModule(label_names, learning_rate, arm.train_backbone, augment)
     if arm.pretrained:  # the pretrained backbone under a fresh head

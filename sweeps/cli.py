@@ -21,9 +21,11 @@ from sweeps.figures import draw_comparison, draw_figure, log_figure, save_figure
 from sweeps.files import SweepLock, SweepLocked, replace_text
 from sweeps.resume import (
     NodeRecords,
+    borrowed_backbones,
     check_made_by,
     made_by,
     record_backbone,
+    record_widened,
     resume_command,
     resume_hint,
     resume_settings,
@@ -40,6 +42,7 @@ from sweeps.runs import (
     read_results,
     settle,
     sweep_runs,
+    widened_runs,
 )
 from sweeps.settings import ExperimentFailure, complete, one_line, parse, run_threads
 from sweeps.start import check_inputs, prepare_outputs, remove, remove_unfinished
@@ -92,9 +95,10 @@ def load_sweep(paths: list[str], cfg: argparse.Namespace, given: set[str]) -> tu
     planned = []
     for path, settings in saved.items():
         try:
-            planned += sweep_runs(complete(argparse.Namespace(**{**settings["config"], "targets": [
-                name if name in tm.TARGETS else Path(name).name for name in settings["config"]["targets"]]})))
-        except (KeyError, TypeError, AttributeError):
+            config = complete(argparse.Namespace(**{**settings["config"], "targets": [
+                name if name in tm.TARGETS else Path(name).name for name in settings["config"]["targets"]]}))
+            planned += sweep_runs(config) + widened_runs(config, map(tuple, settings.get("widened", [])))
+        except (KeyError, TypeError, AttributeError, ValueError):
             planned = None if len(paths) == 1 else planned
     results, incomplete = settle(read_results(paths), select, planned or ())
     warnings = [f"{path} has no settings beside it ({settings_path(path).name}): its planned seeds, sizes and rates "
@@ -222,6 +226,8 @@ def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack)
         made = made_by(run_threads(cfg) or torch.get_num_threads(), accelerator)
         if resumed:  # resume
             check_made_by(resumed, made, cfg.resume)
+        borrowed = borrowed_backbones(cfg, {run.seed for run in pretraining_runs(cfg)}, made["threads"]) \
+            if cfg.backbones_from and not resumed else None
         csv_out = prepare_outputs(cfg, created, stack)
         if not cfg.resume:  # resume: the settings beside the CSV
             created.append(settings_path(csv_out.path))
@@ -244,7 +250,8 @@ def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack)
     summary_path, figure_path = (Path(csv_out.path).with_suffix(suffix) for suffix in (".md", ".png"))
     try:
         results = run_experiment(cfg, csv_out, resumed, on_pretrained=functools.partial(record_backbone, csv_out.path),
-                                 on_node=NodeRecords(csv_out.path))  # resume
+                                 on_node=NodeRecords(csv_out.path), borrowed=borrowed,  # resume
+                                 on_widened=functools.partial(record_widened, csv_out.path))
         summary = write_summary(results, str(summary_path), cfg.select)
         log_learning_curves(results, cfg)
         figure = draw_figure(results)

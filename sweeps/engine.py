@@ -25,8 +25,10 @@ from sweeps.runs import (
     run_key,
     save_backbone,
     select_rates,
+    next_rate,
     selection_group,
     sweep_runs,
+    widened_runs,
 )
 from sweeps.settings import backbone_seed, run_threads
 from sweeps.stop import StopSignal
@@ -62,6 +64,11 @@ class Progress:
         self.seconds: dict[str, list[float]] = {kind: [] for kind in self.left}
         self.total, self.workers, self.started = pretraining + target_runs, workers, time.monotonic()
 
+    def add(self, target_runs: int) -> None:
+        """Target runs that --widen added."""
+        self.left["target run"] += target_runs
+        self.total += target_runs
+
     def line(self, run, result: RunResult, where: str) -> str:
         kind = "pretraining" if run.mode == "pretrain" else "target run"
         self.left[kind] -= 1
@@ -93,23 +100,65 @@ def plan_line(cfg: argparse.Namespace, pretraining: list[Run], todo: list[Run]) 
 
 def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resumed | None = None,
                    on_pretrained: Callable[[int, str], None] | None = None,
-                   on_node: Callable[[Run, dict], None] | None = None) -> list[RunResult]:
+                   on_node: Callable[[Run, dict], None] | None = None,
+                   on_widened: Callable[[Run], None] | None = None,
+                   borrowed: Resumed | None = None) -> list[RunResult]:
     """Pretrain, then run every arm on every target, training-set size and seed, once per rate of --lr-grid,
     in this process or on Ray (--workers, --cluster). Rows go to the CSV as their runs finish; at the end
-    the CSV holds them in the order of pretraining_runs() and sweep_runs(), whatever order they finished
-    in. A resumed sweep skips the runs, pretraining included, that its CSV holds already.
-    on_pretrained(seed, checkpoint) is called once seed's backbone is written, before its row; on a cluster,
-    on_node(run, node) with the node that made each row (its address, libraries and CPU), before the row."""
+    the CSV holds them in the order of pretraining_runs() and sweep_runs() (a widened rate after its grid),
+    whatever order they finished in. A resumed sweep skips the runs, pretraining included, that its CSV holds
+    already, and runs the rates its grids were widened by. `borrowed`: another sweep's backbones
+    (--backbones-from), whose pretraining rows are copied instead of pretraining.
+    on_pretrained(seed, checkpoint) is called once seed's backbone is written (or borrowed), before its row; on
+    a cluster, on_node(run, node) with the node that made each row (its address, libraries and CPU), before
+    the row; on_widened(run) for the first seed's run of each rate that --widen adds, before it starts."""
     pretraining, runs = pretraining_runs(cfg), sweep_runs(cfg)
+    planned = len(runs)
+    runs += widened_runs(cfg, resumed.widened if resumed else [])
     grids: dict[tuple, list[int]] = {}  # the runs among which one rate is selected
     for index, run in enumerate(runs):
         grids.setdefault(selection_group(run, cfg.select), []).append(index)
     earlier = {run_key(r): r for r in resumed.rows} if resumed else {}
+    for r in borrowed.rows if borrowed else []:  # another sweep's backbones: their rows and digests, here first
+        if run_key(r) in pretraining and run_key(r) not in earlier:
+            if on_pretrained:
+                on_pretrained(r.seed, borrowed.checkpoints[r.seed])
+            csv_out.append(r)
+            earlier[run_key(r)] = r
     done = {index: earlier[run] for index, run in enumerate(runs) if run in earlier}
-    backbones = {run.seed: tm.read_backbone(resumed.checkpoints[run.seed]) for run in pretraining if run in earlier}
+    checkpoints = {**(borrowed.checkpoints if borrowed else {}), **(resumed.checkpoints if resumed else {})}
+    backbones = {run.seed: tm.read_backbone(checkpoints[run.seed]) for run in pretraining if run in earlier}
+    block = {}  # a run's (target, n_train, seed, arm): the rows of its grid stay together, widened rates last
+    for index, run in enumerate(runs):
+        block.setdefault((run.target, run.n_train, run.seed, run.mode), index)
 
     def in_order() -> list[RunResult]:
-        return [earlier[run] for run in pretraining if run in earlier] + [done[i] for i in sorted(done)]
+        def place(i: int) -> tuple:
+            return block[(runs[i].target, runs[i].n_train, runs[i].seed, runs[i].mode)], i >= planned, i
+        return [earlier[run] for run in pretraining if run in earlier] + [done[i] for i in sorted(done, key=place)]
+
+    def widen(group: tuple) -> dict:
+        """--widen: the next rate beyond the edge where a complete grid's pick sits, for every seed, as jobs."""
+        indices = grids[group]
+        pick = next((done[i].learning_rate for i in indices if done[i].selected), None)
+        rate = next_rate([runs[i].learning_rate for i in indices], pick) if cfg.widen and pick else None
+        if rate is None:
+            return {}
+        target, mode, n_train = group
+        new = [Run(target, mode, seed, n_train, rate) for seed in sorted({runs[i].seed for i in indices})]
+        if on_widened:  # before the runs: a resume runs them too
+            on_widened(new[0])
+        logger.info(f"{target}/{mode} n_train {n_train}: the pick {pick:g} sits at an edge of the rates "
+                    f"run ({', '.join(f'{r:g}' for r in sorted({runs[i].learning_rate for i in indices}))}); "
+                    f"adding {rate:g} for {len(new)} seed{'s' * (len(new) > 1)}")
+        jobs = {}
+        for run in new:
+            runs.append(run)
+            indices.append(len(runs) - 1)
+            block.setdefault((run.target, run.n_train, run.seed, run.mode), len(runs) - 1)
+            jobs[len(runs) - 1] = (run, backbones[backbone_seed(cfg, run.seed)])
+        progress.add(len(jobs))
+        return jobs
 
     todo = {index: run for index, run in enumerate(runs) if index not in done}
     waiting: dict[int, dict] = {}  # backbone seed -> its target runs, submitted once that backbone exists
@@ -141,7 +190,8 @@ def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resume
         if isinstance(index, Run):
             return pretrained(index.seed, result, backbone, where)
         done[index] = result
-        grid = grids[selection_group(runs[index], cfg.select)]
+        group = selection_group(runs[index], cfg.select)
+        grid = grids[group]
         complete = all(i in done for i in grid)
         result.selected = complete
         if complete and len(grid) > 1:
@@ -155,7 +205,7 @@ def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resume
         # over 24 runs (2.7 GB over 121); each collection takes 0.16 s.
         with StopSignal.deferred():
             gc.collect()
-        return {}
+        return widen(group) if complete and len(grid) > 1 else {}
 
     if resumed:
         logger.info(f"Resuming {csv_out.path}: {len(done)} of {len(runs)} target runs and {len(backbones)} of "
@@ -173,6 +223,10 @@ def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resume
             jobs = {run: (run, None) for run in pretraining if run.seed not in backbones}
             for seed in list(backbones):
                 jobs.update(ready(seed))
+            for group, grid in list(grids.items()):  # grids an earlier invocation completed: widened if they need it
+                if len(grid) > 1 and all(i in done for i in grid):
+                    select_rates([done[i] for i in grid], cfg.select)
+                    jobs.update(widen(group))
             run_all(jobs, finished)
     finally:
         torch.set_num_threads(torch_threads)

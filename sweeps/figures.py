@@ -26,39 +26,67 @@ def curve_points(results: list[RunResult]) -> dict[str, dict[str, list[tuple[int
 def draw_figure(results: list[RunResult]):
     """Test accuracy against n_train, one panel per target: each arm's mean over seeds with its 95%
     interval as a band; with one n_train, the arms side by side with error bars. One seed has no
-    interval: points only."""
+    interval: points only. Below, where there is a baseline, the answer: each pretrained arm minus the
+    baseline, paired by seed, with its 95% interval."""
     from matplotlib.figure import (
         Figure,  # not pyplot: no global state, no window; PNG through Agg
     )
 
     points = curve_points(results)
-    figure = Figure(figsize=(4.8 * len(points), 4), layout="constrained")
-    for ax, (target, arms) in zip(figure.subplots(1, len(points), squeeze=False)[0], points.items()):
+    groups = group_by_arm(results)
+    differences = {target: {mode: [(n, d[0]) for n, _ in curve if (d := paired(groups, target, n, mode))]
+                            for mode, curve in arms.items() if ARMS[mode].pretrained}
+                   for target, arms in points.items()}
+    below = any(ci.n > 1 for by_mode in differences.values() for curve in by_mode.values() for _, ci in curve)
+    figure = Figure(figsize=(4.8 * len(points), 7.6 if below else 4), layout="constrained")
+    axes = figure.subplots(1 + below, len(points), squeeze=False)
+    for ax, (target, arms) in zip(axes[0], points.items()):
         sizes = sorted({n for curve in arms.values() for n, _ in curve})
         for position, (mode, curve) in enumerate(arms.items()):
             x = [n for n, _ in curve] if len(sizes) > 1 else [position]
             mean, low, high = ([100 * getattr(ci, field) for _, ci in curve] for field in ("mean", "low", "high"))
-            (line,) = ax.plot(x, mean, marker="o", linestyle="-" if len(sizes) > 1 else "none", label=mode)
+            (line,) = ax.plot(x, mean, marker="o", linestyle="-" if len(sizes) > 1 else "none", label=mode,
+                              color=f"C{list(ARMS).index(mode)}")  # an arm's colour in both rows
             if all(ci.n > 1 for _, ci in curve) and len(sizes) > 1:
                 ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
             elif all(ci.n > 1 for _, ci in curve):
                 ax.errorbar(x, mean, yerr=[[mean[0] - low[0]], [high[0] - mean[0]]], fmt="none",
                             ecolor=line.get_color(), capsize=4)
-        if len(sizes) > 1:
-            ax.set_xscale("log")
-            ax.set_xticks(sizes, [str(n) for n in sizes])
-            ax.minorticks_off()
-            ax.set_xlabel("labelled training images")
-            ax.legend()
-        else:
-            ax.set_xticks(range(len(arms)), list(arms))
-            ax.set_xlim(-0.5, len(arms) - 0.5)  # the arms side by side, none on the frame
-            ax.set_xlabel(f"{sizes[0]} labelled training images")
-        ax.grid(alpha=0.3)
+        size_axis(ax, sizes, list(arms))
         ax.set(title=target, ylabel="test accuracy (%)")
+        if len(sizes) > 1:
+            ax.legend()
+    for ax, (target, by_mode) in zip(axes[1] if below else [], differences.items()):
+        sizes = sorted({n for curve in by_mode.values() for n, _ in curve})
+        for position, (mode, curve) in enumerate(by_mode.items()):
+            shift = 0.04 * (position - (len(by_mode) - 1) / 2)  # the arms side by side at each size
+            x = [n * 10 ** shift for n, _ in curve] if len(sizes) > 1 else [position]
+            mean = [100 * ci.mean for _, ci in curve]
+            spread = [[100 * (ci.mean - ci.low) if ci.n > 1 else 0 for _, ci in curve],
+                      [100 * (ci.high - ci.mean) if ci.n > 1 else 0 for _, ci in curve]]
+            ax.errorbar(x, mean, yerr=spread, fmt="o", capsize=3, label=mode, color=f"C{list(ARMS).index(mode)}")
+        ax.axhline(0, color="grey", linewidth=0.8)
+        size_axis(ax, sizes, list(by_mode))
+        ax.set(title=f"{target}: minus {baseline_arm()}, paired by seed", ylabel="difference (points)")
+        if len(sizes) > 1:
+            ax.legend()
     seeds = max(ci.n for arms in points.values() for curve in arms.values() for _, ci in curve)
     figure.suptitle("1 seed, no interval" if seeds == 1 else f"Mean over {seeds} seeds, 95% interval")
     return figure
+
+
+def size_axis(ax, sizes: list[int], modes: list[str]) -> None:
+    """n_train along x on a log scale; with one n_train, the arms side by side."""
+    if len(sizes) > 1:
+        ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.minorticks_off()
+        ax.set_xlabel("labelled training images")
+    else:
+        ax.set_xticks(range(len(modes)), modes)
+        ax.set_xlim(-0.5, len(modes) - 0.5)  # the arms side by side, none on the frame
+        ax.set_xlabel(f"{sizes[0]} labelled training images")
+    ax.grid(alpha=0.3)
 
 
 def save_figure(figure, path) -> None:

@@ -37,6 +37,7 @@ class Resumed:
     rows: list[RunResult]
     checkpoints: dict[int, str]  # pretraining seed -> checkpoint
     made_by: dict[str, typing.Any]
+    widened: list[tuple] = dataclasses.field(default_factory=list)  # (target, mode, n_train, rate) --widen added
 
 
 def settings_path(csv_path: str | Path) -> Path:
@@ -244,17 +245,65 @@ def resume_settings(cfg: argparse.Namespace, given: set[str]) -> tuple[argparse.
             rows = read_results([cfg.resume], "--resume") if len(f.readlines()) > 1 else []
     except OSError as err:
         raise tm.ExperimentError(f"--resume {cfg.resume} cannot be read ({one_line(err)})") from None
-    for seed in {r.seed for r in rows if r.mode not in tm.ARMS}:
-        checkpoint = checkpoints[seed]
-        if not checkpoint.is_file():
-            raise tm.ExperimentError(f"--resume {cfg.resume}: the sweep's pretrained backbone {checkpoint} is "
-                                     f"missing; resume where it was written, or start a new sweep")
-        if digests[seed] != sha256(checkpoint.read_bytes()):
-            raise tm.ExperimentError(f"--resume {cfg.resume}: the sweep's pretrained backbone {checkpoint} has "
-                                     f"changed since it was written (another sweep in the same --log-dir?); start a "
-                                     f"new sweep")
+    check_backbones(f"--resume {cfg.resume}", {r.seed for r in rows if r.mode not in tm.ARMS}, checkpoints, digests)
     settings.resume, settings.results_csv = cfg.resume, cfg.resume
-    return settings, Resumed(rows, {seed: str(path) for seed, path in checkpoints.items()}, made)
+    widened = [tuple(entry) for entry in saved.get("widened", [])]
+    return settings, Resumed(rows, {seed: str(path) for seed, path in checkpoints.items()}, made, widened)
+
+
+def check_backbones(flag: str, seeds: typing.Iterable[int], checkpoints: dict[int, Path], digests: dict) -> None:
+    """Each backbone of `seeds` is where its sweep recorded it, unchanged since its digest was saved."""
+    for seed in seeds:
+        checkpoint = checkpoints.get(seed)
+        if checkpoint is None or not checkpoint.is_file():
+            raise tm.ExperimentError(f"{flag}: the sweep's pretrained backbone {checkpoint} is missing; resume where "
+                                     f"it was written, or start a new sweep")
+        if digests[seed] != sha256(checkpoint.read_bytes()):
+            raise tm.ExperimentError(f"{flag}: the sweep's pretrained backbone {checkpoint} has changed since it was "
+                                     f"written (another sweep in the same --log-dir?); start a new sweep")
+
+
+# What makes a backbone: a sweep may borrow another's (--backbones-from) where these are the same
+PRETRAINING = ("source", "n_pretrain", "pretrain_epochs", "pretrain_lr")
+
+
+def pretraining_settings(config: dict, threads: int | None) -> dict:
+    """PRETRAINING's values, with the patience pretraining ran with and its torch threads."""
+    patience = config.get("pretrain_patience")
+    return {**{name: config.get(name) for name in PRETRAINING}, "threads": threads,
+            "pretraining patience": config.get("patience") if patience is None else patience}
+
+
+def borrowed_backbones(cfg: argparse.Namespace, seeds: set[int], threads: int | None) -> Resumed:
+    """--backbones-from CSV: that sweep's backbones of `seeds` and their pretraining rows, where it pretrained
+    them as this sweep would (PRETRAINING) and each is unchanged since its digest was saved."""
+    flag = f"--backbones-from {cfg.backbones_from}"
+    saved = saved_settings(cfg.backbones_from)
+    if not saved or "checkpoints" not in saved:
+        raise tm.ExperimentError(f"{flag}: no sweep's settings beside it ({settings_path(cfg.backbones_from)})")
+    theirs = pretraining_settings(relative_paths(saved["config"], Path(cfg.backbones_from).parent, to_csv=False),
+                                  saved.get("made_by", {}).get("threads"))
+    ours = pretraining_settings(vars(cfg), threads)
+    differ = [name for name in ours if ours[name] != theirs[name]]
+    if differ:
+        shown = "; ".join(f"{name} {theirs[name]}, here {ours[name]}" for name in differ)
+        raise tm.ExperimentError(f"{flag}: its backbones were pretrained otherwise ({shown})")
+    rows = [r for r in read_results([cfg.backbones_from], flag) if r.mode not in tm.ARMS and r.seed in seeds]
+    if missing := seeds - {r.seed for r in rows}:
+        raise tm.ExperimentError(f"{flag} has no backbone of seed{'s' * (len(missing) > 1)} "
+                                 f"{', '.join(map(str, sorted(missing)))}")
+    folder = Path(cfg.backbones_from).parent
+    checkpoints = {int(seed): folder / c["path"] for seed, c in saved["checkpoints"].items()}
+    check_backbones(flag, seeds, checkpoints, {int(seed): c["sha256"] for seed, c in saved["checkpoints"].items()})
+    return Resumed(rows, {seed: str(checkpoints[seed]) for seed in seeds}, saved.get("made_by", {}))
+
+
+def record_widened(csv_path: str, run) -> None:
+    """A rate that --widen added to run's (target, mode, n_train), in the settings before its runs start."""
+    path = settings_path(csv_path)
+    settings = json.loads(path.read_text())
+    settings.setdefault("widened", []).append([run.target, run.mode, run.n_train, run.learning_rate])
+    write_settings(path, settings)
 
 
 def check_made_by(resumed: Resumed, now: dict[str, typing.Any], resume: str) -> None:

@@ -6,17 +6,20 @@ it imports settings, stop, augment and the template, never a reporting module.""
 import argparse
 import csv
 import dataclasses
+import functools
 import io
 import math
 import os
+import statistics
 import typing
+import zlib
 
 import torch
 
 import transfer_mnist as tm
 from sweeps.augment import Augment
 from sweeps.files import replace
-from sweeps.settings import backbone_seed, seeds
+from sweeps.settings import LR_BOUNDS, backbone_seed, seeds
 from sweeps.stop import StopSignal
 
 RunResult = tm.RunResult
@@ -51,6 +54,28 @@ def sweep_runs(cfg: argparse.Namespace) -> list[Run]:
             for learning_rate in cfg.lr_grid or (cfg.lr[mode],)]
 
 
+def widened_runs(cfg: argparse.Namespace, widened: typing.Iterable[tuple]) -> list[Run]:
+    """The runs of the rates that --widen added, each (target, mode, n_train, rate), for every seed."""
+    return [Run(target, mode, seed, n_train, rate) for target, mode, n_train, rate in widened for seed in seeds(cfg)]
+
+
+def next_rate(ran: list[float], pick: float) -> float | None:
+    """--widen: the rate beyond the lowest or highest of those `ran` where `pick` sits there, as far from it (in
+    ratio) as its neighbour is, to one significant digit, at most to LR_BOUNDS; None where the pick is inside,
+    at a bound, or the grid has one rate (no spacing)."""
+    ran = sorted(set(ran))
+    if len(ran) < 2 or ran[0] < pick < ran[-1]:
+        return None
+    low, high = LR_BOUNDS
+    if pick == ran[0] and pick > low:
+        rate = max(low, float(f"{pick * pick / ran[1]:.1g}"))
+    elif pick == ran[-1] and pick < high:
+        rate = min(high, float(f"{pick * pick / ran[-2]:.1g}"))
+    else:
+        return None
+    return None if rate in ran else rate
+
+
 def pretraining_runs(cfg: argparse.Namespace) -> list[Run]:
     """The pretraining runs: one for the invocation, or one per seed."""
     return [Run(cfg.source, "pretrain", seed, cfg.n_pretrain, cfg.pretrain_lr)
@@ -80,15 +105,64 @@ def execute(cfg: argparse.Namespace, run: Run, backbone: dict | None) -> tuple[R
     """One run, here: a pretraining returns the backbone it made too; a target run starts from `backbone`."""
     try:
         if run.mode == "pretrain":
-            checkpoint_path, result = tm.pretrain(cfg, run.seed, sub_dir(cfg, run))
+            patience = cfg.patience if cfg.pretrain_patience is None else cfg.pretrain_patience
+            checkpoint_path, result = tm.pretrain(argparse.Namespace(**{**vars(cfg), "patience": patience}),
+                                                  run.seed, sub_dir(cfg, run))
             return result, tm.read_backbone(checkpoint_path)
         return tm.train(backbone, run.target, run.mode, cfg, run.seed, run.n_train, run.learning_rate,
                         pretrain_seed=backbone_seed(cfg, run.seed), sub_dir=sub_dir(cfg, run),
-                        augment=Augment(run.seed) if cfg.augment else None), None  # the same transforms for every arm
+                        augment=Augment(run.seed) if cfg.augment else None,  # the same transforms for every arm
+                        draw=subset_draw(cfg, run.target)), None
     except SystemExit:  # Lightning ends a fit that a signal interrupted with sys.exit(1): stop the sweep instead
         if StopSignal.received is not None:
             raise KeyboardInterrupt from None
         raise
+
+
+# ---- A target run's images --------------------------------------------------------------
+def subset_draw(cfg: argparse.Namespace, target: str) -> typing.Callable:
+    """How a target run's training and validation images are drawn: the template's draw_subset (the post's,
+    unchanged), or with --n-val and --stratify the same shuffled order, cut to --n-val validation images and
+    taken class by class."""
+    if not cfg.stratify and cfg.n_val is None:
+        return tm.draw_subset
+    labels = tm.read_split(tm.TARGETS[target], cfg.data_dir, True)[1] if cfg.stratify else None
+    return functools.partial(draw_subset, n_val=cfg.n_val, strata=labels)
+
+
+def draw_subset(target: str, n_train: int, available: torch.Tensor, seed: int, where: str = "the dataset",
+                flag: str = "--n-train", n_val: int | None = None,
+                strata: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """tm.draw_subset's shuffled order of `available`, with n_val validation images (None: a quarter of
+    n_train); with strata (the labels of the target's images), each class in proportion to its share of
+    `available`, in training and validation alike, and each class once at least in validation where n_val
+    allows (12 validation images drawn at random missed 3-5 of FashionMNIST's 10 classes)."""
+    n_val = tm.draw_subset(target, n_train, available, seed, where, flag)[1].numel() if n_val is None else n_val
+    if n_train + n_val > len(available):
+        raise tm.ExperimentError(f"{flag} {n_train} with --n-val {n_val} needs {n_train + n_val} training images, but "
+                                 f"{where} has {len(available)}")
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{target}/{seed}".encode()))  # tm.draw_subset's order
+    order = available[torch.randperm(len(available), generator=generator)]
+    if strata is None:
+        return order[:n_train], order[n_train : n_train + n_val]
+    classes, counts = strata[order], torch.bincount(strata[available])
+    once = (counts > 1) & (n_val >= int((counts > 1).sum()))  # a class of one image goes to training
+    train_share, val_share = shares(n_train, counts), once.long() + shares(n_val - int(once.sum()), counts)
+    rank = torch.empty_like(classes)  # each image's place among the images of its class, in `order`
+    rank[torch.argsort(classes, stable=True)] = torch.cat([torch.arange(int(count)) for count in counts])
+    if bool(((train_share + val_share) > counts).any()):
+        raise tm.ExperimentError(f"{flag} {n_train} with {n_val} validation images takes more images of a class "
+                                 f"than {where} has")
+    val = (rank >= train_share[classes]) & (rank < (train_share + val_share)[classes])
+    return order[rank < train_share[classes]], order[val]
+
+
+def shares(n: int, counts: torch.Tensor) -> torch.Tensor:
+    """n images shared out over the classes in proportion to their counts, by largest remainder."""
+    quota = counts * n / counts.sum()
+    share = quota.floor().long()
+    share[torch.argsort(quota - share, descending=True, stable=True)[: n - int(share.sum())]] += 1
+    return share
 
 
 # ---- Choosing a learning rate in each grid --------------------------------------------
@@ -98,18 +172,25 @@ def not_nan(loss: float) -> float:
 
 
 def selection_group(run: Run | RunResult, select: str) -> tuple:
-    """The runs among which one learning rate is selected: a (target, mode, n_train, seed), or with pooled
-    selection every seed of a (target, mode, n_train)."""
+    """The runs among which one learning rate is selected: a (target, mode, n_train, seed), or with pooled or
+    median selection every seed of a (target, mode, n_train)."""
     return (run.target, run.mode, run.n_train) + ((run.seed,) if select == "seed" else ())
 
 
+def pooled_loss(losses: list[float], select: str) -> float:
+    """A rate's validation loss over the seeds: the mean (pooled; a seed that collapsed to chance moves it),
+    the median (robust to one such seed in five), or one seed's own."""
+    losses = [not_nan(loss) for loss in losses]
+    return statistics.median(losses) if select == "median" else sum(losses) / len(losses)
+
+
 def select_rates(results: list[RunResult], select: str = "seed") -> list[RunResult]:
-    """Mark, in each selection group, the runs of the rate with the lowest best-validation loss, averaged
-    over seeds when pooled, as selected (the lower rate on a tie). Test data never enters the choice."""
+    """Mark, in each selection group, the runs of the rate with the lowest best-validation loss, pooled over
+    seeds as `select` says, as selected (the lower rate on a tie). Test data never enters the choice."""
     groups: dict[tuple, dict[float, list[float]]] = {}
     for r in results:
         groups.setdefault(selection_group(r, select), {}).setdefault(r.learning_rate, []).append(r.val_loss)
-    best = {group: min(rates, key=lambda rate: (not_nan(sum(rates[rate]) / len(rates[rate])), rate))
+    best = {group: min(rates, key=lambda rate: (pooled_loss(rates[rate], select), rate))
             for group, rates in groups.items()}
     for r in results:
         r.selected = best[selection_group(r, select)] == r.learning_rate

@@ -16,17 +16,28 @@ import transfer_mnist as tm
 
 # --protocol post (the default) is the blog post's: these values, each arm at its own rate.
 POST = {"seeds": 1, "modes": ("finetuned", "from_scratch"), "lr_grid": (), "select": "seed",
-        "backbone_per_seed": False, "disjoint": False}
+        "backbone_per_seed": False, "disjoint": False, "stratify": False, "widen": False, "pretrain_epochs": 50,
+        "pretrain_patience": None, "train_epochs": 500}
 # --protocol fair: what an honest comparison needs, for every one of these flags the command line does not give
 FAIR = {
     "seeds": 5,  # an interval over seeds; with 2 or 3, t(0.975) is 12.7 or 4.3
     "modes": tuple(tm.ARMS),  # every arm
-    "lr_grid": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),  # every arm at its best rate (Kornblith et al. 2019)
-    "select": "pooled",  # one rate over the seeds: 12-50 validation images pick a rate per seed noisily
+    # every arm at its best rate (Kornblith et al. 2019); a pick at an edge widens the grid (--widen)
+    "lr_grid": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
+    "select": "median",  # one rate over the seeds, which one collapsed seed cannot move (a mean can)
     "backbone_per_seed": True,  # pretraining's noise in the intervals too
     "disjoint": True,  # no target image that pretraining learned with its digit label
+    "stratify": True,  # 12 random validation images missed 3-5 of FashionMNIST's 10 classes
+    "widen": True,
+    # pretraining to convergence: 50 epochs ended every backbone still improving (best at its last epoch)
+    "pretrain_epochs": 400, "pretrain_patience": 10,
+    "train_epochs": 1000,  # a ceiling: runs end on --patience; at 500, frozen runs were still improving
 }
 PROTOCOLS = {"post": POST, "fair": FAIR}
+# The comparison a fair sweep answers first, named before any run: the others are exploratory beside it
+PRIMARY_ARM = "finetuned"
+PRIMARY = f"{PRIMARY_ARM} − from_scratch on each target at the sweep's largest n_train"
+LR_BOUNDS = (1e-6, 1.0)  # --widen goes no further
 
 
 class ExperimentFailure(Exception):
@@ -88,9 +99,20 @@ def make_parser() -> argparse.ArgumentParser:
     add("--modes", nargs="+", choices=tm.ARMS, **by_protocol, help="arms to run on every target (post: "
         f"{shown(POST['modes'])}; fair: all)")
     add("--n-train", nargs="+", type=positive_int, default=(200,), help="training images per target run, plus a "
-        "quarter as many for validation; several sizes give a learning curve, e.g. 50 100 200 500")
+        "quarter as many for validation (--n-val); several sizes give a learning curve, e.g. 50 100 200 500")
+    add("--pretrain-epochs", type=positive_int, **by_protocol, help="epochs of pretraining at most (post: 50; "
+        "fair: 400, ended by --pretrain-patience)")
+    add("--train-epochs", type=positive_int, **by_protocol, help="epochs of a target run at most (post: 500; fair: "
+        "1000; --patience ends it earlier)")
     add("--patience", type=non_negative_int, default=100, help="stop a run this many epochs after its best "
         "validation loss; 0 never stops early (the post)")
+    add("--pretrain-patience", type=non_negative_int, **by_protocol, help="stop pretraining this many epochs after "
+        "its best validation loss (post: None, --patience's; fair: 10)")
+    add("--n-val", type=positive_int, help="validation images of a target run; None: a quarter of its n_train (12 at "
+        "50), the post's")
+    add("--stratify", action=argparse.BooleanOptionalAction, **by_protocol, help="draw each target run's training "
+        "and validation images class by class, in proportion, each class in validation at least once where --n-val "
+        "allows (post: off; fair: on)")
     add("--disjoint", action=argparse.BooleanOptionalAction, **by_protocol, help="draw each target's training and "
         "validation images only from those that its backbone was not pretrained on, where source and target read "
         "the same files (even-odd and mnist) (post: off; fair: on)")
@@ -108,9 +130,15 @@ def make_parser() -> argparse.ArgumentParser:
     add("--lr-grid", nargs="+", type=positive_float, metavar="LR", **by_protocol, help="train every target run "
         "once per learning rate, the same grid for every arm, and select per (target, arm, n_train, seed) the rate "
         f"with the lowest validation loss (post: none, each arm at its own rate; fair: {shown(FAIR['lr_grid'])})")
-    add("--select", choices=("seed", "pooled"), **by_protocol, help="how --lr-grid picks: per seed on its own "
-        "validation loss, or pooled: one rate per (target, arm, n_train), the lowest mean validation loss over "
-        "seeds (post: seed; fair: pooled)")
+    add("--select", choices=("seed", "pooled", "median"), **by_protocol, help="how --lr-grid picks: per seed on "
+        "its own validation loss; pooled: one rate per (target, arm, n_train), the lowest mean validation loss over "
+        "seeds; median: the lowest median, which one collapsed seed cannot move (post: seed; fair: median)")
+    add("--widen", action=argparse.BooleanOptionalAction, **by_protocol, help="a (target, arm, n_train) whose pick "
+        "sits at the lowest or highest rate it ran gets the next rate beyond, on the grid's spacing, for every seed, "
+        f"until its pick is inside or {LR_BOUNDS[0]:g} or {LR_BOUNDS[1]:g} is reached; pooled or median selection "
+        "(post: off; fair: on)")
+    add("--backbones-from", metavar="CSV", help="reuse the backbones of the sweep whose results are in CSV, made "
+        "with the same pretraining settings and seeds (checked with their digests), instead of pretraining")
     add("--augment", action="store_true", help="train the target runs on randomly shifted, rotated and scaled images "
         "(a new transform per image and epoch, drawn from the run's seed); never validation or test")
     add("--overwrite", action="store_true", help="delete the log folder first, instead of adding a new version "

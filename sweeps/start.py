@@ -15,7 +15,7 @@ import torch
 import transfer_mnist as tm
 from sweeps.folders import folder_of, register_image_folder
 from sweeps.files import SweepLock
-from sweeps.runs import ResultsCsv, pretraining_runs, read_results, run_folder, run_key, sweep_runs
+from sweeps.runs import ResultsCsv, pretraining_runs, read_results, run_folder, run_key, subset_draw, sweep_runs
 from sweeps.settings import backbone_seed, seeds
 
 logger = tm.logger  # the experiment's console, as the template's
@@ -53,13 +53,16 @@ def check_data(cfg: argparse.Namespace) -> None:
         for seed in seeds(cfg):
             available, where = tm.available_images(cfg, name, backbone_seed(cfg, seed))
             for n_train in cfg.n_train:
-                tm.load_data(name, n_train, cfg.data_dir, seed, available, folder_of(tm.TARGETS[name]) or where)
+                tm.load_data(name, n_train, cfg.data_dir, seed, available, folder_of(tm.TARGETS[name]) or where,
+                             draw=subset_draw(cfg, name))
 
 
-def describe_subsets(cfg: argparse.Namespace) -> list[str]:
+def describe_subsets(cfg: argparse.Namespace) -> tuple[list[str], list[str]]:
     """Per target and n_train, over the seeds: training and validation images per class, and how many of
-    them pretraining saw (the backbone of that seed, on the same files)."""
-    lines, seed_range = [], seeds(cfg)
+    them pretraining saw (the backbone of that seed, on the same files); and warnings where a class has fewer
+    than two validation images in some seed: its validation loss, which picks the epoch and the rate, rests
+    on one image of that class or none."""
+    lines, warnings, seed_range = [], [], seeds(cfg)
     span = lambda values: f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"  # noqa: E731
     for name in cfg.targets:
         names = tm.TARGETS[name].label_names
@@ -68,7 +71,7 @@ def describe_subsets(cfg: argparse.Namespace) -> list[str]:
             counts, seen = [], []
             for seed in seed_range:
                 available = tm.available_images(cfg, name, backbone_seed(cfg, seed))[0]
-                subsets = tm.draw_subset(name, n_train, available, seed)
+                subsets = subset_draw(cfg, name)(name, n_train, available, seed)
                 counts.append([torch.bincount(labels[idx], minlength=len(names)).tolist() for idx in subsets])
                 pretrained_on = tm.pretraining_images(cfg, backbone_seed(cfg, seed)) if same_files(cfg, name) \
                     else torch.empty(0, dtype=torch.long)
@@ -81,7 +84,13 @@ def describe_subsets(cfg: argparse.Namespace) -> list[str]:
             lines.append(f"{name}: {n_train} training + {len(subsets[1])} validation images a run"
                          f"{f', seeds {seed_range[0]}-{seed_range[-1]}' if len(seed_range) > 1 else ''}; per class "
                          f"{per_class}; {overlap}")
-    return lines
+            few = [label for k, label in enumerate(names) if min(c[1][k] for c in counts) < 2]
+            if few:
+                warnings.append(f"Warning: {name} at n_train {n_train}: {len(few)} of {len(names)} classes have fewer "
+                                f"than 2 validation images in some seed ({', '.join(few[:4])}"
+                                f"{', ...' if len(few) > 4 else ''}); the validation loss that picks each run's epoch "
+                                f"and rate is noisy: give more with --n-val" + ("" if cfg.stratify else " or --stratify"))
+    return lines, warnings
 
 
 def check_devices(cfg: argparse.Namespace) -> str:
@@ -162,6 +171,8 @@ def check_inputs(cfg: argparse.Namespace, created: list[Path]) -> str:
     """Everything that can be checked before training: targets, devices, the data, its labels and sizes.
     Data folders that a failed download leaves are added to `created`. Returns the resolved accelerator."""
     resolve_targets(cfg)
+    if cfg.widen and cfg.select == "seed" and cfg.lr_grid:
+        raise tm.ExperimentError("--widen adds a rate for every seed of a group: it needs --select pooled or median")
     if cfg.backbone_per_seed and cfg.pretrain_seed is not None:
         raise tm.ExperimentError("--backbone-per-seed pretrains each seed's backbone with that seed; "
                                  "drop --pretrain-seed")
@@ -177,8 +188,11 @@ def check_inputs(cfg: argparse.Namespace, created: list[Path]) -> str:
         target = tm.TARGETS[name]
         logger.info(f"{name}: {folder_of(target) or target.dataset.__name__}, {len(target.label_names)} classes "
                     f"({', '.join(target.label_names)})")
-    for line in describe_subsets(cfg):
+    lines, warnings = describe_subsets(cfg)
+    for line in lines:
         logger.info(line)
+    for warning in warnings:
+        logger.warning(warning)
     return accelerator
 
 

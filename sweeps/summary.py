@@ -6,7 +6,6 @@ curves in TensorBoard. Imported by figures and cli only; it imports runs and the
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import typing
 
@@ -15,6 +14,8 @@ import lightning
 import transfer_mnist as tm
 from sweeps.files import replace_text
 from sweeps.runs import RunResult
+from sweeps.settings import PRIMARY, PRIMARY_ARM
+from sweeps.stats import MeanCI, holm, t_975
 
 ARMS = tm.ARMS
 
@@ -52,49 +53,6 @@ def format_table(results: list[RunResult]) -> str:
                                        for row, r in zip(rows, results)])
 
 
-# Student's t quantile t(0.975, df) for df = 1..30: the 95% interval of a mean of few seeds
-T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-         2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-         2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-
-
-def t_975(df: int) -> float:
-    """t(0.975, df): the table above, then the Cornish-Fisher expansion (within 1e-4 beyond df = 30)."""
-    if df <= len(T_975):
-        return T_975[df - 1]
-    z = 1.959964
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-
-
-@dataclasses.dataclass
-class MeanCI:
-    """Mean over n values with sample standard deviation and 95% t-interval (nan for n < 2)."""
-
-    n: int
-    mean: float
-    sd: float
-    low: float
-    high: float
-
-    @classmethod
-    def of(cls, values: list[float], bounds: tuple[float, float] = (-math.inf, math.inf)) -> MeanCI:
-        """The interval is cut to `bounds`, the metric's possible range: with few seeds t is large, and an
-        accuracy interval of 2 seeds can pass 100%."""
-        n = len(values)
-        mean = sum(values) / n
-        if n < 2:
-            return cls(n, mean, math.nan, math.nan, math.nan)
-        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-        half_width = t_975(n - 1) * sd / math.sqrt(n)
-        return cls(n, mean, sd, max(bounds[0], mean - half_width), min(bounds[1], mean + half_width))
-
-    def text(self, digits: int = 4) -> tuple[str, str]:
-        """("mean ± sd", "[low, high]") for tables; one value has no spread."""
-        if self.n < 2:
-            return f"{self.mean:.{digits}f}", "n/a"
-        return f"{self.mean:.{digits}f} ± {self.sd:.{digits}f}", f"[{self.low:.{digits}f}, {self.high:.{digits}f}]"
-
-
 ACCURACY_RANGE, LOSS_RANGE = (0.0, 1.0), (0.0, math.inf)  # where a mean's interval can lie
 
 
@@ -128,18 +86,77 @@ def paired(groups: dict, target: str, n_train: int, mode: str) -> tuple[MeanCI, 
             MeanCI.of([by_seed[s].test_loss - base[s].test_loss for s in seeds]))
 
 
+def largest_sizes(groups: dict) -> dict[str, int]:
+    """Each target's largest n_train: where the primary comparison is made."""
+    largest: dict[str, int] = {}
+    for target, n_train, _ in groups:
+        largest[target] = max(largest.get(target, n_train), n_train)
+    return largest
+
+
+def p_text(p: float) -> str:
+    return "n/a" if math.isnan(p) else f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
+
+
 def summarize(results: list[RunResult]) -> tuple[list[list[str]], list[list[str]]]:
     """Rows of two tables: each (target, n_train, mode) over seeds, and each pretrained arm minus the
-    baseline, paired by seed."""
+    baseline, paired by seed, with its paired-t p-value and that value Holm-adjusted over every comparison
+    of the table; the primary comparison (PRIMARY) is marked."""
     groups = group_by_arm(results)
-    arms, differences = [], []
+    largest = largest_sizes(groups)
+    arms, differences, p_values = [], [], []
     for (target, n_train, mode), by_seed in groups.items():
         acc, loss = accuracy_ci(by_seed.values()), MeanCI.of([r.test_loss for r in by_seed.values()], LOSS_RANGE)
-        arms.append([target, str(n_train), mode, str(acc.n), *acc.text(), *loss.text()])
+        head = head_stage_runs(by_seed.values()) if ARMS[mode].head_fraction else []
+        shown = f"{mode} ({len(head)} of {len(by_seed)} tested on the head stage)" if head else mode
+        arms.append([target, str(n_train), shown, str(acc.n), *acc.text(), *loss.text()])
         if difference := paired(groups, target, n_train, mode):
-            differences.append([target, str(n_train), f"{mode} - {baseline_arm()}", str(acc.n),
-                                *difference[0].text(), *difference[1].text()])
+            primary = " (primary)" if mode == PRIMARY_ARM and n_train == largest[target] else ""
+            differences.append([target, str(n_train), f"{mode} - {baseline_arm()}{primary}", str(acc.n),
+                                *difference[0].text(), p_text(difference[0].p), "", *difference[1].text()])
+            p_values.append(difference[0].p)
+    for row, adjusted in zip(differences, holm(p_values)):
+        row[7] = p_text(adjusted)
     return arms, differences
+
+
+def head_stage_runs(runs: typing.Iterable[RunResult]) -> list[RunResult]:
+    """LP-FT runs whose best epoch lies within their head stage: the fine-tuning stage never improved on the
+    head trained on the frozen backbone, so they were tested as a frozen run would be."""
+    return [r for r in runs if r.best_epoch <= max(1, round(ARMS[r.mode].head_fraction * r.max_epochs))]
+
+
+def sensitivity_table(results: list[RunResult]) -> tuple[list[str], list[list[str]]] | None:
+    """Each pretrained arm (at its selected rate) minus the baseline at every rate the baseline ran, paired by
+    seed, and minus the baseline at the rate with its best mean test accuracy: a bound on what a luckier
+    choice of the baseline's rate could take away, never a result (the test set picks it). None without a
+    grid."""
+    base = baseline_arm()
+    runs_at: dict[tuple, dict[float, dict[int, RunResult]]] = {}
+    for r in results:
+        if r.mode == base:
+            runs_at.setdefault((r.target, r.n_train), {}).setdefault(r.learning_rate, {})[r.seed] = r
+    rates = sorted({rate for by_rate in runs_at.values() for rate in by_rate})
+    if len(rates) < 2:
+        return None
+    rows = []
+    for (target, n_train, mode), by_seed in sorted(group_by_arm(results).items(), key=lambda item: (
+            item[0][0], item[0][1], list(ARMS).index(item[0][2]))):
+        by_rate = runs_at.get((target, n_train), {})
+        if not ARMS[mode].pretrained or not by_rate:
+            continue
+
+        def against(base_runs: dict[int, RunResult]) -> str:
+            seeds = sorted(by_seed.keys() & base_runs.keys())
+            return points(MeanCI.of([by_seed[s].test_acc - base_runs[s].test_acc for s in seeds])) if seeds else "–"
+
+        best = max(by_rate, key=lambda rate: (sum(r.test_acc for r in by_rate[rate].values()) / len(by_rate[rate])))
+        rows.append([target, str(n_train), f"{mode} − {base}",
+                     *[against(by_rate[rate]) if rate in by_rate else "–" for rate in rates],
+                     f"{against(by_rate[best])} (at {best:g})"])
+    header = ["target", "n_train", "difference", *[f"{base} at {rate:g}" for rate in rates],
+              f"bound: {base} at its best rate on the test set"]
+    return header, rows
 
 
 def points(ci: MeanCI) -> str:
@@ -194,8 +211,11 @@ def at_an_edge(choices: list[tuple[RunResult, list[float]]]) -> int | None:
 
 
 def budget_rows(results: list[RunResult]) -> list[list[str]]:
-    """Per target and arm, over its selected runs: the rates chosen and how often, how often the choice
-    sat at an edge of the grid, and how many runs were still improving at the end of their budget."""
+    """Per target and arm, over its selected runs: the rates run and those chosen and how often, how often the
+    choice sat at an edge of the rates run, and how many runs were still improving at the end of their budget."""
+    ran: dict[tuple[str, str], set[float]] = {}
+    for r in results:
+        ran.setdefault((r.target, r.mode), set()).add(r.learning_rate)
     rows = []
     for (target, mode), choices in rate_choices(results).items():
         chosen = [r for r, _ in choices]
@@ -203,30 +223,56 @@ def budget_rows(results: list[RunResult]) -> list[list[str]]:
                   for rate in sorted({r.learning_rate for r in chosen})}
         rates = [len(grid) for _, grid in choices]
         edge = at_an_edge(choices)
-        rows.append([target, mode, str(len(chosen)), ", ".join(f"{rate:g} ×{n}" for rate, n in counts.items()),
+        rows.append([target, mode, str(len(chosen)), ", ".join(f"{rate:g}" for rate in sorted(ran[(target, mode)])),
+                     ", ".join(f"{rate:g} ×{n}" for rate, n in counts.items()),
                      "no grid" if max(rates) == 1 else f"n/a: a grid of {min(rates)} rates is all edges"
                      if edge is None else f"{edge} of {len(chosen)}",
                      f"{sum(map(still_improving, chosen))} of {len(chosen)}"])
     return rows
 
 
+def chance_loss(target: str) -> float | None:
+    """The validation loss of a model that learned nothing: ln(classes), uniform guessing. None for a target
+    that is not registered here."""
+    spec = tm.TARGETS.get(target)
+    return math.log(len(spec.label_names)) if spec else None
+
+
 def fragile(results: list[RunResult]) -> list[str]:
-    """Where the answer is fragile, in words: for the end of the console and the Markdown."""
+    """Where the answer is fragile, in words, each with what it counts against and what to do: for the end of
+    the console and the Markdown."""
     weak = [r for r in results if r.mode not in ARMS and still_improving(r)]
-    warnings = [f"pretraining (seed{'s' * (len(weak) > 1)} {', '.join(str(r.seed) for r in weak)}) was still "
-                f"improving: best validation loss at epoch {'/'.join(sorted({str(r.best_epoch) for r in weak}))} of "
-                f"{weak[0].max_epochs}, test accuracy {min(r.test_acc for r in weak):.4f}"
+    warnings = [f"{len(weak)} of {sum(r.mode not in ARMS for r in results)} backbones (seed"
+                f"{'s' * (len(weak) > 1)} {', '.join(str(r.seed) for r in weak)}) were still improving when "
+                f"pretraining stopped: best validation loss at epoch {'/'.join(sorted({str(r.best_epoch) for r in weak}))}"
+                f" of {weak[0].max_epochs} (test accuracy {min(r.test_acc for r in weak):.4f}"
                 + (f"-{max(r.test_acc for r in weak):.4f}" if len(weak) > 1 else "")
-                + "; a backbone this weak may understate what fine-tuning gains (--pretrain-epochs)"] if weak else []
+                + "); pretraining longer may change what transfer gains: raise --pretrain-epochs (--protocol fair "
+                  "stops on --pretrain-patience)"] if weak else []
     choices = [choice for per_arm in rate_choices(results).values() for choice in per_arm]
-    late = sum(still_improving(r) for r, _ in choices)
-    if late:
-        warnings.append(f"{late} of {len(choices)} target runs still improving in the last tenth of their epochs "
-                        f"(--train-epochs)")
+    for mode in ARMS:
+        selected = [r for r, _ in choices if r.mode == mode]
+        late = sum(map(still_improving, selected))
+        if late:
+            warnings.append(f"{mode}: {late} of {len(selected)} selected runs were still improving in the last tenth "
+                            f"of their epochs; their test accuracy may be understated: raise --train-epochs")
+        head = head_stage_runs(selected) if ARMS[mode].head_fraction else []
+        if head:
+            warnings.append(f"{mode}: {len(head)} of {len(selected)} selected runs were tested on their head stage "
+                            f"(best epoch within it: fine-tuning never improved on the head), as a frozen run with "
+                            f"the head's budget would be")
+    for r, _ in choices:
+        chance = chance_loss(r.target)
+        if chance is not None and r.val_loss >= 0.99 * chance:
+            warnings.append(f"{r.target}/{r.mode} n_train {r.n_train} seed {r.seed} (lr {r.learning_rate:g}), a "
+                            f"selected run, is no better than chance on validation (loss {r.val_loss:.4f}; guessing "
+                            f"gives {chance:.4f}): it learned nothing at that rate, and its test accuracy is in the "
+                            f"summary; read its learning curves, and the sensitivity table")
     if any(len(grid) > 1 for _, grid in choices):
         edge = at_an_edge(choices)
         if edge:
-            warnings.append(f"{edge} of {len(choices)} learning-rate choices at an edge of the grid: widen --lr-grid")
+            warnings.append(f"{edge} of {len(choices)} selected runs have their rate at an edge of the rates run: the "
+                            f"best rate may lie beyond; widen --lr-grid (or --widen)")
         elif edge is None:
             warnings.append("a grid of fewer than 3 rates cannot tell whether the best rate lies outside it")
     elif choices:
@@ -236,22 +282,25 @@ def fragile(results: list[RunResult]) -> list[str]:
 
 
 ARM_HEADER = ["target", "n_train", "mode", "seeds", "test acc mean ± sd", "95% CI", "test loss mean ± sd", "95% CI"]
-DIFF_HEADER = ["target", "n_train", "paired difference", "seeds", "Δ test acc mean ± sd", "95% CI",
-               "Δ test loss mean ± sd", "95% CI"]
-BUDGET_HEADER = ["target", "mode", "runs", "learning rates chosen", "at an edge of the grid",
+DIFF_HEADER = ["target", "n_train", "paired difference", "seeds", "Δ test acc mean ± sd", "95% CI", "p (paired t)",
+               "Holm p", "Δ test loss mean ± sd", "95% CI"]
+BUDGET_HEADER = ["target", "mode", "runs", "learning rates run", "learning rates chosen", "at an edge of the rates run",
                  "best epoch in the last tenth of the budget"]
 
 
 SELECTIONS = {"seed": "each seed's own validation loss picks its rate (--select seed)",
               "pooled": "one rate per (target, arm, n_train): the lowest mean validation loss over seeds "
-                        "(--select pooled)"}
+                        "(--select pooled)",
+              "median": "one rate per (target, arm, n_train): the lowest median validation loss over seeds, which "
+                        "one collapsed seed cannot move (--select median)"}
 
 
 def write_summary(results: list[RunResult], path: str, select: str = "seed", warnings: typing.Sequence[str] = ()) -> str:
-    """Markdown at `path`: the summary over seeds (the run table when every arm ran one seed), then the
-    learning rates chosen and the runs still improving at the end of their budget, and the warnings (these
-    `warnings` first: a report's incomplete groups, say). Returns the summary as
-    aligned text for the console: '' for one seed, where the run table says it all."""
+    """Markdown at `path`: the summary over seeds (the run table when every arm ran one seed) with paired
+    differences, their p-values and Holm's adjustment, the sensitivity to the baseline's rate, then the
+    learning rates run and chosen and the runs still improving at the end of their budget, and the warnings
+    (these `warnings` first: a report's incomplete groups, say). Returns the summary as aligned text for the
+    console: '' for one seed, where the run table says it all."""
     budget = budget_rows(results)
     grid = any(not r.selected for r in results)
     closing = ("## Learning rates and epoch budget\n\n" + (f"Rate selection: {SELECTIONS[select]}.\n\n" if grid else "")
@@ -263,15 +312,23 @@ def write_summary(results: list[RunResult], path: str, select: str = "seed", war
         return ""
     arms, differences = summarize(results)
     fewest = min(int(row[3]) for row in arms)
-    caution = (f"Intervals from {fewest} seeds are wide (t(0.975) is {t_975(fewest - 1):g} with {fewest} seeds, "
-               f"{t_975(4):g} with 5); they are cut to what the metric can reach.\n\n" if fewest in (2, 3) else "")
+    caution = (f"Intervals from {fewest} seeds are wide (t(0.975) is {t_975(fewest - 1):.3f} with {fewest} seeds, "
+               f"{t_975(4):.3f} with 5); they are cut to what the metric can reach.\n\n" if fewest in (2, 3) else "")
+    sensitivity = sensitivity_table(results)
+    sensitive = ("## Sensitivity to the baseline's rate\n\nEach pretrained arm minus the baseline run at each of its "
+                 "rates instead of the one validation chose, paired by seed; the last column picks the baseline's "
+                 "rate on the test set, so it is a bound on how much a luckier choice could take away, not a "
+                 f"result.\n\n{markdown(*sensitivity)}\n\n") if sensitivity else ""
     replace_text(path, f"# Test results over seeds\n\n{markdown(ARM_HEADER, arms)}\n\n{caution}"
-                       "Paired by seed: both arms of a seed share the training subset and the head's initial weights."
+                       "Paired by seed: both arms of a seed share the training subset and the head's initial weights. "
+                       "p: the paired t-test of no difference in test accuracy; Holm p: adjusted by Holm's method over "
+                       f"the {len(differences)} comparisons of this table, the ones to state as findings where below "
+                       f"0.05. Primary, named before any run: {PRIMARY}."
                        f"\n\n{markdown(DIFF_HEADER, differences)}\n\n"
                        "In percent: mean test accuracy, and the paired difference in points with its 95% interval."
-                       f"\n\n{markdown(*percent_table(results))}\n\n{closing}")
+                       f"\n\n{markdown(*percent_table(results))}\n\n{sensitive}{closing}")
     return "\n\n".join([aligned(ARM_HEADER, arms)] + [caution.strip()] * bool(caution)
-                       + [aligned(*table) for table in ((DIFF_HEADER, differences), (BUDGET_HEADER, budget))])
+                         + [aligned(*table) for table in ((DIFF_HEADER, differences), (BUDGET_HEADER, budget))])
 
 
 def log_learning_curves(results: list[RunResult], cfg: argparse.Namespace) -> None:

@@ -64,8 +64,8 @@ def test_the_budget_table_counts_rates_edges_and_runs_still_improving():
         run(mode="from_scratch", learning_rate=3e-4, best_epoch=100)])
     rows = {row[1]: row for row in summary.budget_rows(results)}
     # seed 0 chose the grid's lowest rate (an edge) and peaked at epoch 95 of 100; seed 1 the middle, at 90
-    assert rows["finetuned"][2:] == ["2", "0.0001 ×1, 0.001 ×1", "1 of 2", "1 of 2"]
-    assert rows["from_scratch"][2:] == ["1", "0.0003 ×1", "no grid", "1 of 1"]
+    assert rows["finetuned"][2:] == ["2", "0.0001, 0.001, 0.01", "0.0001 ×1, 0.001 ×1", "1 of 2", "1 of 2"]
+    assert rows["from_scratch"][2:] == ["1", "0.0003", "0.0003 ×1", "no grid", "1 of 1"]
 
 
 def test_lr_grid_refuses_rates_that_are_not_positive(capsys):
@@ -114,7 +114,7 @@ def test_lp_ft_is_paired_with_from_scratch(tiny_args, tmp_path):
     assert cli.main(args) == 0
     summary = (tmp_path / "r.md").read_text()
     assert "| even-odd | 20 | lp_ft - from_scratch | 2 |" in summary
-    assert "| even-odd | 20 | finetuned - from_scratch | 2 |" in summary
+    assert "| even-odd | 20 | finetuned - from_scratch (primary) | 2 |" in summary
 
 
 # ---- --report and the figure --------------------------------------------------------------
@@ -175,10 +175,15 @@ def test_the_figure_shows_the_summary_s_numbers():
             assert arms[(str(n), mode)][4] == f"{ci.mean:.4f} ± {ci.sd:.4f}"
             assert arms[(str(n), mode)][5] == f"[{ci.low:.4f}, {ci.high:.4f}]"
     figure = figures.draw_figure(results)
-    (ax,) = figure.axes
+    ax, below = figure.axes
     lines = {line.get_label(): line for line in ax.get_lines()}
     assert list(lines["finetuned"].get_ydata()) == pytest.approx([85.0, 94.0])
     assert len(ax.collections) == 2  # one 95% band per arm
+    # below, the answer: finetuned minus from_scratch, paired by seed, at each size
+    groups = summary.group_by_arm(results)
+    (errorbar,) = below.containers
+    assert list(errorbar.lines[0].get_ydata()) == pytest.approx(
+        [100 * summary.paired(groups, "even-odd", n, "finetuned")[0].mean for n in (50, 200)])
 
 
 def test_a_run_writes_the_figure_beside_the_csv_and_into_tensorboard(tiny_args, tmp_path):

@@ -51,7 +51,7 @@ def test_intervals_stay_within_what_the_metric_can_reach_in_tables_and_figure():
     finetuned = arms[0]
     assert finetuned[5] == "[0.0000, 1.0000]" and finetuned[7].startswith("[0.0000, ")
     assert differences[0][5].startswith("[-1.0000, ") and differences[0][5].endswith(", 1.0000]")
-    (ax,) = figures.draw_figure(results).axes
+    ax, below = figures.draw_figure(results).axes
     (errorbars, _) = ax.containers
     segments = [segment for collection in ax.collections for segment in collection.get_segments()]
     assert min(y for segment in segments for _, y in segment) >= 0 and max(y for s in segments for _, y in s) <= 100
@@ -73,13 +73,13 @@ def test_the_edge_count_needs_a_grid_of_three_rates():
     two = runs.select_rates([run(seed=s, learning_rate=lr, val_loss=v) for s in (0, 1)
                            for lr, v in ((1e-4, 0.2), (1e-3, 0.3))])
     (row,) = summary.budget_rows(two)
-    assert row[4] == "n/a: a grid of 2 rates is all edges"
+    assert row[5] == "n/a: a grid of 2 rates is all edges"
     three = runs.select_rates([run(seed=s, learning_rate=lr, val_loss=v) for s, best in ((0, 1e-3), (1, 1e-2))
                              for lr, v in ((1e-4, 0.3), (1e-3, 0.2 if best == 1e-3 else 0.4), (1e-2, 0.1 if best == 1e-2 else 0.5))])
     (row,) = summary.budget_rows(three)
-    assert row[4] == "1 of 2"  # seed 0 chose the middle rate, seed 1 the top
+    assert row[5] == "1 of 2"  # seed 0 chose the middle rate, seed 1 the top
     (row,) = summary.budget_rows([run()])
-    assert row[4] == "no grid"
+    assert row[5] == "no grid"
 
 
 def test_threads_apply_to_pretraining_too(tiny_args, tmp_path, monkeypatch):

@@ -18,11 +18,13 @@ def test_fair_sets_what_the_command_line_does_not_give():
     cfg, given = settings.parse(["--protocol", "fair", "--seeds", "2", "--no-disjoint"])
     assert given == {"protocol", "seeds", "disjoint"}
     assert (cfg.seeds, cfg.disjoint) == (2, False)  # given: kept
-    assert cfg.modes == tuple(tm.ARMS) and cfg.lr_grid == (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
-    assert cfg.select == "pooled" and cfg.backbone_per_seed and not cfg.augment
+    assert cfg.modes == tuple(tm.ARMS) and cfg.lr_grid == (1e-4, 3e-4, 1e-3, 3e-3, 1e-2) and cfg.widen
+    assert cfg.select == "median" and cfg.backbone_per_seed and cfg.stratify and not cfg.augment
+    assert (cfg.pretrain_epochs, cfg.pretrain_patience, cfg.train_epochs) == (400, 10, 1000)
     post, given = settings.parse([])
     assert given == set() and (post.seeds, post.modes, post.lr_grid, post.select) == (1, ("finetuned", "from_scratch"), (), "seed")
-    assert not post.backbone_per_seed and not post.disjoint  # the post's protocol: the template's defaults
+    assert not post.backbone_per_seed and not post.disjoint and not post.stratify and not post.widen
+    assert (post.pretrain_epochs, post.pretrain_patience, post.n_val) == (50, None, None)  # the template's defaults
     assert post.n_train == (200,) and post.train_epochs == 500 and post.lr == tm.parse_args([]).lr
 
 
@@ -32,10 +34,10 @@ def test_a_fair_run_saves_and_prints_the_resolved_settings(tiny_args, tmp_path, 
     with caplog.at_level(logging.INFO, logger="transfer_mnist"):
         assert cli.main(args) == 0
     saved = json.loads((tmp_path / "r.json").read_text())["config"]
-    assert saved["protocol"] == "fair" and saved["select"] == "pooled" and saved["disjoint"] is True
+    assert saved["protocol"] == "fair" and saved["select"] == "median" and saved["disjoint"] is True
     assert saved["backbone_per_seed"] is True and saved["seeds"] == 2 and saved["lr_grid"] == [1e-3, 3e-3]
     settings = next(m for m in caplog.messages if m.startswith("Settings:"))
-    assert "protocol=fair" in settings and "select=pooled" in settings and "disjoint=True" in settings
+    assert "protocol=fair" in settings and "select=median" in settings and "disjoint=True" in settings
     assert [r["seed"] for r in read_csv(tmp_path / "r.csv") if r["mode"] == "pretrain"] == ["0", "1"]
     start = next(m for m in caplog.messages if m.startswith("even-odd: 20 training + 5 validation images a run"))
     assert "seeds 0-1; per class even " in start and start.endswith(
@@ -110,21 +112,25 @@ def test_warnings_name_a_weak_backbone_late_runs_grid_edges_and_fixed_rates(tmp_
     weak = run("pretrain", 0, 1e-4, 0.5, best_epoch=5, max_epochs=5)
     fixed = [weak, run("finetuned", 0, 5e-5, 0.4, best_epoch=95), run("from_scratch", 0, 1e-4, 0.4)]
     warnings = summary.fragile(fixed)
-    assert warnings[0].startswith("pretraining (seed 0) was still improving: best validation loss at epoch 5 of 5")
-    assert "backbone this weak" in warnings[0]
-    assert warnings[1] == "1 of 2 target runs still improving in the last tenth of their epochs (--train-epochs)"
+    assert warnings[0].startswith("1 of 1 backbones (seed 0) were still improving when pretraining stopped: best "
+                                  "validation loss at epoch 5 of 5 (test accuracy 0.9000)")
+    assert "raise --pretrain-epochs" in warnings[0] and "weak" not in warnings[0]
+    assert warnings[1] == ("finetuned: 1 of 1 selected runs were still improving in the last tenth of their epochs; "
+                           "their test accuracy may be understated: raise --train-epochs")
     assert "--protocol fair" in warnings[2] and len(warnings) == 3
     grid = [run("finetuned", 0, rate, loss) for rate, loss in [(1e-4, 0.3), (1e-3, 0.4), (1e-2, 0.5)]]
     assert summary.fragile(runs.select_rates(grid)) == [
-        "1 of 1 learning-rate choices at an edge of the grid: widen --lr-grid"]
+        "1 of 1 selected runs have their rate at an edge of the rates run: the best rate may lie beyond; widen "
+        "--lr-grid (or --widen)"]
     assert summary.fragile(runs.select_rates(grid[1:])) == [
         "a grid of fewer than 3 rates cannot tell whether the best rate lies outside it"]
     summary.write_summary(fixed, str(tmp_path / "r.md"))
-    assert "## Warnings\n\n- pretraining (seed 0) was still improving" in (tmp_path / "r.md").read_text()
+    assert "## Warnings\n\n- 1 of 1 backbones (seed 0) were still improving" in (tmp_path / "r.md").read_text()
 
 
 def test_the_console_ends_with_the_warnings(tiny_args, tmp_path, capsys):
     assert cli.main(tiny_args + ["--targets", "even-odd", "--results-csv", str(tmp_path / "r.csv")]) == 0
     out = capsys.readouterr().out
-    assert "Warning: pretraining (seed 0) was still improving: best validation loss at epoch 2 of 2" in out
+    assert "Warning: 1 of 1 backbones (seed 0) were still improving when pretraining stopped: best validation loss " \
+           "at epoch 2 of 2" in out
     assert out.rstrip().splitlines()[-2].startswith("Warning: every arm ran at one fixed learning rate")

@@ -103,7 +103,7 @@ def test_pooled_selection_marks_one_rate_per_group_the_lowest_mean_validation_lo
     runs.select_rates(results, "pooled")
     assert [r.selected for r in results] == [True, False, True, False, False, True]
     (finetuned, _) = summary.budget_rows(results)
-    assert finetuned[3] == "0.001 ×2"
+    assert finetuned[4] == "0.001 ×2"
 
 
 def test_report_select_pooled_reproduces_the_run_s_markdown(tiny_args, tmp_path):

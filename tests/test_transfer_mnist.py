@@ -2,6 +2,7 @@
 main(), the post's runs; no network needed. The harness's behaviour is in the other test files."""
 
 import csv
+import math
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from conftest import HPARAMS, template_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import transfer_mnist as tm
-from sweeps import cli, summary
+from sweeps import cli, stats, summary
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -336,12 +337,19 @@ def test_mean_and_95_percent_interval_on_known_numbers():
     ci = summary.MeanCI.of([1.0, 2.0, 3.0, 4.0, 5.0])
     assert (ci.n, ci.mean) == (5, 3.0)
     assert ci.sd == pytest.approx(1.581139, abs=1e-6)  # sqrt(2.5)
-    half_width = 2.776 * 1.581139 / 5**0.5  # t(0.975, 4) = 2.776
+    half_width = 2.776445 * 1.581139 / 5**0.5  # t(0.975, 4) = 2.776445 (tables: 2.776)
     assert (ci.low, ci.high) == (pytest.approx(3 - half_width), pytest.approx(3 + half_width))
-    assert summary.t_975(1) == 12.706 and summary.t_975(30) == 2.042
-    assert summary.t_975(40) == pytest.approx(2.021075, abs=1e-4) and summary.t_975(120) == pytest.approx(1.979930, abs=1e-4)
+    assert ci.p == pytest.approx(0.013236, abs=1e-6)  # t = 3 / (1.581139 / sqrt 5) = 4.2426, 4 df, two-sided
+    assert stats.t_975(1) == pytest.approx(12.7062, abs=1e-4) and stats.t_975(30) == pytest.approx(2.0423, abs=1e-4)
+    assert stats.t_975(40) == pytest.approx(2.021075, abs=1e-4) and stats.t_975(120) == pytest.approx(1.979930, abs=1e-4)
     single = summary.MeanCI.of([0.5])
-    assert single.mean == 0.5 and all(v != v for v in (single.sd, single.low, single.high))  # nan
+    assert single.mean == 0.5 and all(v != v for v in (single.sd, single.low, single.high, single.p))  # nan
+
+
+def test_holm_adjusts_step_down_and_leaves_missing_p_values_out():
+    adjusted = stats.holm([0.01, 0.04, 0.03, math.nan])  # 3 * 0.01; 2 * 0.03; 1 * 0.04, raised to 0.06
+    assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06]) and math.isnan(adjusted[3])
+    assert stats.holm([0.5, 0.6]) == [1.0, 1.0]  # at most 1
 
 
 def test_paired_difference_is_taken_seed_by_seed():
@@ -356,11 +364,12 @@ def test_paired_difference_is_taken_seed_by_seed():
     # differences 0.10, 0.05, 0.05: mean 0.0667, sd 0.0289, half-width 4.303 * 0.0289 / sqrt(3) = 0.0717
     (row,) = differences
     mean, sd = 0.2 / 3, (0.05**2 / 3) ** 0.5
-    half_width = 4.303 * sd / 3**0.5
-    assert row[2:6] == ["finetuned - from_scratch", "3", f"{mean:.4f} ± {sd:.4f}",
+    half_width = 4.302653 * sd / 3**0.5  # t(0.975, 2)
+    assert row[2:6] == ["finetuned - from_scratch (primary)", "3", f"{mean:.4f} ± {sd:.4f}",
                         f"[{mean - half_width:.4f}, {mean + half_width:.4f}]"]
-    assert row[5] == "[-0.0051, 0.1384]"
-    assert row[6] == "-0.2333 ± 0.0577"
+    assert row[5] == "[-0.0050, 0.1384]"
+    assert row[6:8] == ["0.057", "0.057"]  # t = 4.0 on 2 df; Holm over one comparison leaves it
+    assert row[8] == "-0.2333 ± 0.0577"
 
 
 def test_frozen_arm_trains_the_head_only(tiny_data, tmp_path):

@@ -1,0 +1,149 @@
+"""An answer that survives scrutiny, the run-making side: stratified subsets, a pooled choice that one collapsed
+seed cannot move, a grid that widens itself (and resumes and reports so), pretraining ended on its own
+patience, another sweep's backbones reused, digits 0-4 -> 5-9. Tiny data; the widening runs are made by a
+stand-in for execute() whose validation loss is lowest at 1e-3, so the walk of the grid is known."""
+
+import json
+import math
+import signal
+
+import torch
+
+import transfer_mnist as tm
+from sweeps import cli, engine, resume, runs, start
+from sweeps.runs import RunResult
+from sweeps.stop import StopSignal
+
+WIDEN = ["--protocol", "fair", "--modes", "finetuned", "from_scratch", "--targets", "even-odd", "--seeds", "2",
+         "--lr-grid", "0.3", "1.0"]
+
+
+def valley(calls: list):
+    """A stand-in for runs.execute: pretraining gives a fresh backbone, a target run a row whose validation
+    loss is |log10(rate / 1e-3)|, the same for every seed and arm."""
+    def execute(cfg, run, backbone):
+        calls.append(run)
+        loss = abs(math.log10(run.learning_rate / 1e-3))
+        result = RunResult(run.target, run.mode, run.seed, run.n_train, 1, loss, 0.5 + 0.01 * run.seed,
+                           run.learning_rate, loss, True, 3, 0.0)
+        return (result, tm.decapitated_lenet().state_dict()) if run.mode == "pretrain" else (result, None)
+    return execute
+
+
+def read_rows(path) -> list[RunResult]:
+    return runs.read_results([str(path)])
+
+
+def test_stratified_subsets_hold_every_class_in_proportion_and_the_post_s_draw_is_unchanged(tiny_data):
+    labels = torch.arange(1000) % 10  # ten classes, 100 images each
+    labels[labels == 9] = 0  # class 0 twice as large; class 9 empty
+    available = torch.arange(1000)
+    train, val = runs.draw_subset("t", 100, available, 3, n_val=12, strata=labels)
+    assert len(train) == 100 and len(val) == 12 and not set(train.tolist()) & set(val.tolist())
+    assert torch.bincount(labels[train], minlength=10).tolist() == [20, 10, 10, 10, 10, 10, 10, 10, 10, 0]
+    assert (torch.bincount(labels[val], minlength=10)[:9] >= 1).all()  # every class there is, in validation
+    again = runs.draw_subset("t", 100, available, 3, n_val=12, strata=labels)
+    assert all(torch.equal(a, b) for a, b in zip((train, val), again))  # every arm of a seed: the same images
+    # the post's draw where neither --stratify nor --n-val is given; --n-val alone keeps its order
+    post = cli.parse(["--data-dir", str(tiny_data[0])])[0]
+    assert runs.subset_draw(post, "even-odd") is tm.draw_subset
+    order = torch.cat(tm.draw_subset("t", 100, available, 3))
+    assert torch.equal(torch.cat(runs.draw_subset("t", 100, available, 3, n_val=25)), order)
+
+
+def test_the_median_choice_is_not_moved_by_one_collapsed_seed():
+    rows = [RunResult("t", "finetuned", seed, 50, 10, 0.3, 0.9, rate, loss, False, 500)
+            for seed in range(5) for rate, loss in ((1e-3, 0.30 if seed != 4 else 0.6931), (1e-4, 0.36))]
+    picks = {select: {r.learning_rate for r in runs.select_rates(rows, select) if r.selected}
+             for select in ("pooled", "median")}
+    assert picks == {"pooled": {1e-4}, "median": {1e-3}}  # the mean follows seed 4's collapse, the median does not
+
+
+def test_next_rate_steps_past_an_edge_on_the_grid_s_spacing_up_to_the_bounds():
+    assert runs.next_rate([0.3, 1.0], 0.3) == 0.09
+    assert runs.next_rate([1e-4, 3e-4, 1e-3], 1e-3) == 0.003
+    assert runs.next_rate([1e-4, 3e-4, 1e-3], 3e-4) is None  # inside
+    assert runs.next_rate([0.3, 1.0], 1.0) is None and runs.next_rate([2e-6, 1e-5], 2e-6) == 1e-6  # bounds
+    assert runs.next_rate([1e-3], 1e-3) is None  # one rate: no spacing to step by
+
+
+def test_a_grid_at_an_edge_widens_for_every_seed_resumes_and_reports_so(tiny_args, tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(engine, "execute", valley(calls))
+    whole = tmp_path / "whole.csv"
+    assert cli.main(tiny_args + WIDEN + ["--results-csv", str(whole)]) == 0
+    rows = read_rows(whole)
+    walked = [1.0, 0.3, 0.09, 0.03, 0.01, 0.003, 0.0009, 0.0003]  # 0.0009 beats both neighbours
+    for mode in ("finetuned", "from_scratch"):
+        for seed in (0, 1):
+            assert [r.learning_rate for r in rows if (r.mode, r.seed) == (mode, seed)] == [0.3, 1.0, *walked[2:]]
+    assert {r.learning_rate for r in rows if r.selected and r.mode != "pretrain"} == {0.0009}
+    settings = json.loads(whole.with_suffix(".json").read_text())
+    assert [entry[3] for entry in settings["widened"] if entry[1] == "finetuned"] == walked[2:]
+    assert "learning rates run" in whole.with_suffix(".md").read_text()
+
+    # stopped as the fourth widened rate is recorded: --resume runs what was recorded and widens on
+    original, recorded = resume.record_widened, []
+
+    def stop_at_the_fourth(*args):
+        recorded.append(args)
+        original(*args)
+        if len(recorded) == 4:
+            StopSignal.received = signal.SIGINT
+            raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "record_widened", stop_at_the_fourth)
+    part = tmp_path / "part.csv"
+    assert cli.main(tiny_args + WIDEN + ["--log-dir", str(tmp_path / "logs2"), "--results-csv", str(part)]) == 130
+    monkeypatch.setattr(cli, "record_widened", original)
+    assert cli.main(["--resume", str(part)]) == 0
+    assert part.read_bytes() == whole.read_bytes()
+    # --report knows the widened rates: the same selection from the rows and the saved settings
+    capsys.readouterr()
+    assert cli.main(["--report", str(whole), "--results-csv", str(tmp_path / "again.csv")]) == 0
+    assert (tmp_path / "again.csv").read_bytes() == whole.read_bytes()
+    assert "incomplete" not in capsys.readouterr().out
+
+
+def test_pretraining_ends_on_its_own_patience_and_a_sweep_borrows_another_s_backbones(tiny_args, tmp_path,
+                                                                                      monkeypatch, capsys):
+    patience = []
+    pretrain = tm.pretrain
+    monkeypatch.setattr(tm, "pretrain", lambda args, *rest: patience.append(args.patience) or pretrain(args, *rest))
+    grid = ["--modes", "finetuned", "--lr-grid", "1e-3", "--seeds", "2", "--backbone-per-seed", "--targets", "even-odd"]
+    first = tmp_path / "first.csv"
+    assert cli.main(tiny_args + grid + ["--pretrain-patience", "1", "--results-csv", str(first)]) == 0
+    assert patience == [1, 1]
+    assert cli.main(tiny_args + grid + ["--pretrain-patience", "1", "--backbones-from", str(first), "--log-dir",
+                                        str(tmp_path / "logs2"), "--results-csv", str(tmp_path / "second.csv")]) == 0
+    assert patience == [1, 1]  # nothing pretrained again
+    theirs, ours = (json.loads((tmp_path / name).read_text()) for name in ("first.json", "second.json"))
+    assert [c["sha256"] for c in ours["checkpoints"].values()] == [c["sha256"] for c in theirs["checkpoints"].values()]
+    assert read_rows(tmp_path / "second.csv") == read_rows(first)  # the same backbones, the same rows
+    # a sweep that would pretrain otherwise may not borrow them
+    capsys.readouterr()
+    assert cli.main(tiny_args + grid + ["--pretrain-patience", "2", "--backbones-from", str(first), "--log-dir",
+                                        str(tmp_path / "logs3"), "--results-csv", str(tmp_path / "third.csv")]) == 2
+    assert f"error: --backbones-from {first}: its backbones were pretrained otherwise (pretraining patience 1, " \
+           f"here 2)" in capsys.readouterr().err
+    assert not (tmp_path / "third.csv").exists()
+
+
+def test_digits_0_4_to_5_9_is_a_transfer_to_new_classes(tiny_data):
+    root, _ = tiny_data
+    source_images, source_labels, source_positions = tm.read_split(tm.TARGETS["digits-0-4"], str(root), True)
+    images, labels, positions = tm.read_split(tm.TARGETS["digits-5-9"], str(root), True)
+    _, digits, _ = tm.read_split(tm.TARGETS["mnist"], str(root), True)
+    assert torch.equal(labels, digits[positions] - 5) and set(labels.tolist()) <= set(range(5))
+    assert set(digits[source_positions].tolist()) <= set(range(5)) and torch.equal(source_labels,
+                                                                                   digits[source_positions])
+    assert tm.TARGETS["digits-5-9"].label_names == ("5", "6", "7", "8", "9")
+
+
+def test_too_few_validation_images_of_a_class_are_named_at_the_start(tiny_args):
+    cfg = cli.parse(tiny_args + ["--targets", "fashion-mnist", "--n-train", "20", "--stratify"])[0]
+    lines, warnings = start.describe_subsets(cfg)
+    assert len(warnings) == 1 and warnings[0].startswith("Warning: fashion-mnist at n_train 20: ") \
+        and "fewer than 2 validation images in some seed" in warnings[0] and warnings[0].endswith("--n-val")
+    cfg = cli.parse(tiny_args + ["--targets", "even-odd", "--n-train", "20", "--n-val", "10", "--stratify"])[0]
+    lines, warnings = start.describe_subsets(cfg)
+    assert warnings == [] and "20 training + 10 validation images a run" in lines[0]
