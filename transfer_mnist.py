@@ -500,8 +500,8 @@ def warn_if_busy(threads: int, flags: str = "--threads") -> None:
     loadavg = Path("/proc/loadavg")  # Linux's 4th field: the tasks running now, this one too (not the last minute's)
     busy = int(loadavg.read_text().split()[3].split("/")[0]) - 1 if loadavg.exists() else round(os.getloadavg()[0])
     if (cores := os.cpu_count() or 1) - busy < threads:
-        logger.warning(f"Warning: {busy} other running process{'es' * (busy != 1)} leave {max(cores - busy, 0)} of "
-                       f"{cores} cores free for {threads} torch threads: runs may be many times slower; lower {flags}")
+        logger.warning(f"Warning: other running processes ({busy}) leave {max(cores - busy, 0)} of {cores} cores free "
+                       f"for {threads} torch threads: runs may be many times slower; lower {flags}")
 
 
 def main(argv: list[str] | None = None) -> int:

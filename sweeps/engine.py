@@ -91,9 +91,10 @@ def plan_line(cfg: argparse.Namespace, pretraining: list[Run], todo: list[Run]) 
     where = (f"on {cfg.workers} workers" if cfg.workers > 1 else "in this process") if not cfg.cluster \
         else f"on the Ray cluster at {cfg.cluster}"
     seed_list = sorted({run.seed for run in todo}) or [cfg.seed]
+    patience = "" if cfg.pretrain_patience is None else f", ending {cfg.pretrain_patience} after the best"
     return (f"Running {len(pretraining)} pretraining{'s' * (len(pretraining) != 1)} ({cfg.source}, {cfg.n_pretrain} "
-            f"images, {cfg.pretrain_epochs} epochs) and {len(todo)} target runs ({', '.join(cfg.targets)}; n_train "
-            f"{', '.join(map(str, cfg.n_train))}; {', '.join(cfg.modes)}; "
+            f"images, up to {cfg.pretrain_epochs} epochs{patience}) and {len(todo)} target runs "
+            f"({', '.join(cfg.targets)}; n_train {', '.join(map(str, cfg.n_train))}; {', '.join(cfg.modes)}; "
             + (f"seeds {seed_list[0]}-{seed_list[-1]}; " if len(seed_list) > 1 else "")
             + f"{rates}; up to {cfg.train_epochs} epochs) {where}; target runs start as their backbone is ready")
 

@@ -89,7 +89,8 @@ def describe_subsets(cfg: argparse.Namespace) -> tuple[list[str], list[str]]:
                 warnings.append(f"Warning: {name} at n_train {n_train}: {len(few)} of {len(names)} classes have fewer "
                                 f"than 2 validation images in some seed ({', '.join(few[:4])}"
                                 f"{', ...' if len(few) > 4 else ''}); the validation loss that picks each run's epoch "
-                                f"and rate is noisy: give more with --n-val" + ("" if cfg.stratify else " or --stratify"))
+                                f"and rate is noisy: give more with --n-val"
+                                + ("" if cfg.stratify else " or --stratify"))
     return lines, warnings
 
 

@@ -142,6 +142,6 @@ def test_a_busy_machine_is_named_at_the_start(monkeypatch, caplog):
         caplog.clear()
         with caplog.at_level("WARNING", logger="transfer_mnist"):
             tm.warn_if_busy(1, "--threads (and --workers)")
-        assert caplog.messages == [f"Warning: {cores} other running process{'es' * (cores != 1)} leave 0 of {cores} "
-                                   f"cores free for 1 torch threads: runs may be many times slower; lower "
-                                   f"--threads (and --workers)"] * warned
+        assert caplog.messages == [f"Warning: other running processes ({cores}) leave 0 of {cores} cores free for 1 "
+                                   f"torch threads: runs may be many times slower; lower --threads (and --workers)"
+                                   ] * warned
