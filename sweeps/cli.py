@@ -44,7 +44,7 @@ from sweeps.runs import (
     sweep_runs,
     widened_runs,
 )
-from sweeps.settings import ExperimentFailure, complete, one_line, parse, run_threads
+from sweeps.settings import PRIMARY, ExperimentFailure, complete, one_line, parse, run_threads
 from sweeps.start import check_inputs, prepare_outputs, remove, remove_unfinished
 from sweeps.stop import StopSignal
 from sweeps.summary import (
@@ -52,6 +52,7 @@ from sweeps.summary import (
     SELECTIONS,
     aligned,
     baseline_arm,
+    change_table,
     comparison_table,
     format_table,
     fragile,
@@ -178,10 +179,14 @@ def compare(cfg: argparse.Namespace, given: set[str]) -> int:
     modes = [mode for mode in ARMS if any(r.mode == mode for results in sweeps.values() for r in results)]
     header = ["sweep", *percent_table([], modes)[0]]
     means = [[label, *row] for label, results in sweeps.items() for row in percent_table(results, modes)[1]]
-    replace_text(out.with_suffix(".md"), 
+    change = change_table(sweeps)
+    changed = (f"How each lead changes from {next(iter(paths))} to the other sweeps, paired by the seeds they share "
+               f"(different subsets and rate choices come with the change):\n\n{markdown(*change)}\n\n"
+               if change else "")
+    replace_text(out.with_suffix(".md"),
         f"# Sweeps compared\n\nMean test accuracy in %, and each pretrained arm minus {baseline_arm()} in points "
         f"with its 95% interval:\n\n{markdown(header, means)}\n\nThe paired differences side by side:\n\n"
-        f"{markdown(*table)}\n\nSweeps: " + "; ".join(f"{label}: {', '.join(c)}" for label, c in paths.items())
+        f"{markdown(*table)}\n\n{changed}Sweeps: " + "; ".join(f"{label}: {', '.join(c)}" for label, c in paths.items())
         + ".\n")
     save_figure(draw_comparison(sweeps), out.with_suffix(".png"))
     print(f"\n{aligned(*table)}\n\nCompared: {out.with_suffix('.md')} and {out.with_suffix('.png')}, and each "
@@ -245,6 +250,8 @@ def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack)
         remove(created)
         raise
     logger.info(f"Settings: {', '.join(f'{key}={value}' for key, value in vars(cfg).items())}")
+    if cfg.protocol == "fair":  # named before any run: the summary marks it, the other comparisons are exploratory
+        logger.info(f"Primary comparison: {PRIMARY} ({max(cfg.n_train)}); the others are exploratory")
     if not cfg.cluster:  # every worker's threads on this machine's cores
         tm.warn_if_busy((run_threads(cfg) or torch.get_num_threads()) * cfg.workers, "--threads (and --workers)")
     summary_path, figure_path = (Path(csv_out.path).with_suffix(suffix) for suffix in (".md", ".png"))

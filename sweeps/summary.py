@@ -77,11 +77,13 @@ def baseline_arm() -> str:
 
 def paired(groups: dict, target: str, n_train: int, mode: str) -> tuple[MeanCI, MeanCI] | None:
     """Test accuracy and loss of a pretrained arm minus the baseline's, paired by seed (same subset, same
-    head initialisation); None for the baseline, or without it."""
+    head initialisation); None for the baseline, or without it, or without a seed of both."""
     by_seed, base = groups[(target, n_train, mode)], groups.get((target, n_train, baseline_arm()))
     if not ARMS[mode].pretrained or base is None:
         return None
     seeds = sorted(by_seed.keys() & base.keys())
+    if not seeds:
+        return None
     return (MeanCI.of([by_seed[s].test_acc - base[s].test_acc for s in seeds], (-1.0, 1.0)),
             MeanCI.of([by_seed[s].test_loss - base[s].test_loss for s in seeds]))
 
@@ -242,10 +244,10 @@ def fragile(results: list[RunResult]) -> list[str]:
     """Where the answer is fragile, in words, each with what it counts against and what to do: for the end of
     the console and the Markdown."""
     weak = [r for r in results if r.mode not in ARMS and still_improving(r)]
+    epochs = "/".join(sorted({str(r.best_epoch) for r in weak}))
     warnings = [f"{len(weak)} of {sum(r.mode not in ARMS for r in results)} backbones (seed"
                 f"{'s' * (len(weak) > 1)} {', '.join(str(r.seed) for r in weak)}) were still improving when "
-                f"pretraining stopped: best validation loss at epoch {'/'.join(sorted({str(r.best_epoch) for r in weak}))}"
-                f" of {weak[0].max_epochs} (test accuracy {min(r.test_acc for r in weak):.4f}"
+                f"pretraining stopped: best validation loss at epoch {epochs} of {weak[0].max_epochs} (test accuracy {min(r.test_acc for r in weak):.4f}"
                 + (f"-{max(r.test_acc for r in weak):.4f}" if len(weak) > 1 else "")
                 + "); pretraining longer may change what transfer gains: raise --pretrain-epochs (--protocol fair "
                   "stops on --pretrain-patience)"] if weak else []
@@ -295,7 +297,8 @@ SELECTIONS = {"seed": "each seed's own validation loss picks its rate (--select 
                         "one collapsed seed cannot move (--select median)"}
 
 
-def write_summary(results: list[RunResult], path: str, select: str = "seed", warnings: typing.Sequence[str] = ()) -> str:
+def write_summary(results: list[RunResult], path: str, select: str = "seed",
+                  warnings: typing.Sequence[str] = ()) -> str:
     """Markdown at `path`: the summary over seeds (the run table when every arm ran one seed) with paired
     differences, their p-values and Holm's adjustment, the sensitivity to the baseline's rate, then the
     learning rates run and chosen and the runs still improving at the end of their budget, and the warnings
@@ -359,3 +362,28 @@ def comparison_table(sweeps: dict[str, list[RunResult]]) -> tuple[list[str], lis
     return ["target", "n_train", "difference", *sweeps], rows
 
 
+def change_table(sweeps: dict[str, list[RunResult]]) -> tuple[list[str], list[list[str]]] | None:
+    """How each pretrained arm's lead over the baseline changes from the first sweep to each other one, paired
+    by the seeds they share (--report LABEL=CSV ...): (arm − baseline) there minus (arm − baseline) in the
+    first, in points with its 95% interval and paired-t p-value. None where no two sweeps share a seed."""
+    base = baseline_arm()
+    (first, reference), *others = [(label, group_by_arm(results)) for label, results in sweeps.items()]
+
+    def lead(groups: dict, target: str, n_train: int, mode: str) -> dict[int, float]:
+        arm, baseline = groups.get((target, n_train, mode), {}), groups.get((target, n_train, base), {})
+        return {seed: arm[seed].test_acc - baseline[seed].test_acc for seed in arm.keys() & baseline.keys()}
+
+    rows = []
+    for label, groups in others:
+        for target, n_train, mode in sorted(reference.keys() & groups.keys(), key=lambda key: (
+                key[0], key[1], list(ARMS).index(key[2]))):
+            if not ARMS[mode].pretrained:
+                continue
+            before, after = lead(reference, target, n_train, mode), lead(groups, target, n_train, mode)
+            seeds = sorted(before.keys() & after.keys())
+            if len(seeds) > 1:
+                change = MeanCI.of([after[s] - before[s] for s in seeds])
+                rows.append([target, str(n_train), f"{mode} − {base}", f"{label} − {first}", str(len(seeds)),
+                             points(change), p_text(change.p)])
+    return (["target", "n_train", "difference", "change", "seeds", "change in points", "p (paired t)"], rows) \
+        if rows else None

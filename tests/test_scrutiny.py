@@ -10,7 +10,7 @@ import signal
 import torch
 
 import transfer_mnist as tm
-from sweeps import cli, engine, resume, runs, start
+from sweeps import cli, engine, resume, runs, start, stats, summary
 from sweeps.runs import RunResult
 from sweeps.stop import StopSignal
 
@@ -147,3 +147,56 @@ def test_too_few_validation_images_of_a_class_are_named_at_the_start(tiny_args):
     cfg = cli.parse(tiny_args + ["--targets", "even-odd", "--n-train", "20", "--n-val", "10", "--stratify"])[0]
     lines, warnings = start.describe_subsets(cfg)
     assert warnings == [] and "20 training + 10 validation images a run" in lines[0]
+
+
+# ---- the report a reviewer asks for ------------------------------------------------------
+def row(mode, seed, acc, rate=1e-3, val_loss=0.3, best_epoch=50, selected=True, target="even-odd", n_train=50):
+    return RunResult(target, mode, seed, n_train, best_epoch, 0.4, acc, rate, val_loss, selected, 1000)
+
+
+def test_the_summary_gives_p_values_holm_the_primary_comparison_and_a_sensitivity_bound(tmp_path):
+    results = []
+    for seed in range(5):
+        results += [row("finetuned", seed, 0.90 + 0.01 * seed), row("frozen", seed, 0.85 + 0.004 * seed),
+                    row("from_scratch", seed, 0.80, rate=1e-3), row("from_scratch", seed, 0.86 + 0.001 * seed, rate=1e-2,
+                                                                   val_loss=0.5, selected=False)]
+    text = summary.write_summary(results, str(tmp_path / "s.md"), "median")
+    markdown = (tmp_path / "s.md").read_text()
+    arms, differences = summary.summarize(results)
+    finetuned, frozen = differences
+    p_finetuned = stats.MeanCI.of([0.10 + 0.01 * s for s in range(5)]).p
+    p_frozen = stats.MeanCI.of([0.05 + 0.004 * s for s in range(5)]).p
+    assert finetuned[2] == "finetuned - from_scratch (primary)" and frozen[2] == "frozen - from_scratch"
+    holm = sorted([p_frozen * 2, max(p_frozen * 2, p_finetuned)]) if p_frozen < p_finetuned else None
+    assert holm is not None  # frozen's steadier lead has the smaller p: it is multiplied by 2, finetuned's by 1
+    assert finetuned[6:8] == [summary.p_text(p_finetuned), summary.p_text(holm[1])]
+    assert frozen[6:8] == [summary.p_text(p_frozen), summary.p_text(holm[0])]
+    assert "Primary, named before any run: finetuned − from_scratch" in markdown and "Holm p" in text
+    # against from_scratch at 1e-2 (not chosen): finetuned leads by 0.04 + 0.009 * seed, 5.8 points on average
+    header, (sensitive, _) = summary.sensitivity_table(results)
+    assert header[3:] == ["from_scratch at 0.001", "from_scratch at 0.01",
+                          "bound: from_scratch at its best rate on the test set"]
+    assert sensitive[3].startswith("+12.0 [") and sensitive[4].startswith("+5.8 [")
+    assert sensitive[5].startswith("+5.8 [") and sensitive[5].endswith("(at 0.01)")  # the test set picks 0.01
+    assert "## Sensitivity to the baseline's rate" in markdown and "a bound" in markdown
+
+
+def test_warnings_name_a_collapsed_run_and_lp_ft_rows_tested_on_their_head_stage():
+    results = [row("from_scratch", 4, 0.493, val_loss=0.6927), row("finetuned", 4, 0.9),
+               row("lp_ft", 0, 0.9, best_epoch=150), row("lp_ft", 1, 0.9, best_epoch=600)]
+    warnings = summary.fragile(results)
+    assert any(w.startswith("even-odd/from_scratch n_train 50 seed 4 (lr 0.001), a selected run, is no better than "
+                            "chance on validation (loss 0.6927; guessing gives 0.6931)") for w in warnings)
+    assert "lp_ft: 1 of 2 selected runs were tested on their head stage (best epoch within it" in " ".join(warnings)
+    arms, _ = summary.summarize(results)
+    assert [r[2] for r in arms if r[2].startswith("lp_ft")] == ["lp_ft (1 of 2 tested on the head stage)"]
+
+
+def test_a_comparison_gives_the_change_of_each_lead_paired_by_seed():
+    before = [row(mode, seed, acc + (0.05 if mode == "finetuned" else 0)) for seed, acc in enumerate((0.8, 0.82, 0.84))
+              for mode in ("finetuned", "from_scratch")]
+    after = [row(mode, seed, acc + (0.03 + 0.01 * seed if mode == "finetuned" else 0))
+             for seed, acc in enumerate((0.7, 0.72, 0.74)) for mode in ("finetuned", "from_scratch")]
+    header, (change,) = summary.change_table({"overlapping": before, "fair": after})
+    assert change[:5] == ["even-odd", "50", "finetuned − from_scratch", "fair − overlapping", "3"]
+    assert change[5].startswith("-1.0 [")  # leads 5, 5, 5 then 3, 4, 5 points
