@@ -180,9 +180,9 @@ def compare(cfg: argparse.Namespace, given: set[str]) -> int:
     header = ["sweep", *percent_table([], modes)[0]]
     means = [[label, *row] for label, results in sweeps.items() for row in percent_table(results, modes)[1]]
     change = change_table(sweeps)
-    changed = (f"How each lead changes from {next(iter(paths))} to the other sweeps, paired by the seeds they share "
-               f"(different subsets and rate choices come with the change):\n\n{markdown(*change)}\n\n"
-               if change else "")
+    changed = ("How each lead changes from one sweep to a later one, paired by the seeds they share (what else "
+               "differs between the two sweeps, their images and rate choices, comes with the change):\n\n"
+               f"{markdown(*change)}\n\n" if change else "")
     replace_text(out.with_suffix(".md"),
         f"# Sweeps compared\n\nMean test accuracy in %, and each pretrained arm minus {baseline_arm()} in points "
         f"with its 95% interval:\n\n{markdown(header, means)}\n\nThe paired differences side by side:\n\n"

@@ -363,27 +363,29 @@ def comparison_table(sweeps: dict[str, list[RunResult]]) -> tuple[list[str], lis
 
 
 def change_table(sweeps: dict[str, list[RunResult]]) -> tuple[list[str], list[list[str]]] | None:
-    """How each pretrained arm's lead over the baseline changes from the first sweep to each other one, paired
-    by the seeds they share (--report LABEL=CSV ...): (arm − baseline) there minus (arm − baseline) in the
-    first, in points with its 95% interval and paired-t p-value. None where no two sweeps share a seed."""
+    """How each pretrained arm's lead over the baseline changes from one sweep to a later one of --report
+    LABEL=CSV ..., paired by the seeds they share: (arm − baseline) in the later minus (arm − baseline) in the
+    earlier, in points with its 95% interval and paired-t p-value. None where no two sweeps share two seeds."""
     base = baseline_arm()
-    (first, reference), *others = [(label, group_by_arm(results)) for label, results in sweeps.items()]
+    groups = {label: group_by_arm(results) for label, results in sweeps.items()}
 
-    def lead(groups: dict, target: str, n_train: int, mode: str) -> dict[int, float]:
-        arm, baseline = groups.get((target, n_train, mode), {}), groups.get((target, n_train, base), {})
+    def lead(by_arm: dict, target: str, n_train: int, mode: str) -> dict[int, float]:
+        arm, baseline = by_arm.get((target, n_train, mode), {}), by_arm.get((target, n_train, base), {})
         return {seed: arm[seed].test_acc - baseline[seed].test_acc for seed in arm.keys() & baseline.keys()}
 
     rows = []
-    for label, groups in others:
-        for target, n_train, mode in sorted(reference.keys() & groups.keys(), key=lambda key: (
-                key[0], key[1], list(ARMS).index(key[2]))):
-            if not ARMS[mode].pretrained:
-                continue
-            before, after = lead(reference, target, n_train, mode), lead(groups, target, n_train, mode)
-            seeds = sorted(before.keys() & after.keys())
-            if len(seeds) > 1:
-                change = MeanCI.of([after[s] - before[s] for s in seeds])
-                rows.append([target, str(n_train), f"{mode} − {base}", f"{label} − {first}", str(len(seeds)),
-                             points(change), p_text(change.p)])
+    labels = list(groups)
+    for i, earlier in enumerate(labels):
+        for later in labels[i + 1:]:
+            for target, n_train, mode in sorted(groups[earlier].keys() & groups[later].keys(), key=lambda key: (
+                    key[0], key[1], list(ARMS).index(key[2]))):
+                if not ARMS[mode].pretrained:
+                    continue
+                before, after = (lead(groups[label], target, n_train, mode) for label in (earlier, later))
+                seeds = sorted(before.keys() & after.keys())
+                if len(seeds) > 1:
+                    change = MeanCI.of([after[s] - before[s] for s in seeds])
+                    rows.append([target, str(n_train), f"{mode} − {base}", f"{later} − {earlier}", str(len(seeds)),
+                                 points(change), p_text(change.p)])
     return (["target", "n_train", "difference", "change", "seeds", "change in points", "p (paired t)"], rows) \
         if rows else None

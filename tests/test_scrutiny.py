@@ -197,6 +197,6 @@ def test_a_comparison_gives_the_change_of_each_lead_paired_by_seed():
               for mode in ("finetuned", "from_scratch")]
     after = [row(mode, seed, acc + (0.03 + 0.01 * seed if mode == "finetuned" else 0))
              for seed, acc in enumerate((0.7, 0.72, 0.74)) for mode in ("finetuned", "from_scratch")]
-    header, (change,) = summary.change_table({"overlapping": before, "fair": after})
+    header, (change,) = summary.change_table({"overlapping": before, "fair": after, "one seed": after[:2]})
     assert change[:5] == ["even-odd", "50", "finetuned − from_scratch", "fair − overlapping", "3"]
     assert change[5].startswith("-1.0 [")  # leads 5, 5, 5 then 3, 4, 5 points
