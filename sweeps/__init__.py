@@ -16,6 +16,7 @@ importing only those above it in this list, and the run-making ones (up to engin
     watch       a local Ray instance's processes, watched from outside the driver (stdlib only)
     ray_engine  runs on Ray
     engine      a sweep from start to end
+    stats       reporting: means, t intervals, paired-t p-values, Holm       (reporting)
     summary     reporting: tables, the summary over seeds, warnings          (reporting)
     figures     reporting: the figures                                       (reporting)
     cli         main(): a sweep, --resume, --report                          (reporting)

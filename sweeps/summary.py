@@ -1,6 +1,8 @@
-"""Reporting: the run table, the summary over seeds (means with 95% intervals, seed-paired differences, the
-percent table), the learning rates chosen and the runs still improving, the warnings, and the learning
-curves in TensorBoard. Imported by figures and cli only; it imports runs and the template.
+"""Reporting: the run table, the summary over seeds (means with 95% intervals, seed-paired differences with
+p-values and Holm's adjustment, the percent table, the sensitivity to the baseline's rate, the change of a lead
+between sweeps), the learning rates run and chosen and the runs still improving, the warnings, and the
+learning curves in TensorBoard. Imported by figures and cli only; it imports files, runs, settings, stats and
+the template.
 """
 
 from __future__ import annotations
