@@ -131,6 +131,7 @@ class RaySweep:
         self.cfg, self.threads, self.gpus = cfg, threads, gpus_per_run(cfg)
         self.ending = resume_hint(csv_path)
         self.pending: dict = {}  # task -> key of its run
+        self.slots = 1  # runs at a time on a local instance: its CPUs / threads
         self.processes: InstanceProcesses | None = None
         self.looked = 0.0  # when the instance's processes were last looked at
 
@@ -164,7 +165,8 @@ class RaySweep:
             raise tm.ExperimentError(f"--gpus-per-run {self.gpus:g}, but Ray has no GPU here; pass --gpus-per-run 0")
         # Worker processes start now and import torch (seconds) while this process pretrains
         warm_up = ray.remote(tm.quiet_libraries).options(num_cpus=self.threads)
-        self.pending = {warm_up.remote(): None for _ in range(int(resources["CPU"] // self.threads))}
+        self.slots = int(resources["CPU"] // self.threads)  # runs at a time
+        self.pending = {warm_up.remote(): None for _ in range(self.slots)}
         logger.info(f"Target runs on {f'the Ray cluster at {cfg.cluster}' if cfg.cluster else 'a local Ray instance'}: "
                     f"{resources['CPU']:g} CPUs, {resources.get('GPU', 0):g} GPUs; each run takes {self.threads} "
                     f"CPU(s) and torch thread(s)" + (f" and {self.gpus:g} of a GPU" if self.gpus else ""))
@@ -183,7 +185,9 @@ class RaySweep:
 
     def run(self, jobs: dict, finished: Callable) -> None:
         """Submit each (run, backbone) of `jobs`; call finished(key, result, backbone, where, node) here as each
-        one ends, and submit the jobs it returns."""
+        one ends, and submit the jobs it returns. A local instance gets no more runs than it runs at once, the
+        rest wait here: Ray takes its queue in order, and would run every pretraining before the target runs of
+        the first backbone."""
         ray = self.ray
         # absolute paths: a worker process does not start in this folder
         cfg = argparse.Namespace(**{**vars(self.cfg), "data_dir": os.path.abspath(self.cfg.data_dir),
@@ -194,14 +198,26 @@ class RaySweep:
                                               retry_exceptions=False)
         stored: dict[int, typing.Any] = {}  # each backbone put into the object store once
 
+        def next_key():
+            """A target run first, while one pretraining runs beside them as long as any waits."""
+            pretraining = next((key for key, (run, _) in queue.items() if run.mode == "pretrain"), None)
+            target_run = next((key for key, (run, _) in queue.items() if run.mode != "pretrain"), None)
+            pretraining_runs = any(runs[key].mode == "pretrain" for key in self.pending.values())
+            return pretraining if pretraining is not None and (target_run is None or not pretraining_runs) \
+                else target_run
+
         def submit(more: dict) -> None:
-            for key, (run, backbone) in more.items():
+            queue.update(more)
+            while queue and (cfg.cluster or len(self.pending) < self.slots):  # a cluster may grow: all to Ray
+                key = next_key()
+                run, backbone = queue.pop(key)
                 if backbone is not None and id(backbone) not in stored:
                     stored[id(backbone)] = ray.put(backbone)
-                self.pending[task.remote(cfg, registry, stored.get(id(backbone)), run, self.threads)] = key
                 runs[key] = run
+                self.pending[task.remote(cfg, registry, stored.get(id(backbone)), run, self.threads)] = key
 
         runs: dict = {}
+        queue: dict = {}  # jobs not yet given to Ray
         self.pending = {}  # the warm-up tasks are not waited for
         submit(jobs)
         while self.pending:

@@ -241,3 +241,58 @@ def test_a_sweep_stopped_in_its_pretraining_leaves_nothing_and_starts_again(swee
     monkeypatch.setattr(tm, "pretrain", pretrain)
     assert cli.main(run) == 0
     assert (tmp_path / "r.csv").read_bytes() == one.read_bytes()
+
+
+class FakeRay:
+    """What RaySweep.run asks of Ray, in order: a task finishes when waited for, oldest first."""
+
+    class exceptions:
+        RayTaskError = LocalRayletDiedError = RayError = type("Never", (Exception,), {})
+
+    def __init__(self):
+        self.started: list = []  # runs in the order they were given to Ray
+        self.results: dict = {}
+
+    def put(self, value):
+        return value
+
+    def remote(self, function):
+        fake = self
+
+        class Task:
+            def options(self, **options):
+                return self
+
+            def remote(self, cfg, registry, backbone, run, threads):
+                ref = object()
+                fake.started.append(run)
+                fake.results[ref] = (tm.RunResult(run.target, run.mode, run.seed, run.n_train, 1, 0.1, 0.9,
+                                                  run.learning_rate, 0.1, True, 1), {"w": 1}, "127.0.0.1, CPU", None)
+                return ref
+        return Task()
+
+    def wait(self, refs, num_returns, timeout):
+        return [refs[:1], refs[1:]]
+
+    def get(self, ref):
+        return self.results.pop(ref)
+
+
+def test_a_backbone_s_target_runs_start_beside_the_next_pretraining_not_after_every_one(sweep):
+    from sweeps.runs import Run
+
+    args, _ = sweep
+    cfg = cli.parse(args + ["--workers", "2"])[0]
+    engine = ray_engine.RaySweep(cfg, 1, "r.csv")
+    engine.ray, engine.slots = FakeRay(), 2
+    pretrainings = {Run("mnist", "pretrain", seed, 40, 1e-4): (Run("mnist", "pretrain", seed, 40, 1e-4), None)
+                    for seed in range(3)}
+    targets = {seed: {10 * seed + i: (Run("flaky", "finetuned", seed, 20, 1e-3), {"w": 1}) for i in range(3)}
+               for seed in range(3)}
+    engine.run(pretrainings, lambda key, result, backbone, where, node:
+               targets[key.seed] if isinstance(key, Run) else {})
+    order = [f"{run.mode[0]}{run.seed}" for run in engine.ray.started]
+    # two pretrainings at first; then the first backbone's target runs beside the second pretraining, the third
+    # pretraining once no other runs; every run given to Ray once
+    assert order[:3] == ["p0", "p1", "f0"] and order.index("p2") > order.index("f0")
+    assert sorted(order) == sorted(["p0", "p1", "p2"] + [f"f{seed}" for seed in range(3) for _ in range(3)])
