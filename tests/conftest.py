@@ -92,15 +92,19 @@ def tiny_data(tmp_path_factory) -> tuple[Path, dict[str, dict[str, torch.Tensor]
     return root, labels
 
 
-@pytest.fixture
-def tiny_args(tiny_data, tmp_path) -> list[str]:
-    """Command-line arguments for a complete experiment on the tiny data, in seconds."""
-    root, _ = tiny_data
+def tiny_argv(root: Path, log_dir: Path) -> list[str]:
+    """Command-line arguments for a complete experiment on the tiny data in root, in seconds."""
     return [
-        "--data-dir", str(root), "--log-dir", str(tmp_path / "logs"),
+        "--data-dir", str(root), "--log-dir", str(log_dir),
         "--n-pretrain", "40", "--n-train", "20", "--pretrain-epochs", "2", "--train-epochs", "3",
         "--accelerator", "cpu",
     ]
+
+
+@pytest.fixture
+def tiny_args(tiny_data, tmp_path) -> list[str]:
+    """tiny_argv(), logging below the test's tmp_path."""
+    return tiny_argv(tiny_data[0], tmp_path / "logs")
 
 
 def write_image_folder(root: Path, classes=("box", "disc", "bar"), per_class=None) -> Path:

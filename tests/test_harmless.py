@@ -11,6 +11,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import tiny_argv
 
 import transfer_mnist as tm
 from sweeps import cli, engine, files, resume, start
@@ -34,12 +35,23 @@ def signal_at(monkeypatch, module, name: str, after: int = 0):
     monkeypatch.setattr(module, name, stopped)
 
 
+TWO_SEEDS = ["--seeds", "2", "--backbone-per-seed"]
+
+
+@pytest.fixture(scope="module")
+def whole(tiny_data, tmp_path_factory) -> Path:
+    """The CSV of the uninterrupted sweep that every interrupted one must end with."""
+    out = tmp_path_factory.mktemp("whole")
+    args = tiny_argv(tiny_data[0], out / "logs") + GRID + TWO_SEEDS
+    assert cli.main(args + ["--results-csv", str(out / "w.csv")]) == 0
+    return out / "w.csv"
+
+
 @pytest.mark.parametrize("point", ["digest recorded, row not", "a target row appended", "CSV being replaced",
                                    "settings being replaced"])
 def test_a_signal_between_any_two_writes_leaves_a_sweep_that_resume_continues(tiny_args, tmp_path, monkeypatch,
-                                                                               point):
-    args = tiny_args + GRID + ["--seeds", "2", "--backbone-per-seed"]
-    assert cli.main(args + ["--results-csv", str(tmp_path / "whole.csv")]) == 0
+                                                                               point, whole):
+    args = tiny_args + GRID + TWO_SEEDS
     csv_path = tmp_path / "r.csv"
     if point == "digest recorded, row not":
         signal_at(monkeypatch, engine.ResultsCsv, "append", after=1)  # the second backbone's row
@@ -54,7 +66,7 @@ def test_a_signal_between_any_two_writes_leaves_a_sweep_that_resume_continues(ti
     monkeypatch.undo()
     assert not list(tmp_path.glob("*.partial"))  # nothing half-written left beside the sweep
     assert cli.main(["--resume", str(csv_path)]) == 0
-    assert csv_path.read_bytes() == (tmp_path / "whole.csv").read_bytes()
+    assert csv_path.read_bytes() == whole.read_bytes()
 
 
 def test_a_signal_before_the_first_run_leaves_nothing(tiny_args, tmp_path, monkeypatch, capsys):
