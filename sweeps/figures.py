@@ -33,6 +33,10 @@ def draw_figure(results: list[RunResult]):
     )
 
     points = curve_points(results)
+    if not points:  # an interrupted sweep with no complete group yet: a figure that says so
+        figure = Figure(figsize=(4.8, 2), layout="constrained")
+        figure.text(0.5, 0.5, "no complete (target, arm, n_train) yet: --resume completes it", ha="center")
+        return figure
     groups = group_by_arm(results)
     differences = {target: {mode: [(n, d[0]) for n, _ in curve if (d := paired(groups, target, n, mode))]
                             for mode, curve in arms.items() if ARMS[mode].pretrained}

@@ -200,3 +200,11 @@ def test_a_comparison_gives_the_change_of_each_lead_paired_by_seed():
     header, (change,) = summary.change_table({"overlapping": before, "fair": after, "one seed": after[:2]})
     assert change[:5] == ["even-odd", "50", "finetuned − from_scratch", "fair − overlapping", "3"]
     assert change[5].startswith("-1.0 [")  # leads 5, 5, 5 then 3, 4, 5 points
+
+
+def test_a_sweep_with_no_complete_group_yet_still_gets_its_figure():
+    from sweeps import figures
+
+    unselected = [row("finetuned", 0, 0.9, selected=False)]  # its grid half done: nothing selected
+    figure = figures.draw_figure(unselected)
+    assert "no complete (target, arm, n_train) yet" in figure.texts[0].get_text() and not figure.axes
