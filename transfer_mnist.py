@@ -1,10 +1,9 @@
 """Transfer learning with PyTorch Lightning: does fine-tuning a pretrained network beat training from
-scratch when labels are scarce?
+scratch when labels are scarce? The blog post "Fine tuning example for transfer learning", done right.
 
-A truncated LeNet-5 is pretrained on 10,000 labelled MNIST digits; its backbone is reused under a fresh
-head on targets with 200 labelled images (even/odd digits, FashionMNIST) by each arm: fine-tuned, from
-scratch, frozen, or LP-FT (the head first). Every run is tested with its best validation epoch's weights
-and logged to TensorBoard. The blog post "Fine tuning example for transfer learning", done right.
+A truncated LeNet-5 is pretrained on 10,000 labelled MNIST digits; its backbone is reused under a fresh head
+on targets with 200 labelled images (even/odd digits, FashionMNIST) by each arm: fine-tuned, from scratch,
+frozen, or LP-FT (the head first). Every run is logged to TensorBoard and tested with its best epoch's weights.
 
     python transfer_mnist.py                       # the post's four runs (about a minute on 2 cores)
     python transfer_mnist.py --dry-run             # every stage on two batches: a smoke test in seconds
@@ -357,10 +356,10 @@ def fit_best(module: LitModule, loaders, run_name: str, max_epochs: int, args, s
     tb_logger = lightning.pytorch.loggers.TensorBoardLogger(args.log_dir, name=run_name, version=args.version,
                                                            sub_dir=sub_dir, default_hp_metric=False)
     keep_best = keep_best or KeepBestWeights(run_name)
-    stopping = [lightning.pytorch.callbacks.EarlyStopping(MONITOR, patience=args.patience)] if args.patience else []
+    stopping = lightning.pytorch.callbacks.EarlyStopping(MONITOR, min_delta=args.min_delta, patience=args.patience)
     trainer = lightning.Trainer(
         max_epochs=1 if args.dry_run else max_epochs, accelerator=args.accelerator, devices=args.devices,
-        logger=tb_logger, callbacks=[keep_best, *stopping],
+        logger=tb_logger, callbacks=[keep_best, stopping] if args.patience else [keep_best],  # --patience 0: never
         deterministic="warn",  # same seed, same numbers; "warn" where CUDA lacks a deterministic kernel
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,  # see above
         num_sanity_val_steps=0, log_every_n_steps=1,  # epoch 1 validates anyway; no warning on 2-step epochs
@@ -470,6 +469,7 @@ def make_parser() -> argparse.ArgumentParser:
     add("--n-train", type=positive(int), default=200, help="images a target run trains on, +25%% to validate")
     add("--train-epochs", type=positive(int), default=500, help="epochs of a target run")
     add("--patience", type=int, default=100, help="stop this many epochs after the best one, 0 never")
+    add("--min-delta", type=float, default=0.0, help="a smaller fall of validation loss is no improvement (--patience)")
     add("--disjoint", action="store_true", help="draw target images only from those that pretraining did not use")
     add("--threads", type=positive(int), help="torch threads; None: torch's own")
     add("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, mps...")

@@ -9,6 +9,7 @@ import gc
 import logging
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -107,7 +108,7 @@ class InstanceProcesses:
         a raylet's takes its agents with it."""
         exited = {kind: popen.returncode for kind, popen in self.node.dead_processes()}
         agents = [title for pid, (start, title) in list(self.seen.items())
-                  if title.endswith("Agent") and watch.process_start(int(pid)) != start]
+                  if watch.is_agent(title) and watch.process_start(int(pid)) != start]
         for first in ([k for k, code in exited.items() if code is not None and code < 0],
                       [k for k, code in exited.items() if code], agents, list(exited)):
             if first:
@@ -150,11 +151,18 @@ class RaySweep:
         # "local": a new instance of our own, even where `ray start` runs or left its address behind
         local = {"address": "local", "num_cpus": cfg.workers * self.threads,
                  "num_gpus": torch.cuda.device_count() if self.gpus else 0}
+        # The processes Ray starts inherit the signals blocked here. Ray blocks SIGINT in them, so that a
+        # terminal's Ctrl-C is the driver's to handle; SIGTERM to the whole process group (timeout, a batch
+        # scheduler) killed them before the driver could stop the sweep, and Ray then ended the driver (exit 1)
+        blocked = None if cfg.cluster else signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
             ray.init(**({"address": cfg.cluster} if cfg.cluster else local), **quiet)
         except Exception as err:  # ConnectionError, or a ValueError/RuntimeError for an address Ray cannot use
             raise tm.ExperimentError(f"cannot start Ray on {cfg.cluster or 'this machine'}: {one_line(err)}") from None
-        StopSignal.install()  # ray.init() replaced the SIGTERM handler
+        finally:
+            StopSignal.install()  # ray.init() replaced the SIGTERM handler; one that came meanwhile arrives now
+            if blocked is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         # no public API for a local instance's processes
         self.processes = None if cfg.cluster else InstanceProcesses(ray._private.worker._global_node, self.ending)
         if self.processes:

@@ -106,8 +106,9 @@ def execute(cfg: argparse.Namespace, run: Run, backbone: dict | None) -> tuple[R
     try:
         if run.mode == "pretrain":
             patience = cfg.patience if cfg.pretrain_patience is None else cfg.pretrain_patience
-            checkpoint_path, result = tm.pretrain(argparse.Namespace(**{**vars(cfg), "patience": patience}),
-                                                  run.seed, sub_dir(cfg, run))
+            # --min-delta is the target runs': pretraining's loss on 2,500 images stays far from 0
+            pretraining = argparse.Namespace(**{**vars(cfg), "patience": patience, "min_delta": 0.0})
+            checkpoint_path, result = tm.pretrain(pretraining, run.seed, sub_dir(cfg, run))
             return result, tm.read_backbone(checkpoint_path)
         return tm.train(backbone, run.target, run.mode, cfg, run.seed, run.n_train, run.learning_rate,
                         pretrain_seed=backbone_seed(cfg, run.seed), sub_dir=sub_dir(cfg, run),

@@ -5,7 +5,7 @@ file as a second process that outlives the driver; the driver tells it the insta
 them, and "done" when it has stopped the instance itself. If the driver ends without "done", the watch
 names the process that died first, stops what the instance left running and prints how to resume.
 
-Imported by ray_engine (process_start, family, end) and run by it as a script; it imports only the standard
+Imported by ray_engine (process_start, family, is_agent, end) and run by it as a script; it imports only the standard
 library, so that it starts in milliseconds."""
 
 import contextlib
@@ -65,10 +65,15 @@ def end(seen: dict[str, list]) -> None:
                 os.close(handle)
 
 
+def is_agent(title: str) -> bool:
+    """One of the raylet's agents (RuntimeEnvAgent, DashboardAgent): its death takes the raylet with it."""
+    return title.endswith("Agent")
+
+
 def is_own(title: str, roots: list[int], pid: str) -> bool:
     """One of the instance's own processes (the ones Ray started and its agents), not a worker, which Ray
     replaces when it dies."""
-    return int(pid) in roots or title.endswith("Agent")
+    return int(pid) in roots or is_agent(title)
 
 
 def watch() -> int:
@@ -95,7 +100,7 @@ def watch() -> int:
     time.sleep(0.2)  # what its end takes with it ends too
     family([int(pid) for pid in seen], seen)  # workers started since the driver last looked
     end(seen)
-    agents = [title for title in gone if title.endswith("Agent")]  # an agent's death takes the raylet with it
+    agents = [title for title in gone if is_agent(title)]
     what = (f"the local Ray instance stopped under the script: its {(agents or gone)[0]} process died" if gone else
             f"the script (PID {driver}) was ended from outside; its local Ray instance is stopped")
     print(f"error: {what}; {ending}", file=sys.stderr, flush=True)

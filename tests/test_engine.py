@@ -123,7 +123,9 @@ def test_one_process_does_not_import_ray(tiny_args, tmp_path, monkeypatch):
     assert cli.main(tiny_args + ["--targets", "even-odd", "--modes", "finetuned"]) == 0
 
 
-def test_ctrl_c_stops_the_script_and_its_ray_instance_and_keeps_finished_rows(tiny_args, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # a terminal's Ctrl-C; timeout, a scheduler
+def test_a_signal_to_the_process_group_stops_the_script_and_its_ray_instance_keeping_finished_rows(
+        signum, tiny_args, tmp_path):
     args = [a if a != "3" else "300" for a in tiny_args]  # runs of a few seconds each
     log = tmp_path / "stderr.log"
     raytmp = Path(tempfile.mkdtemp(dir="/tmp"))  # short: Ray's socket paths live below it
@@ -136,11 +138,11 @@ def test_ctrl_c_stops_the_script_and_its_ray_instance_and_keeps_finished_rows(ti
     tail = tail_ray_log(raytmp)  # names the session, was not started by it
     running = lambda: [line for line in session_processes(process.pid) if "ray::run_remote" in line]  # noqa: E731
     assert wait_for(lambda: len(running()) == 2), log.read_text()
-    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the script and every process of its Ray instance get it
+    os.killpg(process.pid, signum)  # the script and every process of its Ray instance get it
     stopped = time.monotonic()
     code = process.wait(timeout=60)
     err = log.read_text()
-    assert code == 130 and time.monotonic() - stopped < 10, err
+    assert code == 128 + signum and time.monotonic() - stopped < 15, err
     assert "Interrupted" in err and "Traceback" not in err, err
     assert wait_for(lambda: not session_processes(process.pid), 5), session_processes(process.pid)
     assert [r["mode"] for r in read_csv(tmp_path / "r.csv")] == ["pretrain"]  # the finished row stays

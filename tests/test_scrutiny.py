@@ -3,6 +3,7 @@ seed cannot move, a grid that widens itself (and resumes and reports so), pretra
 patience, another sweep's backbones reused, digits 0-4 -> 5-9. Tiny data; the widening runs are made by a
 stand-in for execute() whose validation loss is lowest at 1e-3, so the walk of the grid is known."""
 
+import argparse
 import json
 import math
 import signal
@@ -108,13 +109,17 @@ def test_pretraining_ends_on_its_own_patience_and_a_sweep_borrows_another_s_back
                                                                                       monkeypatch, capsys):
     patience = []
     pretrain = tm.pretrain
-    monkeypatch.setattr(tm, "pretrain", lambda args, *rest: patience.append(args.patience) or pretrain(args, *rest))
+    monkeypatch.setattr(tm, "pretrain", lambda args, *rest: patience.append((args.patience, args.min_delta))
+                        or pretrain(args, *rest))
     grid = ["--modes", "finetuned", "--lr-grid", "1e-3", "--seeds", "2", "--backbone-per-seed", "--targets", "even-odd"]
     first = tmp_path / "first.csv"
-    assert cli.main(tiny_args + grid + ["--pretrain-patience", "1", "--results-csv", str(first)]) == 0
-    assert patience == [1, 1]
-    assert cli.main(tiny_args + grid + ["--pretrain-patience", "1", "--backbones-from", str(first), "--log-dir",
-                                        str(tmp_path / "logs2"), "--results-csv", str(tmp_path / "second.csv")]) == 0
+    assert cli.main(tiny_args + grid + ["--pretrain-patience", "1", "--min-delta", "0.5", "--results-csv",
+                                        str(first)]) == 0
+    assert patience == [(1, 0.0), (1, 0.0)]  # --min-delta is the target runs' alone
+    patience = [p for p, _ in patience]
+    assert cli.main(tiny_args + grid + ["--pretrain-patience", "1", "--min-delta", "0.5", "--backbones-from",
+                                        str(first), "--log-dir", str(tmp_path / "logs2"), "--results-csv",
+                                        str(tmp_path / "second.csv")]) == 0
     assert patience == [1, 1]  # nothing pretrained again
     theirs, ours = (json.loads((tmp_path / name).read_text()) for name in ("first.json", "second.json"))
     assert [c["sha256"] for c in ours["checkpoints"].values()] == [c["sha256"] for c in theirs["checkpoints"].values()]
@@ -126,6 +131,22 @@ def test_pretraining_ends_on_its_own_patience_and_a_sweep_borrows_another_s_back
     assert f"error: --backbones-from {first}: its backbones were pretrained otherwise (pretraining patience 1, " \
            f"here 2)" in capsys.readouterr().err
     assert not (tmp_path / "third.csv").exists()
+
+
+def test_min_delta_ends_a_run_whose_validation_loss_only_creeps_down(tmp_path):
+    torch.manual_seed(0)
+    batch = tm.TensorLoader(torch.randn(32, 1, 28, 28), torch.randint(0, 2, (32,)), 32)
+
+    def epochs(min_delta: float) -> tuple[int, int]:
+        """Epochs run and the best epoch, validated on the training images: a loss that falls every epoch."""
+        args = argparse.Namespace(log_dir=str(tmp_path), version=f"d{min_delta}", patience=3, min_delta=min_delta,
+                                  dry_run=False, accelerator="cpu", devices=1)
+        torch.manual_seed(0)
+        trainer, keep_best = tm.fit_best(tm.LitModule(("a", "b"), 1e-3), (batch, batch), "t", 20, args)
+        return trainer.current_epoch, keep_best.best_epoch
+
+    assert epochs(0.0) == (20, 20)  # every fall counts: it runs to the ceiling
+    assert epochs(10.0) == (4, 4)  # no fall of 10 nats: it stops 3 epochs after the first, with the lowest loss
 
 
 def test_digits_0_4_to_5_9_is_a_transfer_to_new_classes(tiny_data):
