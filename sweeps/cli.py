@@ -215,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
 def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack) -> int:
     """A sweep or a resumed sweep, from its checks to its outputs."""
     resumed, csv_out = None, None
-    if cfg.dry_run:  # a smoke test leaves no runs behind in the real log folder
+    if cfg.dry_run:  # a smoke test of a sweep's command leaves no runs behind, nor replaces its results
         cfg.log_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="sweeps_dry_run_"))
+        cfg.results_csv = cfg.results_csv and str(Path(cfg.log_dir, Path(cfg.results_csv).name))
     created: list[Path] = []  # files and folders this start made: removed if it fails
     try:
         if cfg.resume:  # resume
@@ -283,7 +284,7 @@ def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack)
         return 128 + (StopSignal.received or signal.SIGINT)
     show(results, summary)
     if cfg.dry_run:
-        print("Dry run: every stage ran; its logs were in a temporary folder, now removed.")
+        print("Dry run: every stage ran; its logs and results were in a temporary folder, now removed.")
     else:
         print(f"Results: {csv_out.path}, {summary_path} and {figure_path}. "
               f"TensorBoard: tensorboard --logdir {cfg.log_dir}")
