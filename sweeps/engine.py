@@ -16,6 +16,7 @@ import transfer_mnist as tm
 from sweeps.ray_engine import RaySweep
 from sweeps.resume import Resumed
 from sweeps.runs import (
+    LATE_SHARE,
     ResultsCsv,
     Run,
     RunResult,
@@ -23,10 +24,11 @@ from sweeps.runs import (
     pretrain_checkpoint,
     pretraining_runs,
     run_key,
+    next_rate,
     save_backbone,
     select_rates,
-    next_rate,
     selection_group,
+    still_improving,
     sweep_runs,
     widened_runs,
 )
@@ -144,6 +146,13 @@ def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resume
         pick = next((done[i].learning_rate for i in indices if done[i].selected), None)
         rate = next_rate([runs[i].learning_rate for i in indices], pick) if cfg.widen and pick else None
         if rate is None:
+            return {}
+        picked = [done[i] for i in indices if done[i].selected]
+        if rate < pick and sum(map(still_improving, picked)) > LATE_SHARE * len(picked):
+            # no rate had settled by the ceiling (settled_rates): a lower one would settle later still
+            logger.warning(f"{group[0]}/{group[1]} n_train {group[2]}: not widened below {pick:g}, where "
+                           f"{sum(map(still_improving, picked))} of {len(picked)} runs were still improving at "
+                           f"the end of their budget: raise --train-epochs")
             return {}
         target, mode, n_train = group
         new = [Run(target, mode, seed, n_train, rate) for seed in sorted({runs[i].seed for i in indices})]

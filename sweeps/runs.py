@@ -185,14 +185,36 @@ def pooled_loss(losses: list[float], select: str) -> float:
     return statistics.median(losses) if select == "median" else sum(losses) / len(losses)
 
 
+# A rate more of whose runs than this share were still improving at the end of their budget is no candidate
+LATE_SHARE = 0.1
+
+
+def still_improving(r: RunResult) -> bool:
+    """Its best epoch in the last tenth of its budget: more epochs might have helped (under-trained)."""
+    return r.best_epoch > 0.9 * r.max_epochs
+
+
+def settled_rates(rates: dict[float, list[RunResult]]) -> dict[float, list[RunResult]]:
+    """The rates of a selection group that may be chosen: those at which at most LATE_SHARE of the runs were
+    still improving at the end of their budget. A run stopped by its budget has not shown its validation
+    loss, and a lower rate under a fixed ceiling is an earlier stop in disguise: with more epochs, ever lower
+    rates win. Where no rate qualifies, every rate may (the summary's warnings count the late runs)."""
+    return {rate: rows for rate, rows in rates.items()
+            if sum(map(still_improving, rows)) <= LATE_SHARE * len(rows)} or rates
+
+
 def select_rates(results: list[RunResult], select: str = "seed") -> list[RunResult]:
     """Mark, in each selection group, the runs of the rate with the lowest best-validation loss, pooled over
-    seeds as `select` says, as selected (the lower rate on a tie). Test data never enters the choice."""
-    groups: dict[tuple, dict[float, list[float]]] = {}
+    seeds as `select` says, among its settled_rates(), as selected (the lower rate on a tie). Test data
+    never enters the choice."""
+    groups: dict[tuple, dict[float, list[RunResult]]] = {}
     for r in results:
-        groups.setdefault(selection_group(r, select), {}).setdefault(r.learning_rate, []).append(r.val_loss)
-    best = {group: min(rates, key=lambda rate: (pooled_loss(rates[rate], select), rate))
-            for group, rates in groups.items()}
+        groups.setdefault(selection_group(r, select), {}).setdefault(r.learning_rate, []).append(r)
+    best = {}
+    for group, rates in groups.items():
+        candidates = settled_rates(rates)
+        best[group] = min(candidates, key=lambda rate: (
+            pooled_loss([r.val_loss for r in candidates[rate]], select), rate))
     for r in results:
         r.selected = best[selection_group(r, select)] == r.learning_rate
     return results

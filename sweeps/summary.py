@@ -15,7 +15,7 @@ import lightning
 
 import transfer_mnist as tm
 from sweeps.files import replace_text
-from sweeps.runs import RunResult
+from sweeps.runs import RunResult, still_improving
 from sweeps.settings import PRIMARY, PRIMARY_ARM
 from sweeps.stats import MeanCI, holm, t_975
 
@@ -187,11 +187,6 @@ def percent_table(results: list[RunResult], modes: list[str] | None = None) -> t
                        if (target, n_train, m) in groups else "–" for m in modes]
                     + [difference_text(groups, target, n_train, m) for m in pretrained])
     return ["target", "n_train", *modes, *[f"{mode} − {baseline_arm()}" for mode in pretrained]], rows
-
-
-def still_improving(r: RunResult) -> bool:
-    """Its best epoch in the last tenth of its budget: more epochs might have helped (under-trained)."""
-    return r.best_epoch > 0.9 * r.max_epochs
 
 
 def rate_choices(results: list[RunResult]) -> dict[tuple[str, str], list[tuple[RunResult, list[float]]]]:

@@ -60,6 +60,45 @@ def test_the_median_choice_is_not_moved_by_one_collapsed_seed():
     assert picks == {"pooled": {1e-4}, "median": {1e-3}}  # the mean follows seed 4's collapse, the median does not
 
 
+def test_a_rate_whose_runs_were_still_improving_at_their_ceiling_is_no_candidate():
+    def grid(late_seeds: dict[float, int]) -> list[RunResult]:  # rate -> how many of its 10 seeds ended late
+        return [RunResult("t", "frozen", seed, 50, 2900 if seed < late else 100, 0.5, 0.8, rate, 0.1 * rate / 1e-3,
+                          False, 3000) for rate, late in late_seeds.items() for seed in range(10)]
+    picked = lambda rows: {r.learning_rate for r in runs.select_rates(rows, "median") if r.selected}  # noqa: E731
+    # 3e-5's median loss is the lowest, but half its runs hit the ceiling still improving: it has not shown its loss
+    assert picked(grid({3e-5: 5, 1e-4: 2, 3e-4: 0, 1e-3: 0})) == {3e-4}
+    assert picked(grid({1e-4: 1, 3e-4: 0})) == {1e-4}  # one run in ten (10%) may be late
+    assert picked(grid({1e-4: 10, 3e-4: 10})) == {1e-4}  # where no rate settled, every rate is a candidate
+    rows = grid({1e-4: 2, 3e-4: 0})
+    assert [r.selected for r in runs.select_rates(rows, "seed") if r.seed in (0, 5)] == [False, True, True, False]
+
+
+def stalls_below(calls: list, low: float):
+    """A stand-in for runs.execute whose validation loss falls with the rate, every run below `low` still
+    improving at its last epoch (3 of 3), as a slow rate under a fixed ceiling is."""
+    def execute(cfg, run, backbone):
+        calls.append(run)
+        result = RunResult(run.target, run.mode, run.seed, run.n_train, 3 if run.learning_rate < low else 1,
+                           run.learning_rate, 0.5, run.learning_rate, run.learning_rate, True, 3, 0.0)
+        return (result, tm.decapitated_lenet().state_dict()) if run.mode == "pretrain" else (result, None)
+    return execute
+
+
+def test_the_grid_widens_below_until_a_rate_no_longer_settles(tiny_args, tmp_path, monkeypatch, caplog):
+    calls = []
+    monkeypatch.setattr(engine, "execute", stalls_below(calls, 0.1))
+    assert cli.main(tiny_args + WIDEN + ["--results-csv", str(tmp_path / "r.csv")]) == 0
+    rows = [r for r in read_rows(tmp_path / "r.csv") if r.mode != "pretrain"]
+    assert sorted({r.learning_rate for r in rows}) == [0.09, 0.3, 1.0]  # 0.09 ran, was late, and the walk ended
+    assert {r.learning_rate for r in rows if r.selected} == {0.3}
+    # no rate settles: the lowest loss is chosen, and the grid is not widened below it
+    monkeypatch.setattr(engine, "execute", stalls_below(calls, 10.0))
+    assert cli.main(tiny_args + WIDEN + ["--log-dir", str(tmp_path / "l2"), "--results-csv", str(tmp_path / "s.csv")]) == 0
+    rows = [r for r in read_rows(tmp_path / "s.csv") if r.mode != "pretrain"]
+    assert sorted({r.learning_rate for r in rows}) == [0.3, 1.0] and {r.learning_rate for r in rows if r.selected} == {0.3}
+    assert "not widened below 0.3, where 2 of 2 runs were still improving" in caplog.text
+
+
 def test_next_rate_steps_past_an_edge_on_the_grid_s_spacing_up_to_the_bounds():
     assert runs.next_rate([0.3, 1.0], 0.3) == 0.09
     assert runs.next_rate([1e-4, 3e-4, 1e-3], 1e-3) == 0.003
