@@ -20,7 +20,7 @@ def test_fair_sets_what_the_command_line_does_not_give():
     assert (cfg.seeds, cfg.disjoint) == (2, False)  # given: kept
     assert cfg.modes == tuple(tm.ARMS) and cfg.lr_grid == (1e-4, 3e-4, 1e-3, 3e-3, 1e-2) and cfg.widen
     assert cfg.select == "median" and cfg.backbone_per_seed and cfg.stratify and not cfg.augment
-    assert (cfg.pretrain_epochs, cfg.pretrain_patience, cfg.train_epochs) == (400, 10, 1000)
+    assert (cfg.pretrain_epochs, cfg.pretrain_patience, cfg.train_epochs) == (400, 10, 3000)
     post, given = settings.parse([])
     assert given == set() and (post.seeds, post.modes, post.lr_grid, post.select) == (1, ("finetuned", "from_scratch"), (), "seed")
     assert not post.backbone_per_seed and not post.disjoint and not post.stratify and not post.widen
