@@ -188,6 +188,12 @@ class RaySweep:
             self.ray.shutdown()
             return
         self.processes.look()
+        # Its processes block SIGTERM (__enter__), so Ray's graceful stop only waits out a grace per process
+        # type before SIGKILL: straight to SIGKILL, a shutdown takes 0.35 s instead of 5.2 s
+        node = self.ray._private.worker._global_node
+        if node is not None:
+            kill_all = node.kill_all_processes
+            node.kill_all_processes = lambda **how: kill_all(**{**how, "allow_graceful": False})
         self.ray.shutdown()  # a local instance stops with every process it started,
         self.processes.kill()  # unless it lost its GCS or raylet: what they started outlives them
 
