@@ -149,7 +149,7 @@ def make_parser() -> argparse.ArgumentParser:
     add("--augment", action="store_true", help="train the target runs on randomly shifted, rotated and scaled images "
         "(a new transform per image and epoch, drawn from the run's seed); never validation or test")
     add("--overwrite", action="store_true", help="delete the log folder first, instead of adding a new version "
-        "beside the earlier ones")
+        "beside the earlier ones, and replace the rows of an earlier sweep at --results-csv")
     add("--workers", type=positive_int, default=1, help="target runs side by side on a local Ray instance (1: all "
         "in this process, no Ray); each run's numbers depend on --threads, not on this")
     add("--cluster", metavar="ADDRESS", help="run the target runs on a running Ray cluster: auto (the one `ray "

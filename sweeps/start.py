@@ -161,6 +161,9 @@ def prepare_outputs(cfg: argparse.Namespace, created: list[Path], stack: context
             lock = SweepLock(csv_path)
             lock.acquire()
             stack.callback(lock.release)
+            if not cfg.overwrite and csv_path.is_file() and len(csv_path.read_bytes().splitlines()) > 1:
+                raise tm.ExperimentError(f"--results-csv {csv_path} holds the rows of an earlier sweep: continue "
+                                         f"it with --resume {csv_path}, or pass --overwrite to replace them")
         if not csv_path.exists():
             created.append(csv_path)
         return ResultsCsv(str(csv_path), append=bool(cfg.resume))

@@ -14,7 +14,7 @@ import pytest
 from conftest import tiny_argv
 
 import transfer_mnist as tm
-from sweeps import cli, engine, files, resume, start
+from sweeps import cli, engine, files, resume, runs, start
 from sweeps.runs import Run
 from sweeps.stop import StopSignal
 
@@ -81,6 +81,22 @@ def test_a_signal_before_the_first_run_leaves_nothing(tiny_args, tmp_path, monke
     assert cli.main(tiny_args + ["--log-dir", str(log_dir)]) == 130
     assert "Interrupted before any run finished: nothing was kept" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+def test_a_new_sweep_or_a_dry_run_never_replaces_an_earlier_sweep_s_rows(tiny_args, tmp_path, capsys):
+    first = tmp_path / "first.csv"
+    assert cli.main(tiny_args + ["--targets", "even-odd", "--results-csv", str(first)]) == 0
+    kept = {path.name: path.read_bytes() for path in tmp_path.glob("first.*")}
+    assert set(kept) == {"first.csv", "first.json", "first.md", "first.png"}
+    capsys.readouterr()
+    assert cli.main(tiny_args + ["--targets", "even-odd", "--results-csv", str(first)]) == 2
+    assert f"--resume {first}, or pass --overwrite" in capsys.readouterr().err
+    # the sweep's own command as a dry run: its one-epoch rows go to the dry run's temporary folder
+    assert cli.main(tiny_args + ["--targets", "even-odd", "--results-csv", str(first), "--dry-run"]) == 0
+    assert {path.name: path.read_bytes() for path in tmp_path.glob("first.*")} == kept
+    assert cli.main(tiny_args + ["--targets", "even-odd", "--results-csv", str(first), "--overwrite",
+                                 "--seeds", "2"]) == 0
+    assert {r.seed for r in runs.read_results([str(first)])} == {0, 1}  # asked for: replaced
 
 
 def test_a_sweep_is_written_by_one_invocation_at_a_time(tmp_path):
