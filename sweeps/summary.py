@@ -230,6 +230,11 @@ def budget_rows(results: list[RunResult]) -> list[list[str]]:
     return rows
 
 
+# A validation loss this close to guessing's is a run that learned next to nothing: seed 103 of even/odd at 200
+# labels collapsed to 0.6836 (49.3% on test) against ln 2 = 0.6931, under the 0.99 of an earlier threshold
+NEAR_CHANCE = 0.95
+
+
 def chance_loss(target: str) -> float | None:
     """The validation loss of a model that learned nothing: ln(classes), uniform guessing. None for a target
     that is not registered here."""
@@ -262,10 +267,10 @@ def fragile(results: list[RunResult]) -> list[str]:
                             f"the head's budget would be")
     for r, _ in choices:
         chance = chance_loss(r.target)
-        if chance is not None and r.val_loss >= 0.99 * chance:
+        if chance is not None and r.val_loss >= NEAR_CHANCE * chance:
             warnings.append(f"{r.target}/{r.mode} n_train {r.n_train} seed {r.seed} (lr {r.learning_rate:g}), a "
                             f"selected run, is no better than chance on validation (loss {r.val_loss:.4f}; guessing "
-                            f"gives {chance:.4f}): it learned nothing at that rate, and its test accuracy is in the "
+                            f"gives {chance:.4f}): it learned next to nothing at that rate, and its test accuracy is in the "
                             f"summary; read its learning curves, and the sensitivity table")
     if any(len(grid) > 1 for _, grid in choices):
         edge = at_an_edge(choices)

@@ -123,7 +123,9 @@ def test_one_process_does_not_import_ray(tiny_args, tmp_path, monkeypatch):
     assert cli.main(tiny_args + ["--targets", "even-odd", "--modes", "finetuned"]) == 0
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # a terminal's Ctrl-C; timeout, a scheduler
+# SIGTERM, as timeout or a batch scheduler sends it; a terminal's Ctrl-C (SIGINT) is tested in one process
+# (test_sweeps), and Ray blocks it in its own processes
+@pytest.mark.parametrize("signum", [signal.SIGTERM])
 def test_a_signal_to_the_process_group_stops_the_script_and_its_ray_instance_keeping_finished_rows(
         signum, tiny_args, tmp_path):
     args = [a if a != "3" else "300" for a in tiny_args]  # runs of a few seconds each

@@ -134,3 +134,12 @@ def test_the_console_ends_with_the_warnings(tiny_args, tmp_path, capsys):
     assert "Warning: 1 of 1 backbones (seed 0) were still improving when pretraining stopped: best validation loss " \
            "at epoch 2 of 2" in out
     assert out.rstrip().splitlines()[-2].startswith("Warning: every arm ran at one fixed learning rate")
+
+
+def test_a_selected_run_near_chance_on_validation_is_named():
+    def selected(seed, val_loss):
+        return tm.RunResult("even-odd", "from_scratch", seed, 200, 10, 0.5, 0.9, 1e-2, val_loss, True, 3000)
+    # seed 103 of the even/odd redo: 0.6836 against ln 2 = 0.6931, 49.3% on test
+    named = [w for w in summary.fragile([selected(103, 0.6836), selected(104, 0.60)]) if "than chance" in w]
+    assert len(named) == 1 and named[0].startswith("even-odd/from_scratch n_train 200 seed 103 (lr 0.01), a selected "
+                                                   "run, is no better than chance on validation (loss 0.6836")
