@@ -16,7 +16,6 @@ import transfer_mnist as tm
 from sweeps.ray_engine import RaySweep
 from sweeps.resume import Resumed
 from sweeps.runs import (
-    LATE_SHARE,
     ResultsCsv,
     Run,
     RunResult,
@@ -28,6 +27,7 @@ from sweeps.runs import (
     save_backbone,
     select_rates,
     selection_group,
+    settled,
     still_improving,
     sweep_runs,
     widened_runs,
@@ -148,7 +148,7 @@ def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resume
         if rate is None:
             return {}
         picked = [done[i] for i in indices if done[i].selected]
-        if rate < pick and sum(map(still_improving, picked)) > LATE_SHARE * len(picked):
+        if rate < pick and not settled(picked):
             # no rate had settled by the ceiling (settled_rates): a lower one would settle later still
             logger.warning(f"{group[0]}/{group[1]} n_train {group[2]}: not widened below {pick:g}, where "
                            f"{sum(map(still_improving, picked))} of {len(picked)} runs were still improving at "

@@ -194,13 +194,17 @@ def still_improving(r: RunResult) -> bool:
     return r.best_epoch > 0.9 * r.max_epochs
 
 
+def settled(rows: list[RunResult]) -> bool:
+    """At most LATE_SHARE of the runs were still improving at the end of their budget."""
+    return sum(map(still_improving, rows)) <= LATE_SHARE * len(rows)
+
+
 def settled_rates(rates: dict[float, list[RunResult]]) -> dict[float, list[RunResult]]:
     """The rates of a selection group that may be chosen: those at which at most LATE_SHARE of the runs were
     still improving at the end of their budget. A run stopped by its budget has not shown its validation
     loss, and a lower rate under a fixed ceiling is an earlier stop in disguise: with more epochs, ever lower
     rates win. Where no rate qualifies, every rate may (the summary's warnings count the late runs)."""
-    return {rate: rows for rate, rows in rates.items()
-            if sum(map(still_improving, rows)) <= LATE_SHARE * len(rows)} or rates
+    return {rate: rows for rate, rows in rates.items() if settled(rows)} or rates
 
 
 def select_rates(results: list[RunResult], select: str = "seed") -> list[RunResult]:
