@@ -56,6 +56,24 @@ def dies_once_in_a_worker(driver: int, marker: Path):
     return parity
 
 
+def recorder(path: Path):
+    """A relabel (nested, so Ray sends it by value) that notes the worker process and the GPUs it sees."""
+
+    def parity(labels):
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()} {os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}\n")
+        return labels % 2
+
+    return parity
+
+
+def seen_gpus(reads: Path) -> set[str]:
+    """The CUDA_VISIBLE_DEVICES that worker processes saw, since the last call."""
+    lines = reads.read_text().splitlines()
+    reads.unlink()
+    return {line.split(" ", 1)[1] for line in lines if line.split()[0] != str(os.getpid())}
+
+
 @pytest.fixture(scope="module")
 def sweep(tiny_data, tmp_path_factory):
     """A small grid sweep (1 seed, 2 arms, 2 rates: 4 target runs) on a target whose first Ray worker dies,
@@ -72,7 +90,8 @@ def sweep(tiny_data, tmp_path_factory):
     del tm.TARGETS["flaky"]
 
 
-def test_local_workers_and_a_two_node_cluster_give_the_rows_of_one_process(sweep, tmp_path, caplog):
+def test_local_workers_and_a_two_node_cluster_give_the_rows_of_one_process_and_leave_gpus_alone(
+        sweep, tmp_path, caplog, monkeypatch):
     from ray.cluster_utils import Cluster
 
     args, one = sweep
@@ -93,11 +112,14 @@ def test_local_workers_and_a_two_node_cluster_give_the_rows_of_one_process(sweep
     try:
         cluster.add_node(num_cpus=1, num_gpus=1)
         caplog.clear()
+        monkeypatch.setitem(tm.TARGETS, "flaky", tm.Target(torchvision.datasets.MNIST, ("even", "odd"),
+                                                           relabel=recorder(tmp_path / "reads")))
         # a quarter of a GPU per run: runs share a GPU, and say which they had
         with caplog.at_level(logging.INFO, logger="transfer_mnist"):
             assert cli.main(args + ["--cluster", cluster.address, "--gpus-per-run", "0.25", "--log-dir",
                                    str(tmp_path / "cluster"), "--results-csv", str(tmp_path / "cluster.csv")]) == 0
         assert (tmp_path / "cluster.csv").read_bytes() == one.read_bytes()
+        assert seen_gpus(tmp_path / "reads") == {"0"}  # a run sees the GPU Ray gave it, that one only
         assert f"Target runs on the Ray cluster at {cluster.address}: 2 CPUs, 2 GPUs; each run takes 1 CPU(s) and " \
                f"torch thread(s) and 0.25 of a GPU" in caplog.messages
         finished = [m for m in caplog.messages if m.startswith("[") and "/pretrain" not in m]
@@ -106,6 +128,10 @@ def test_local_workers_and_a_two_node_cluster_give_the_rows_of_one_process(sweep
         settings = json.loads((tmp_path / "cluster.json").read_text())
         assert len(settings["row_nodes"]) == 5 and set(settings["row_nodes"].values()) == {"127.0.0.1"}
         assert settings["nodes"]["127.0.0.1"]["cpu"] == resume.cpu_kind()
+        # no GPU from Ray: none visible, though the node has one
+        assert cli.main(args + ["--modes", "finetuned", "--lr-grid", "1e-3", "--cluster", cluster.address,
+                               "--gpus-per-run", "0", "--log-dir", str(tmp_path / "none")]) == 0
+        assert seen_gpus(tmp_path / "reads") == {""}
     finally:
         cluster.shutdown()
 
@@ -155,6 +181,8 @@ def test_a_signal_to_the_process_group_stops_the_script_and_its_ray_instance_kee
 def test_a_run_that_keeps_dying_ends_the_sweep_and_bad_input_is_not_retried(sweep, tmp_path, monkeypatch, capsys):
     args, _ = sweep
     driver, attempts = os.getpid(), tmp_path / "attempts"
+    monkeypatch.setattr(ray_engine, "RETRIES", 1)  # a retry is a new worker process: seconds each
+    monkeypatch.setenv("RAY_task_oom_retries", "1")
 
     def dies_in_workers(labels):  # nested: Ray sends it by value to the workers
         if os.getpid() != driver:
