@@ -130,14 +130,25 @@ def image_folder(tmp_path) -> Path:
     return write_image_folder(tmp_path / "shapes")
 
 
-def tail_ray_log(raytmp: Path, seconds: float = 120) -> subprocess.Popen | None:
-    """A `tail -f` of a Ray session's raylet.out below raytmp (RAY_TMPDIR), in a session of its own: a
-    process that names the Ray session and that no sweep started. None if no log appears in time."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        logs = list(raytmp.glob("**/session_*/logs/raylet.out"))
-        if logs:
-            return subprocess.Popen(["tail", "-f", str(logs[0])], stdout=subprocess.DEVNULL,
-                                    start_new_session=True)
-        time.sleep(0.2)
-    return None
+@pytest.fixture
+def tail_ray_log():
+    """tail_ray_log(raytmp): a `tail -f` of a Ray session's raylet.out below raytmp (RAY_TMPDIR), in a session of
+    its own: a process that names the Ray session and that no sweep started; None if no log appears in time.
+    Every tail it started is killed when the test ends, passed or failed."""
+    started = []
+
+    def tail(raytmp: Path, seconds: float = 120) -> subprocess.Popen | None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            logs = list(raytmp.glob("**/session_*/logs/raylet.out"))
+            if logs:
+                started.append(subprocess.Popen(["tail", "-f", str(logs[0])], stdout=subprocess.DEVNULL,
+                                                start_new_session=True))
+                return started[-1]
+            time.sleep(0.2)
+        return None
+
+    yield tail
+    for process in started:
+        process.kill()
+        process.wait()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torchvision
-from conftest import SWEEPS, sweep_settings, tail_ray_log
+from conftest import SWEEPS, sweep_settings
 
 import transfer_mnist as tm
 from sweeps import cli, ray_engine, resume
@@ -153,7 +153,7 @@ def test_one_process_does_not_import_ray(tiny_args, tmp_path, monkeypatch):
 # (test_sweeps), and Ray blocks it in its own processes
 @pytest.mark.parametrize("signum", [signal.SIGTERM])
 def test_a_signal_to_the_process_group_stops_the_script_and_its_ray_instance_keeping_finished_rows(
-        signum, tiny_args, tmp_path):
+        signum, tiny_args, tmp_path, tail_ray_log):
     args = [a if a != "3" else "300" for a in tiny_args]  # runs of a few seconds each
     log = tmp_path / "stderr.log"
     raytmp = Path(tempfile.mkdtemp(dir="/tmp"))  # short: Ray's socket paths live below it
@@ -175,7 +175,6 @@ def test_a_signal_to_the_process_group_stops_the_script_and_its_ray_instance_kee
     assert wait_for(lambda: not session_processes(process.pid), 5), session_processes(process.pid)
     assert [r["mode"] for r in read_csv(tmp_path / "r.csv")] == ["pretrain"]  # the finished row stays
     assert tail.poll() is None  # the clean-up left it alone
-    tail.kill()
 
 
 def test_a_run_that_keeps_dying_ends_the_sweep_and_bad_input_is_not_retried(sweep, tmp_path, monkeypatch, capsys):

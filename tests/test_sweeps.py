@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import SWEEPS, sweep_settings, tail_ray_log
+from conftest import SWEEPS, sweep_settings
 from test_engine import read_csv, recorder, session_processes, wait_for
 
 import transfer_mnist as tm
@@ -181,7 +181,8 @@ def test_run_devices_hide_the_gpus_from_a_run_that_ray_gave_none(monkeypatch):
     assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
 
 
-def test_workers_start_their_own_instance_and_read_a_lambda_target_once(tiny_data, tmp_path, monkeypatch):
+def test_workers_start_their_own_instance_and_read_a_lambda_target_once(tiny_data, tmp_path, monkeypatch,
+                                                                        tail_ray_log):
     root, _ = tiny_data
     # what `ray start` leaves behind: an address file and a RAY_ADDRESS pointing to nothing
     raytmp = Path(tempfile.mkdtemp(dir="/tmp"))  # short: Ray's socket paths live below it
@@ -200,7 +201,6 @@ def test_workers_start_their_own_instance_and_read_a_lambda_target_once(tiny_dat
     assert cli.main(args + ["--workers", "2", "--log-dir", str(tmp_path / "a")]) == 0
     watcher.join()
     assert tails[0] is not None and tails[0].poll() is None  # the sweep's clean-up spared it
-    tails[0].kill()
     assert os.environ["RAY_task_oom_retries"] == str(ray_engine.RETRIES)  # the memory monitor's retries are bounded
     reads = [line.split()[0] for line in (tmp_path / "reads").read_text().splitlines()]
     per_worker = {pid: reads.count(pid) for pid in set(reads) if pid != str(os.getpid())}
@@ -211,7 +211,7 @@ def test_workers_start_their_own_instance_and_read_a_lambda_target_once(tiny_dat
 # a killed agent makes the raylet exit and Ray end the driver at once, without a word: the watch says it
 @pytest.mark.parametrize("victim", ["raylet/raylet", "ray::RuntimeEnvAgent"])
 def test_a_local_ray_instance_that_dies_ends_the_sweep_in_one_line_and_spares_other_processes(victim, tiny_args,
-                                                                                               tmp_path):
+                                                                                               tmp_path, tail_ray_log):
     args = [a if a != "3" else "400" for a in tiny_args]
     log = tmp_path / "stderr.log"
     raytmp = Path(tempfile.mkdtemp(dir="/tmp"))  # short: Ray's socket paths live below it
@@ -233,4 +233,3 @@ def test_a_local_ray_instance_that_dies_ends_the_sweep_in_one_line_and_spares_ot
     assert err.count("error:") == 1, err
     assert [r["mode"] for r in read_csv(tmp_path / "r.csv")] == ["pretrain"]
     assert tail.poll() is None  # the clean-up left it alone
-    tail.kill()
