@@ -20,6 +20,7 @@ from sweeps.runs import (
     Run,
     RunResult,
     execute,
+    learned,
     pretrain_checkpoint,
     pretraining_runs,
     run_key,
@@ -148,8 +149,9 @@ def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resume
         if rate is None:
             return {}
         picked = [done[i] for i in indices if done[i].selected]
-        if rate < pick and not settled(picked):
-            # no rate had settled by the ceiling (settled_rates): a lower one would settle later still
+        if rate < pick and not settled(picked) and learned(picked, cfg.select):
+            # no rate had settled by the ceiling (candidate_rates): a lower one would settle later still. A pick
+            # that learned nothing (the rates above it diverge too) says nothing about the rates below it
             logger.warning(f"{group[0]}/{group[1]} n_train {group[2]}: not widened below {pick:g}, where "
                            f"{sum(map(still_improving, picked))} of {len(picked)} runs were still improving at "
                            f"the end of their budget: raise --train-epochs")

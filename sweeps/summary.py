@@ -15,7 +15,7 @@ import lightning
 
 import transfer_mnist as tm
 from sweeps.files import replace_text
-from sweeps.runs import RunResult, still_improving
+from sweeps.runs import NEAR_CHANCE, RunResult, chance_loss, still_improving
 from sweeps.settings import PRIMARY, PRIMARY_ARM
 from sweeps.stats import MeanCI, holm, t_975
 
@@ -228,18 +228,6 @@ def budget_rows(results: list[RunResult]) -> list[list[str]]:
                      if edge is None else f"{edge} of {len(chosen)}",
                      f"{sum(map(still_improving, chosen))} of {len(chosen)}"])
     return rows
-
-
-# A validation loss this close to guessing's is a run that learned next to nothing: seed 103 of even/odd at 200
-# labels collapsed to 0.6836 (49.3% on test) against ln 2 = 0.6931, under the 0.99 of an earlier threshold
-NEAR_CHANCE = 0.95
-
-
-def chance_loss(target: str) -> float | None:
-    """The validation loss of a model that learned nothing: ln(classes), uniform guessing. None for a target
-    that is not registered here."""
-    spec = tm.TARGETS.get(target)
-    return math.log(len(spec.label_names)) if spec else None
 
 
 def fragile(results: list[RunResult]) -> list[str]:

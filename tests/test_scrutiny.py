@@ -73,6 +73,19 @@ def test_a_rate_whose_runs_were_still_improving_at_their_ceiling_is_no_candidate
     assert [r.selected for r in runs.select_rates(rows, "seed") if r.seed in (0, 5)] == [False, True, True, False]
 
 
+def test_a_rate_that_settled_by_diverging_is_no_candidate():
+    def rate(lr: float, loss: float, late: int) -> list[RunResult]:  # even/odd: guessing's loss is ln 2 = 0.693
+        return [RunResult("even-odd", "finetuned", seed, 50, 20 if seed < late else 5, loss, 0.5, lr, loss, False, 20)
+                for seed in range(3)]
+    picked = lambda rows: {r.learning_rate for r in runs.select_rates(rows, "median") if r.selected}  # noqa: E731
+    # 1.0 diverged early (settled, loss 18), 0.3 is still improving and near chance: neither qualifies, so
+    # the lower loss wins instead of the only rate that settled
+    assert picked(rate(1.0, 18.0, 0) + rate(0.3, 0.9, 1)) == {0.3}
+    assert picked(rate(1.0, 0.4, 0) + rate(0.3, 0.2, 1)) == {1.0}  # a settled rate that learned still wins
+    # a pick that learned nothing does not stop the walk below it, though it did not settle
+    assert not runs.learned(rate(0.3, 0.9, 1), "median") and runs.learned(rate(0.3, 0.6, 1), "median")
+
+
 def stalls_below(calls: list, low: float):
     """A stand-in for runs.execute whose validation loss falls with the rate, every run below `low` still
     improving at its last epoch (3 of 3), as a slow rate under a fixed ceiling is."""
@@ -97,6 +110,19 @@ def test_the_grid_widens_below_until_a_rate_no_longer_settles(tiny_args, tmp_pat
     rows = [r for r in read_rows(tmp_path / "s.csv") if r.mode != "pretrain"]
     assert sorted({r.learning_rate for r in rows}) == [0.3, 1.0] and {r.learning_rate for r in rows if r.selected} == {0.3}
     assert "not widened below 0.3, where 2 of 2 runs were still improving" in caplog.text
+
+    # 0.3 and 1 near chance, still improving: a pick that learned nothing does not stop the walk below it
+    def diverges_above(cfg, run, backbone):
+        high = run.learning_rate >= 0.3
+        loss = 0.9 + run.learning_rate if high else 0.1 + 0.1 * abs(math.log10(run.learning_rate / 0.03))
+        result = RunResult(run.target, run.mode, run.seed, run.n_train, 3 if high else 1, loss, 0.5,
+                           run.learning_rate, loss, True, 3, 0.0)
+        return (result, tm.decapitated_lenet().state_dict()) if run.mode == "pretrain" else (result, None)
+    monkeypatch.setattr(engine, "execute", diverges_above)
+    assert cli.main(tiny_args + WIDEN + ["--log-dir", str(tmp_path / "l3"), "--results-csv", str(tmp_path / "d.csv")]) == 0
+    rows = [r for r in read_rows(tmp_path / "d.csv") if r.mode != "pretrain"]
+    assert sorted({r.learning_rate for r in rows}) == [0.01, 0.03, 0.09, 0.3, 1.0]
+    assert {r.learning_rate for r in rows if r.selected} == {0.03}
 
 
 def test_next_rate_steps_past_an_edge_on_the_grid_s_spacing_up_to_the_bounds():
