@@ -41,6 +41,9 @@ def draw_figure(results: list[RunResult]):
     differences = {target: {mode: [(n, d[0]) for n, _ in curve if (d := paired(groups, target, n, mode))]
                             for mode, curve in arms.items() if ARMS[mode].pretrained}
                    for target, arms in points.items()}
+    # an arm without a complete baseline to pair with (a --report of an interrupted sweep) has no difference
+    differences = {target: {mode: curve for mode, curve in by_mode.items() if curve}
+                   for target, by_mode in differences.items()}
     below = any(ci.n > 1 for by_mode in differences.values() for curve in by_mode.values() for _, ci in curve)
     figure = Figure(figsize=(4.8 * len(points), 7.6 if below else 4), layout="constrained")
     axes = figure.subplots(1 + below, len(points), squeeze=False)
@@ -61,6 +64,11 @@ def draw_figure(results: list[RunResult]):
         if len(sizes) > 1:
             ax.legend()
     for ax, (target, by_mode) in zip(axes[1] if below else [], differences.items()):
+        if not by_mode:
+            ax.set_axis_off()
+            ax.text(0.5, 0.5, f"{target}: no complete {baseline_arm()} to pair with", ha="center",
+                    transform=ax.transAxes)
+            continue
         sizes = sorted({n for curve in by_mode.values() for n, _ in curve})
         for position, (mode, curve) in enumerate(by_mode.items()):
             shift = 0.04 * (position - (len(by_mode) - 1) / 2)  # the arms side by side at each size

@@ -23,6 +23,7 @@ from test_engine import read_csv, recorder, session_processes, wait_for
 
 import transfer_mnist as tm
 from sweeps import cli, ray_engine, resume, runs, settings
+from sweeps.runs import RunResult
 
 GRID = ["--targets", "even-odd", "--modes", "finetuned", "from_scratch", "--lr-grid", "1e-3", "3e-3", "1e-2"]
 
@@ -108,6 +109,21 @@ def test_report_settles_complete_grids_only_and_keeps_the_sweep_s_own_summary(gr
     (tmp_path / "bad.json").write_text(whole.with_suffix(".json").read_text())
     assert cli.main(["--resume", str(tmp_path / "bad.csv")]) == 2
     assert capsys.readouterr().err.startswith(f"error: --resume {tmp_path / 'bad.csv'} is not a results CSV")
+
+
+def test_the_figure_of_a_report_whose_baseline_is_incomplete_on_one_target_says_so():
+    from sweeps.figures import draw_figure
+
+    def row(target, mode, seed, acc):
+        return RunResult(target, mode, seed, 200, 10, 0.3, acc, 1e-3, 0.4, True, 100)
+    rows = [row(t, m, s, 0.8 + 0.01 * s + (m == "finetuned") * 0.05) for t in ("even-odd", "fashion-mnist")
+            for m in ("finetuned", "from_scratch") for s in (0, 1, 2)]
+    rows = [r for r in rows if (r.target, r.mode) != ("even-odd", "from_scratch")]  # its seeds stayed out
+    figure = draw_figure(rows)
+    panels = {ax.get_title(): ax for ax in figure.axes}
+    assert "fashion-mnist: minus from_scratch, paired by seed" in panels  # the complete target's differences
+    said = [text.get_text() for ax in figure.axes for text in ax.texts]
+    assert said == ["even-odd: no complete from_scratch to pair with"]
 
 
 def test_the_settings_record_what_made_the_rows_and_resume_refuses_a_mismatch(grid_sweep, tmp_path, capsys):
