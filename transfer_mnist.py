@@ -10,10 +10,10 @@ frozen, or LP-FT (the head first). Every run is logged to TensorBoard and tested
     tensorboard --logdir pretraining_logs
     python -m sweeps --protocol fair --workers 2   # the honest answer: seeds, every arm at its best rate
 
-Headline (results/redo_even_odd, redo_fashion, new_classes.csv: --protocol fair, 10 seeds from 100, Xeon;
-Holm, 18): the pretrained arms used 12,500 extra labelled digits. On even/odd, a function of the digit, every arm
-beats from scratch at 50 labels (fine-tuned +7.6 points, +4.3 to +10.8); at 200, +10.4 fails Holm. Digits 0-4
--> 5-9 (new classes): fine-tuned +2.0 at 200 (+1.0 to +3.0). FashionMNIST: frozen -2.8 at 200 (-4.2 to -1.4).
+Headline (results/redo_*, new_classes.csv: --protocol fair, 10 seeds from 100, Xeon; Holm per family): the pretrained
+arms used 12,500 extra labelled digits. Even/odd, a function of the digit: every arm beats from scratch at 50 labels
+(fine-tuned +7.6 points, +4.3 to +10.8); at 200 +10.4 fails Holm; augmented, +1.9 (+0.7 to +3.2). Digits 0-4 -> 5-9:
+fine-tuned +2.0 at 200 (+1.0 to +3.0). FashionMNIST: frozen -2.8 at 200 (-4.2 to -1.4); augmented, no difference.
 """
 
 import argparse
