@@ -24,7 +24,6 @@ from sweeps.runs import (
     pretrain_checkpoint,
     pretraining_runs,
     run_key,
-    next_rate,
     save_backbone,
     select_rates,
     selection_group,
@@ -33,7 +32,7 @@ from sweeps.runs import (
     sweep_runs,
     widened_runs,
 )
-from sweeps.settings import backbone_seed, run_threads
+from sweeps.settings import backbone_seed, next_rate, run_threads
 from sweeps.stop import StopSignal
 
 logger = tm.logger  # the experiment's console, as the template's

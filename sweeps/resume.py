@@ -117,6 +117,19 @@ def differences(saved: dict[str, typing.Any], now: dict[str, typing.Any]) -> lis
     return differ
 
 
+# Settings saved without a "format" named the selections otherwise: "pooled" was the mean, "median" the median
+FORMAT = 2
+EARLIER_SELECT = {"pooled": "mean", "median": "pooled"}
+
+
+def upgraded(settings: dict) -> dict:
+    """Settings as saved by any version, in today's names."""
+    config = settings.get("config")
+    if settings.get("format") != FORMAT and isinstance(config, dict) and config.get("select") in EARLIER_SELECT:
+        settings = {**settings, "config": {**config, "select": EARLIER_SELECT[config["select"]]}}
+    return settings
+
+
 def write_settings(path: Path, settings: dict) -> None:
     """In one step: a signal or a full disk while writing leaves the old settings whole."""
     replace_text(path, json.dumps(settings, indent=1) + "\n")
@@ -154,7 +167,7 @@ def save_settings(cfg: argparse.Namespace, csv_path: str, checkpoints: dict[int,
     """The settings beside the CSV: the resolved flags (paths relative to the CSV), what made the rows, and
     each backbone's checkpoint (relative to the CSV too) with a digest once it is written."""
     write_settings(settings_path(csv_path), {
-        "config": relative_paths(vars(cfg), Path(csv_path).parent, to_csv=True), "made_by": made,
+        "format": FORMAT, "config": relative_paths(vars(cfg), Path(csv_path).parent, to_csv=True), "made_by": made,
         "checkpoints": {seed: {"path": os.path.relpath(path, Path(csv_path).parent), "sha256": None}
                         for seed, path in checkpoints.items()}})
 
@@ -202,7 +215,7 @@ def saved_settings(csv_path: str | Path) -> dict:
         settings = json.loads(settings_path(csv_path).read_text())
     except (OSError, ValueError):
         return {}
-    return settings if isinstance(settings, dict) and isinstance(settings.get("config"), dict) else {}
+    return upgraded(settings) if isinstance(settings, dict) and isinstance(settings.get("config"), dict) else {}
 
 
 def resume_settings(cfg: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespace, Resumed]:
@@ -211,7 +224,7 @@ def resume_settings(cfg: argparse.Namespace, given: set[str]) -> tuple[argparse.
     destroys (--overwrite) is restored."""
     path = settings_path(cfg.resume)
     try:
-        saved = json.loads(path.read_text())
+        saved = upgraded(json.loads(path.read_text()))
         settings = complete(argparse.Namespace(**relative_paths(saved["config"], path.parent, to_csv=False)))
         checkpoints = {int(seed): Path(cfg.resume).parent / c["path"] for seed, c in saved["checkpoints"].items()}
         digests = {int(seed): c["sha256"] for seed, c in saved["checkpoints"].items()}

@@ -19,7 +19,7 @@ import torch
 import transfer_mnist as tm
 from sweeps.augment import Augment
 from sweeps.files import replace
-from sweeps.settings import LR_BOUNDS, backbone_seed, seeds
+from sweeps.settings import backbone_seed, seeds
 from sweeps.stop import StopSignal
 
 RunResult = tm.RunResult
@@ -57,23 +57,6 @@ def sweep_runs(cfg: argparse.Namespace) -> list[Run]:
 def widened_runs(cfg: argparse.Namespace, widened: typing.Iterable[tuple]) -> list[Run]:
     """The runs of the rates that --widen added, each (target, mode, n_train, rate), for every seed."""
     return [Run(target, mode, seed, n_train, rate) for target, mode, n_train, rate in widened for seed in seeds(cfg)]
-
-
-def next_rate(ran: list[float], pick: float) -> float | None:
-    """--widen: the rate beyond the lowest or highest of those `ran` where `pick` sits there, as far from it (in
-    ratio) as its neighbour is, to one significant digit, at most to LR_BOUNDS; None where the pick is inside,
-    at a bound, or the grid has one rate (no spacing)."""
-    ran = sorted(set(ran))
-    if len(ran) < 2 or ran[0] < pick < ran[-1]:
-        return None
-    low, high = LR_BOUNDS
-    if pick == ran[0] and pick > low:
-        rate = max(low, float(f"{pick * pick / ran[1]:.1g}"))
-    elif pick == ran[-1] and pick < high:
-        rate = min(high, float(f"{pick * pick / ran[-2]:.1g}"))
-    else:
-        return None
-    return None if rate in ran else rate
 
 
 def pretraining_runs(cfg: argparse.Namespace) -> list[Run]:
@@ -174,15 +157,15 @@ def not_nan(loss: float) -> float:
 
 def selection_group(run: Run | RunResult, select: str) -> tuple:
     """The runs among which one learning rate is selected: a (target, mode, n_train, seed), or with pooled or
-    median selection every seed of a (target, mode, n_train)."""
+    mean selection every seed of a (target, mode, n_train)."""
     return (run.target, run.mode, run.n_train) + ((run.seed,) if select == "seed" else ())
 
 
 def pooled_loss(losses: list[float], select: str) -> float:
-    """A rate's validation loss over the seeds: the mean (pooled; a seed that collapsed to chance moves it),
-    the median (robust to one such seed in five), or one seed's own."""
+    """A rate's validation loss over the seeds: the median (pooled: robust to one seed in five that collapsed
+    to chance), the mean (a seed that collapsed moves it), or one seed's own."""
     losses = [not_nan(loss) for loss in losses]
-    return statistics.median(losses) if select == "median" else sum(losses) / len(losses)
+    return sum(losses) / len(losses) if select == "mean" else statistics.median(losses)
 
 
 # A rate more of whose runs than this share were still improving at the end of their budget is no candidate

@@ -24,7 +24,7 @@ FAIR = {
     "modes": tuple(tm.ARMS),  # every arm
     # every arm at its best rate (Kornblith et al. 2019); a pick at an edge widens the grid (--widen)
     "lr_grid": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
-    "select": "median",  # one rate over the seeds, which one collapsed seed cannot move (a mean can)
+    "select": "pooled",  # one rate over the seeds, their median: one collapsed seed cannot move it (a mean can)
     "backbone_per_seed": True,  # pretraining's noise in the intervals too
     "disjoint": True,  # no target image that pretraining learned with its digit label
     "stratify": True,  # 12 random validation images missed 3-5 of FashionMNIST's 10 classes
@@ -42,6 +42,23 @@ PROTOCOLS = {"post": POST, "fair": FAIR}
 PRIMARY_ARM = "finetuned"
 PRIMARY = f"{PRIMARY_ARM} − from_scratch on each target at the sweep's largest n_train"
 LR_BOUNDS = (1e-6, 1.0)  # --widen goes no further
+
+
+def next_rate(ran: list[float], pick: float) -> float | None:
+    """--widen: the rate beyond the lowest or highest of those `ran` where `pick` sits there, as far from it (in
+    ratio) as its neighbour is, to one significant digit, at most to LR_BOUNDS; None where the pick is inside,
+    at a bound, or the grid has one rate (no spacing)."""
+    ran = sorted(set(ran))
+    if len(ran) < 2 or ran[0] < pick < ran[-1]:
+        return None
+    low, high = LR_BOUNDS
+    if pick == ran[0] and pick > low:
+        rate = max(low, float(f"{pick * pick / ran[1]:.1g}"))
+    elif pick == ran[-1] and pick < high:
+        rate = min(high, float(f"{pick * pick / ran[-2]:.1g}"))
+    else:
+        return None
+    return None if rate in ran else rate
 
 
 class ExperimentFailure(Exception):
@@ -135,14 +152,17 @@ def make_parser() -> argparse.ArgumentParser:
         "per seed (pretraining seed s for the target runs of seed s) instead of one for the whole invocation "
         "(post: off; fair: on)")
     add("--lr-grid", nargs="+", type=positive_float, metavar="LR", **by_protocol, help="train every target run "
-        "once per learning rate, the same grid for every arm, and select per (target, arm, n_train, seed) the rate "
-        f"with the lowest validation loss (post: none, each arm at its own rate; fair: {shown(FAIR['lr_grid'])})")
-    add("--select", choices=("seed", "pooled", "median"), **by_protocol, help="how --lr-grid picks: per seed on "
-        "its own validation loss; pooled: one rate per (target, arm, n_train), the lowest mean validation loss over "
-        "seeds; median: the lowest median, which one collapsed seed cannot move (post: seed; fair: median)")
+        "once per learning rate, the same grid for every arm, and select the rate with the lowest validation loss "
+        f"as --select says (post: none, each arm at its own rate; fair: {shown(FAIR['lr_grid'])}, which --widen extends "
+        f"where a pick sits at an edge: {next_rate(FAIR['lr_grid'], FAIR['lr_grid'][0]):g} below, "
+        f"{next_rate(FAIR['lr_grid'], FAIR['lr_grid'][-1]):g} above, and so on)")
+    add("--select", choices=("seed", "pooled", "mean"), **by_protocol, help="how --lr-grid picks: seed: per seed "
+        "on its own validation loss; pooled: one rate per (target, arm, n_train), the lowest median validation loss "
+        "over seeds, which one collapsed seed cannot move; mean: the lowest mean, which one can (what pooled was in "
+        "sweeps saved before the median) (post: seed; fair: pooled)")
     add("--widen", action=argparse.BooleanOptionalAction, **by_protocol, help="a (target, arm, n_train) whose pick "
         "sits at the lowest or highest rate it ran gets the next rate beyond, on the grid's spacing, for every seed, "
-        f"until its pick is inside or {LR_BOUNDS[0]:g} or {LR_BOUNDS[1]:g} is reached; pooled or median selection "
+        f"until its pick is inside or {LR_BOUNDS[0]:g} or {LR_BOUNDS[1]:g} is reached; pooled or mean selection "
         "(post: off; fair: on)")
     add("--backbones-from", metavar="CSV", help="reuse the backbones of the sweep whose results are in CSV, made "
         "with the same pretraining settings and seeds (checked with their digests), instead of pretraining")

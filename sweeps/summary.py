@@ -281,10 +281,10 @@ BUDGET_HEADER = ["target", "mode", "runs", "learning rates run", "learning rates
 
 
 SELECTIONS = {"seed": "each seed's own validation loss picks its rate (--select seed)",
-              "pooled": "one rate per (target, arm, n_train): the lowest mean validation loss over seeds "
-                        "(--select pooled)",
-              "median": "one rate per (target, arm, n_train): the lowest median validation loss over seeds, which "
-                        "one collapsed seed cannot move (--select median)"}
+              "pooled": "one rate per (target, arm, n_train): the lowest median validation loss over seeds, which "
+                        "one collapsed seed cannot move (--select pooled)",
+              "mean": "one rate per (target, arm, n_train): the lowest mean validation loss over seeds "
+                      "(--select mean)"}
 
 
 def write_summary(results: list[RunResult], path: str, select: str = "seed",

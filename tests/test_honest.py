@@ -19,7 +19,7 @@ def test_fair_sets_what_the_command_line_does_not_give():
     assert given == {"protocol", "seeds", "disjoint"}
     assert (cfg.seeds, cfg.disjoint) == (2, False)  # given: kept
     assert cfg.modes == tuple(tm.ARMS) and cfg.lr_grid == (1e-4, 3e-4, 1e-3, 3e-3, 1e-2) and cfg.widen
-    assert cfg.select == "median" and cfg.backbone_per_seed and cfg.stratify and not cfg.augment
+    assert cfg.select == "pooled" and cfg.backbone_per_seed and cfg.stratify and not cfg.augment
     assert (cfg.pretrain_epochs, cfg.pretrain_patience, cfg.train_epochs) == (400, 10, 3000)
     post, given = settings.parse([])
     assert given == set() and (post.seeds, post.modes, post.lr_grid, post.select) == (1, ("finetuned", "from_scratch"), (), "seed")
@@ -34,10 +34,10 @@ def test_a_fair_run_saves_and_prints_the_resolved_settings(tiny_args, tmp_path, 
     with caplog.at_level(logging.INFO, logger="transfer_mnist"):
         assert cli.main(args) == 0
     saved = json.loads((tmp_path / "r.json").read_text())["config"]
-    assert saved["protocol"] == "fair" and saved["select"] == "median" and saved["disjoint"] is True
+    assert saved["protocol"] == "fair" and saved["select"] == "pooled" and saved["disjoint"] is True
     assert saved["backbone_per_seed"] is True and saved["seeds"] == 2 and saved["lr_grid"] == [1e-3, 3e-3]
     settings = next(m for m in caplog.messages if m.startswith("Settings:"))
-    assert "protocol=fair" in settings and "select=median" in settings and "disjoint=True" in settings
+    assert "protocol=fair" in settings and "select=pooled" in settings and "disjoint=True" in settings
     assert [r["seed"] for r in read_csv(tmp_path / "r.csv") if r["mode"] == "pretrain"] == ["0", "1"]
     start = next(m for m in caplog.messages if m.startswith("even-odd: 20 training + 5 validation images a run"))
     assert "seeds 0-1; per class even " in start and start.endswith(

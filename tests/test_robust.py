@@ -94,42 +94,59 @@ def test_each_seed_pretrains_its_own_backbone_and_its_runs_start_from_it(tiny_ar
 
 
 # ---- pooled selection ---------------------------------------------------------------------
-def test_pooled_selection_marks_one_rate_per_group_the_lowest_mean_validation_loss():
-    # per seed, seed 0 prefers 1e-3 and seed 1 prefers 1e-2; pooled, 1e-3 has the lower mean (0.25 < 0.3)
+def test_mean_selection_marks_one_rate_per_group_the_lowest_mean_validation_loss():
+    # per seed, seed 0 prefers 1e-3 and seed 1 prefers 1e-2; by the mean, 1e-3 has the lower (0.25 < 0.3)
     results = [run(0, 1e-3, 0.1), run(0, 1e-2, 0.2), run(1, 1e-3, 0.4), run(1, 1e-2, 0.4 - 0.01),
                run(0, 1e-3, 0.5, mode="from_scratch"), run(0, 1e-2, 0.4, mode="from_scratch")]
     runs.select_rates(results, "seed")
     assert [r.selected for r in results] == [True, False, False, True, False, True]
-    runs.select_rates(results, "pooled")
+    runs.select_rates(results, "mean")
     assert [r.selected for r in results] == [True, False, True, False, False, True]
     (finetuned, _) = summary.budget_rows(results)
     assert finetuned[4] == "0.001 ×2"
 
 
-def test_report_select_pooled_reproduces_the_run_s_markdown(tiny_args, tmp_path):
+def test_report_select_mean_reproduces_the_run_s_markdown(tiny_args, tmp_path):
     args = tiny_args + ["--targets", "even-odd", "--modes", "finetuned", "from_scratch", "--seeds", "2",
                         "--lr-grid", "1e-3", "1e-2", "3e-2"]
-    assert cli.main(args + ["--select", "pooled", "--results-csv", str(tmp_path / "pooled.csv")]) == 0
-    markdown = (tmp_path / "pooled.md").read_text()
+    assert cli.main(args + ["--select", "mean", "--results-csv", str(tmp_path / "mean.csv")]) == 0
+    markdown = (tmp_path / "mean.md").read_text()
     assert "one rate per (target, arm, n_train): the lowest mean validation loss over seeds" in markdown
-    rows = read_csv(tmp_path / "pooled.csv")
+    rows = read_csv(tmp_path / "mean.csv")
     for mode in ("finetuned", "from_scratch"):
         chosen = {r["learning_rate"] for r in rows if r["mode"] == mode and r["selected"] == "true"}
         assert len(chosen) == 1 and sum(r["selected"] == "true" for r in rows if r["mode"] == mode) == 2
-    # re-analysed without training: per seed, then pooled again, which gives the run's files byte for byte
-    assert cli.main(["--report", str(tmp_path / "pooled.csv"), "--select", "seed",
+    # re-analysed without training: per seed, then by the mean again, which gives the run's files byte for byte
+    assert cli.main(["--report", str(tmp_path / "mean.csv"), "--select", "seed",
                     "--results-csv", str(tmp_path / "seed.csv")]) == 0
     assert "each seed's own validation loss" in (tmp_path / "seed.md").read_text()
     per_seed = runs.select_rates(runs.read_results([str(tmp_path / "seed.csv")]), "seed")
     assert [r.selected for r in per_seed] == [r["selected"] == "true" for r in read_csv(tmp_path / "seed.csv")]
-    assert cli.main(["--report", str(tmp_path / "seed.csv"), "--select", "pooled",
+    assert cli.main(["--report", str(tmp_path / "seed.csv"), "--select", "mean",
                     "--results-csv", str(tmp_path / "re.csv")]) == 0
     # seed.csv has no settings beside it: the report says so and what it assumed, and is otherwise the same
     warning = "- seed.csv has no settings beside it (seed.json): its planned seeds, sizes and rates are taken"
     lines = (tmp_path / "re.md").read_text().splitlines(keepends=True)
     assert sum(line.startswith(warning.replace("seed.csv", str(tmp_path / "seed.csv"))) for line in lines) == 1
-    assert "".join(line for line in lines if "seed.json" not in line) == (tmp_path / "pooled.md").read_text()
-    assert (tmp_path / "re.csv").read_bytes() == (tmp_path / "pooled.csv").read_bytes()
+    assert "".join(line for line in lines if "seed.json" not in line) == (tmp_path / "mean.md").read_text()
+    assert (tmp_path / "re.csv").read_bytes() == (tmp_path / "mean.csv").read_bytes()
+    # settings saved before the median was pooled's statistic name the mean "pooled": reported as the mean
+    saved = json.loads((tmp_path / "mean.json").read_text())
+    assert saved["format"] == resume.FORMAT and saved["config"]["select"] == "mean"
+    del saved["format"]
+    saved["config"]["select"] = "pooled"
+    (tmp_path / "mean.json").write_text(json.dumps(saved))
+    own = {suffix: (tmp_path / "mean").with_suffix(suffix).read_bytes() for suffix in (".csv", ".md")}
+    assert cli.main(["--report", str(tmp_path / "mean.csv")]) == 0
+    assert {suffix: (tmp_path / "mean").with_suffix(suffix).read_bytes() for suffix in own} == own
+
+
+def test_settings_saved_before_the_median_keep_the_selection_they_made(tmp_path):
+    for saved, now in ((("median", None), "pooled"), (("pooled", None), "mean"), (("pooled", resume.FORMAT), "pooled"),
+                       (("seed", None), "seed")):
+        select, form = saved
+        (tmp_path / "s.json").write_text(json.dumps({"config": {"select": select}} | ({"format": form} if form else {})))
+        assert resume.saved_settings(tmp_path / "s.csv")["config"]["select"] == now, saved
 
 
 def test_a_backbone_per_seed_sweep_resumes_with_its_backbones(tiny_args, tmp_path, monkeypatch):

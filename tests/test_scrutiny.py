@@ -11,7 +11,7 @@ import signal
 import torch
 
 import transfer_mnist as tm
-from sweeps import cli, engine, resume, runs, start, stats, summary
+from sweeps import cli, engine, resume, runs, settings, start, stats, summary
 from sweeps.runs import RunResult
 from sweeps.stop import StopSignal
 
@@ -56,15 +56,15 @@ def test_the_median_choice_is_not_moved_by_one_collapsed_seed():
     rows = [RunResult("t", "finetuned", seed, 50, 10, 0.3, 0.9, rate, loss, False, 500)
             for seed in range(5) for rate, loss in ((1e-3, 0.30 if seed != 4 else 0.6931), (1e-4, 0.36))]
     picks = {select: {r.learning_rate for r in runs.select_rates(rows, select) if r.selected}
-             for select in ("pooled", "median")}
-    assert picks == {"pooled": {1e-4}, "median": {1e-3}}  # the mean follows seed 4's collapse, the median does not
+             for select in ("mean", "pooled")}
+    assert picks == {"mean": {1e-4}, "pooled": {1e-3}}  # the mean follows seed 4's collapse, the median does not
 
 
 def test_a_rate_whose_runs_were_still_improving_at_their_ceiling_is_no_candidate():
     def grid(late_seeds: dict[float, int]) -> list[RunResult]:  # rate -> how many of its 10 seeds ended late
         return [RunResult("t", "frozen", seed, 50, 2900 if seed < late else 100, 0.5, 0.8, rate, 0.1 * rate / 1e-3,
                           False, 3000) for rate, late in late_seeds.items() for seed in range(10)]
-    picked = lambda rows: {r.learning_rate for r in runs.select_rates(rows, "median") if r.selected}  # noqa: E731
+    picked = lambda rows: {r.learning_rate for r in runs.select_rates(rows, "pooled") if r.selected}  # noqa: E731
     # 3e-5's median loss is the lowest, but half its runs hit the ceiling still improving: it has not shown its loss
     assert picked(grid({3e-5: 5, 1e-4: 2, 3e-4: 0, 1e-3: 0})) == {3e-4}
     assert picked(grid({1e-4: 1, 3e-4: 0})) == {1e-4}  # one run in ten (10%) may be late
@@ -77,13 +77,13 @@ def test_a_rate_that_settled_by_diverging_is_no_candidate():
     def rate(lr: float, loss: float, late: int) -> list[RunResult]:  # even/odd: guessing's loss is ln 2 = 0.693
         return [RunResult("even-odd", "finetuned", seed, 50, 20 if seed < late else 5, loss, 0.5, lr, loss, False, 20)
                 for seed in range(3)]
-    picked = lambda rows: {r.learning_rate for r in runs.select_rates(rows, "median") if r.selected}  # noqa: E731
+    picked = lambda rows: {r.learning_rate for r in runs.select_rates(rows, "pooled") if r.selected}  # noqa: E731
     # 1.0 diverged early (settled, loss 18), 0.3 is still improving and near chance: neither qualifies, so
     # the lower loss wins instead of the only rate that settled
     assert picked(rate(1.0, 18.0, 0) + rate(0.3, 0.9, 1)) == {0.3}
     assert picked(rate(1.0, 0.4, 0) + rate(0.3, 0.2, 1)) == {1.0}  # a settled rate that learned still wins
     # a pick that learned nothing does not stop the walk below it, though it did not settle
-    assert not runs.learned(rate(0.3, 0.9, 1), "median") and runs.learned(rate(0.3, 0.6, 1), "median")
+    assert not runs.learned(rate(0.3, 0.9, 1), "pooled") and runs.learned(rate(0.3, 0.6, 1), "pooled")
 
 
 def stalls_below(calls: list, low: float):
@@ -126,11 +126,11 @@ def test_the_grid_widens_below_until_a_rate_no_longer_settles(tiny_args, tmp_pat
 
 
 def test_next_rate_steps_past_an_edge_on_the_grid_s_spacing_up_to_the_bounds():
-    assert runs.next_rate([0.3, 1.0], 0.3) == 0.09
-    assert runs.next_rate([1e-4, 3e-4, 1e-3], 1e-3) == 0.003
-    assert runs.next_rate([1e-4, 3e-4, 1e-3], 3e-4) is None  # inside
-    assert runs.next_rate([0.3, 1.0], 1.0) is None and runs.next_rate([2e-6, 1e-5], 2e-6) == 1e-6  # bounds
-    assert runs.next_rate([1e-3], 1e-3) is None  # one rate: no spacing to step by
+    assert settings.next_rate([0.3, 1.0], 0.3) == 0.09
+    assert settings.next_rate([1e-4, 3e-4, 1e-3], 1e-3) == 0.003
+    assert settings.next_rate([1e-4, 3e-4, 1e-3], 3e-4) is None  # inside
+    assert settings.next_rate([0.3, 1.0], 1.0) is None and settings.next_rate([2e-6, 1e-5], 2e-6) == 1e-6  # bounds
+    assert settings.next_rate([1e-3], 1e-3) is None  # one rate: no spacing to step by
 
 
 def test_a_grid_at_an_edge_widens_for_every_seed_resumes_and_reports_so(tiny_args, tmp_path, monkeypatch, capsys):
@@ -144,8 +144,8 @@ def test_a_grid_at_an_edge_widens_for_every_seed_resumes_and_reports_so(tiny_arg
         for seed in (0, 1):
             assert [r.learning_rate for r in rows if (r.mode, r.seed) == (mode, seed)] == [0.3, 1.0, *walked[2:]]
     assert {r.learning_rate for r in rows if r.selected and r.mode != "pretrain"} == {0.0009}
-    settings = json.loads(whole.with_suffix(".json").read_text())
-    assert [entry[3] for entry in settings["widened"] if entry[1] == "finetuned"] == walked[2:]
+    saved = json.loads(whole.with_suffix(".json").read_text())
+    assert [entry[3] for entry in saved["widened"] if entry[1] == "finetuned"] == walked[2:]
     assert "learning rates run" in whole.with_suffix(".md").read_text()
 
     # stopped as the fourth widened rate is recorded: --resume runs what was recorded and widens on
@@ -246,7 +246,7 @@ def test_the_summary_gives_p_values_holm_the_primary_comparison_and_a_sensitivit
         results += [row("finetuned", seed, 0.90 + 0.01 * seed), row("frozen", seed, 0.85 + 0.004 * seed),
                     row("from_scratch", seed, 0.80, rate=1e-3), row("from_scratch", seed, 0.86 + 0.001 * seed, rate=1e-2,
                                                                    val_loss=0.5, selected=False)]
-    text = summary.write_summary(results, str(tmp_path / "s.md"), "median")
+    text = summary.write_summary(results, str(tmp_path / "s.md"), "pooled")
     markdown = (tmp_path / "s.md").read_text()
     arms, differences = summary.summarize(results)
     finetuned, frozen = differences
