@@ -79,7 +79,7 @@ def draw_figure(results: list[RunResult]):
             ax.errorbar(x, mean, yerr=spread, fmt="o", capsize=3, label=mode, color=f"C{list(ARMS).index(mode)}")
         ax.axhline(0, color="grey", linewidth=0.8)
         size_axis(ax, sizes, list(by_mode))
-        ax.set(title=f"{target}: minus {baseline_arm()}, paired by seed", ylabel="difference (points)")
+        ax.set(title=f"{target}: minus {baseline_arm()}", ylabel="paired difference (points)")  # a longer title overran the figure
         if len(sizes) > 1:
             ax.legend()
     seeds = max(ci.n for arms in points.values() for curve in arms.values() for _, ci in curve)
