@@ -13,7 +13,7 @@ frozen, or LP-FT (the head first). Every run is logged to TensorBoard and tested
 Headline (results/redo_*, new_classes.csv: --protocol fair, 10 seeds from 100, Xeon; Holm per family): the pretrained
 arms used 12,500 extra labelled digits. Even/odd, a function of the digit: every arm beats from scratch at 50 labels
 (fine-tuned +7.6 points, +4.3 to +10.8); at 200 +10.4 fails Holm; augmented, +1.9 (+0.7 to +3.2). Digits 0-4 -> 5-9:
-fine-tuned +2.0 at 200 (+1.0 to +3.0). FashionMNIST: frozen -2.8 at 200 (-4.2 to -1.4); augmented, no difference.
+fine-tuned +2.0 at 200 (+1.0 to +3.0); augmented, +0.1. FashionMNIST: frozen -2.8 at 200; augmented, no difference.
 """
 
 import argparse
