@@ -1,6 +1,6 @@
 """A sweep's settings: the two protocols, the command line (the template's flags and the harness's), and
-what follows from them (a seed's backbone, the torch threads). Imported by every module of the package;
-it imports only the template.
+what follows from them (a seed's backbone, the torch threads, the rate --widen adds). Imported by every
+module of the package; it imports only the template.
 
 A sweep's settings are an argparse.Namespace, as the template's are: the template's functions take it
 as their `args`. main() completes it once (complete()); after that only its `version` is set, at start.
@@ -158,8 +158,8 @@ def make_parser() -> argparse.ArgumentParser:
         f"{next_rate(FAIR['lr_grid'], FAIR['lr_grid'][-1]):g} above, and so on)")
     add("--select", choices=("seed", "pooled", "mean"), **by_protocol, help="how --lr-grid picks: seed: per seed "
         "on its own validation loss; pooled: one rate per (target, arm, n_train), the lowest median validation loss "
-        "over seeds, which one collapsed seed cannot move; mean: the lowest mean, which one can (what pooled was in "
-        "sweeps saved before the median) (post: seed; fair: pooled)")
+        "over seeds, which one collapsed seed cannot move; mean: the lowest mean, which one can (post: seed; "
+        "fair: pooled)")
     add("--widen", action=argparse.BooleanOptionalAction, **by_protocol, help="a (target, arm, n_train) whose pick "
         "sits at the lowest or highest rate it ran gets the next rate beyond, on the grid's spacing, for every seed, "
         f"until its pick is inside or {LR_BOUNDS[0]:g} or {LR_BOUNDS[1]:g} is reached; pooled or mean selection "
