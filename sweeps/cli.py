@@ -44,8 +44,8 @@ from sweeps.runs import (
     sweep_runs,
     widened_runs,
 )
-from sweeps.settings import PRIMARY, ExperimentFailure, complete, one_line, parse, run_threads
-from sweeps.start import check_inputs, prepare_outputs, remove, remove_unfinished
+from sweeps.settings import PRIMARY, ExperimentFailure, complete, one_line, parse, quiet_libraries, run_threads
+from sweeps.start import check_inputs, prepare_outputs, remove, remove_unfinished, warn_if_busy
 from sweeps.stop import StopSignal
 from sweeps.summary import (
     ARMS,
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg, given = parse(argv)
             logging.basicConfig(level=logging.INFO, format="%(message)s")
-            tm.quiet_libraries()
+            quiet_libraries()
             return report(cfg, given) if cfg.report else sweep(cfg, given, stack)
         except KeyboardInterrupt:  # before the first run, or in a report: nothing half-made is left
             print("\nInterrupted: nothing was written", file=sys.stderr)
@@ -254,7 +254,7 @@ def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack)
     if cfg.protocol == "fair":  # named before any run: the summary marks it, the other comparisons are exploratory
         logger.info(f"Primary comparison: {PRIMARY} ({max(cfg.n_train)}); the others are exploratory")
     if not cfg.cluster:  # every worker's threads on this machine's cores
-        tm.warn_if_busy((run_threads(cfg) or torch.get_num_threads()) * cfg.workers, "--threads (and --workers)")
+        warn_if_busy(run_threads(cfg) or torch.get_num_threads(), cfg.workers)
     summary_path, figure_path = (Path(csv_out.path).with_suffix(suffix) for suffix in (".md", ".png"))
     try:
         results = run_experiment(cfg, csv_out, resumed, on_pretrained=functools.partial(record_backbone, csv_out.path),

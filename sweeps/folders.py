@@ -1,6 +1,6 @@
 """Image-folder targets: FOLDER/{train,test}/<class>/* read as a target named after the folder, with its
-classes the subfolders. Imported by start (which registers the folders a command line names); it imports
-the template only."""
+classes the subfolders and its images at the source's channels and size. Imported by start (which registers
+the folders a command line names); it imports the template only."""
 
 import dataclasses
 import types
@@ -8,32 +8,50 @@ from pathlib import Path
 
 import torch
 import torchvision
+from PIL import Image
 
 import transfer_mnist as tm
 
-TO_MNIST = torchvision.transforms.Compose([
-    torchvision.transforms.Grayscale(num_output_channels=1),  # the backbone takes one channel
-    torchvision.transforms.Resize((28, 28)),  # and MNIST's size
-    torchvision.transforms.PILToTensor(),  # uint8, normalised later like every other target
-])
+def rgb(image: Image.Image) -> Image.Image:
+    return image.convert("RGB")
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageFolderSplits:
     """An image folder read as the template reads torchvision's MNIST: called with the split, it returns its
-    images (N, 28, 28, uint8) as .data and its class indices as .targets. Equal for the same folder, so
-    that --disjoint knows two targets on one folder read the same files."""
+    images as .data, uint8 (N, H, W, C) at `channels` (1: grey, 3: RGB) and `size` (height, width), the
+    source's, and its class indices as .targets. Equal for the same folder and shape, so that --disjoint
+    knows two targets on one folder read the same files."""
 
     folder: str
+    channels: int
+    size: tuple[int, int]
 
     def __call__(self, root: str, train: bool, download: bool) -> types.SimpleNamespace:
         split = Path(self.folder, "train" if train else "test")
+        to_tensor = torchvision.transforms.Compose([
+            torchvision.transforms.Grayscale(1) if self.channels == 1 else torchvision.transforms.Lambda(rgb),
+            torchvision.transforms.Resize(self.size),
+            torchvision.transforms.PILToTensor(),  # uint8, normalised later like every other target
+        ])
         try:
-            dataset = torchvision.datasets.ImageFolder(split, transform=TO_MNIST)
-            images = torch.stack([image for image, _ in dataset]).squeeze(1)
+            dataset = torchvision.datasets.ImageFolder(split, transform=to_tensor)
+            images = torch.stack([image for image, _ in dataset]).permute(0, 2, 3, 1)
         except (OSError, ValueError) as err:  # no images (FileNotFoundError), or one PIL cannot read
             raise tm.ExperimentError(f"image folder {split}: {str(err).strip().splitlines()[0]}") from None
-        return types.SimpleNamespace(data=images, targets=torch.tensor(dataset.targets))
+        return types.SimpleNamespace(data=images.contiguous(), targets=torch.tensor(dataset.targets))
+
+
+def folder_shape(path: str) -> tuple[int, tuple[int, int]]:
+    """The channels and size of an image folder's first training image: a source folder's own shape."""
+    first = next(iter(sorted(Path(path, "train").glob("*/*"))), None)
+    if first is None:
+        raise tm.ExperimentError(f"image folder {path}/train has no images")
+    try:
+        with Image.open(first) as image:
+            return (1 if image.mode in ("L", "1", "I", "F") else 3), (image.height, image.width)
+    except OSError as err:
+        raise tm.ExperimentError(f"image folder {path}: {first.name} cannot be read ({err})") from None
 
 
 def folder_of(target: tm.Target) -> str | None:
@@ -41,8 +59,9 @@ def folder_of(target: tm.Target) -> str | None:
     return target.dataset.folder if isinstance(target.dataset, ImageFolderSplits) else None
 
 
-def register_image_folder(path: str) -> str:
-    """Register FOLDER/{train,test}/<class>/* as a target named after the folder; return its name.
+def register_image_folder(path: str, channels: int, size: tuple[int, int]) -> str:
+    """Register FOLDER/{train,test}/<class>/* as a target named after the folder, its images read at
+    `channels` and `size` (the source's); return its name.
 
     The class names come from the subfolders (sorted, as ImageFolder numbers them) and must be the
     same in train/ and test/.
@@ -63,5 +82,6 @@ def register_image_folder(path: str) -> str:
         raise tm.ExperimentError(f"image folder {root}: train/ and test/ have different classes ({', '.join(only)})")
     if name in tm.TARGETS and folder_of(tm.TARGETS[name]) is None:
         raise tm.ExperimentError(f"image folder {root} is named like the registered target {name}; rename the folder")
-    tm.TARGETS[name] = tm.Target(ImageFolderSplits(str(root)), tuple(classes["train"]))
+    tm.TARGETS[name] = tm.Target(ImageFolderSplits(str(root), channels, tuple(size)), tuple(classes["train"]))
+    tm.read_split.cache_clear()  # a folder registered anew under a name read before
     return name

@@ -23,7 +23,7 @@ import transfer_mnist as tm
 from sweeps import watch
 from sweeps.resume import machine, resume_hint
 from sweeps.runs import RunResult, execute
-from sweeps.settings import ExperimentFailure, one_line
+from sweeps.settings import ExperimentFailure, one_line, quiet_libraries
 from sweeps.stop import StopSignal
 
 logger = tm.logger  # the experiment's console, as the template's
@@ -68,7 +68,7 @@ def run_remote(cfg: argparse.Namespace, registry: list, backbone: dict | None, r
         RECEIVED[key] = ray.get(registry[0])
     tm.TARGETS.update(RECEIVED[key][0])  # targets and arms registered at run time in the driver (image folders, say)
     tm.ARMS.update(RECEIVED[key][1])
-    tm.quiet_libraries()
+    quiet_libraries()
     torch.set_num_threads(threads)
     gpus = ray.get_gpu_ids()
     result, backbone = execute(run_devices(cfg, gpus), run, backbone)
@@ -172,7 +172,7 @@ class RaySweep:
             self.__exit__()
             raise tm.ExperimentError(f"--gpus-per-run {self.gpus:g}, but Ray has no GPU here; pass --gpus-per-run 0")
         # Worker processes start now and import torch (seconds) while this process pretrains
-        warm_up = ray.remote(tm.quiet_libraries).options(num_cpus=self.threads)
+        warm_up = ray.remote(quiet_libraries).options(num_cpus=self.threads)
         self.slots = int(resources["CPU"] // self.threads)  # runs at a time
         self.pending = {warm_up.remote(): None for _ in range(self.slots)}
         logger.info(f"Target runs on {f'the Ray cluster at {cfg.cluster}' if cfg.cluster else 'a local Ray instance'}: "

@@ -26,7 +26,7 @@ RESUME_MAY_CHANGE = {"data_dir", "log_dir", "results_csv", "workers", "threads",
                      "devices", "resume"}
 # The code that makes a sweep's rows: the template and these modules; the reporting ones (summary,
 # figures, cli) may change without changing a row
-RUN_MAKING = ("settings", "runs", "stop", "files", "augment", "folders", "start", "engine", "ray_engine", "resume")
+RUN_MAKING = ("settings", "runs", "stop", "files", "augment", "data", "folders", "start", "engine", "ray_engine", "resume")
 
 
 @dataclasses.dataclass

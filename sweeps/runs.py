@@ -6,23 +6,26 @@ it imports settings, stop, augment and the template, never a reporting module.""
 import argparse
 import csv
 import dataclasses
-import functools
 import io
 import math
 import os
 import statistics
+import time
 import typing
-import zlib
 
 import torch
 
 import transfer_mnist as tm
-from sweeps.augment import Augment
+from sweeps.data import target_data
 from sweeps.files import replace
 from sweeps.settings import backbone_seed, seeds
 from sweeps.stop import StopSignal
 
-RunResult = tm.RunResult
+@dataclasses.dataclass
+class RunResult(tm.RunResult):
+    """A row of a sweep: the template's record of a run, and its wall time (not in the CSV)."""
+
+    seconds: float = dataclasses.field(default=math.nan, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +75,11 @@ def pretrain_checkpoint(cfg: argparse.Namespace, seed: int) -> str:
 
 
 def sub_dir(cfg: argparse.Namespace, run: Run) -> str | None:
-    """The run's folder inside its TensorBoard run (name and version), as the template's sub_dir."""
+    """The run's folder inside its TensorBoard run (name and version): a backbone's per seed, and a target
+    run's as the template's fit_best() names it."""
     if run.mode == "pretrain":
         return f"seed{run.seed}" if cfg.backbone_per_seed else None
-    return f"n{run.n_train}_seed{run.seed}" + (f"_lr{run.learning_rate:g}" if cfg.lr_grid else "")
+    return f"n{run.n_train}_seed{run.seed}_lr{run.learning_rate:g}"
 
 
 def run_folder(cfg: argparse.Namespace, run: Run) -> str:
@@ -84,69 +88,33 @@ def run_folder(cfg: argparse.Namespace, run: Run) -> str:
     return os.path.join(cfg.log_dir, name, cfg.version, *filter(None, [sub_dir(cfg, run)]))
 
 
+def recorded(r: tm.RunResult, started: float) -> RunResult:
+    """A run's row, its numbers as its CSV row holds them (6 significant digits: a sweep selects on the
+    numbers that --report and --resume read back), and its wall time since `started`."""
+    six = {name: float(f"{getattr(r, name):.6g}") for name in ("test_loss", "test_acc", "val_loss")}
+    return RunResult(**{**dataclasses.asdict(r), **six}, seconds=time.perf_counter() - started)
+
+
 def execute(cfg: argparse.Namespace, run: Run, backbone: dict | None) -> tuple[RunResult, dict | None]:
-    """One run, here: a pretraining returns the backbone it made too; a target run starts from `backbone`."""
+    """One run, here, through the template's pretrain() and train(), with the template's settings for this
+    run: a pretraining returns the backbone it made too; a target run starts from `backbone`."""
+    started = time.perf_counter()
     try:
         if run.mode == "pretrain":
-            patience = cfg.patience if cfg.pretrain_patience is None else cfg.pretrain_patience
             # --min-delta is the target runs': pretraining's loss on 2,500 images stays far from 0
-            pretraining = argparse.Namespace(**{**vars(cfg), "patience": patience, "min_delta": 0.0})
-            checkpoint_path, result = tm.pretrain(pretraining, run.seed, sub_dir(cfg, run))
-            return result, tm.read_backbone(checkpoint_path)
-        return tm.train(backbone, run.target, run.mode, cfg, run.seed, run.n_train, run.learning_rate,
-                        pretrain_seed=backbone_seed(cfg, run.seed), sub_dir=sub_dir(cfg, run),
-                        augment=Augment(run.seed) if cfg.augment else None,  # the same transforms for every arm
-                        draw=subset_draw(cfg, run.target)), None
+            settings = argparse.Namespace(**{
+                **vars(cfg), "min_delta": 0.0, "pretrain_lr": run.learning_rate,
+                "patience": cfg.patience if cfg.pretrain_patience is None else cfg.pretrain_patience,
+                "version": os.path.join(cfg.version, *filter(None, [sub_dir(cfg, run)]))})
+            checkpoint_path, result = tm.pretrain(settings, run.seed)
+            return recorded(result, started), tm.read_backbone(checkpoint_path)
+        settings = argparse.Namespace(**{**vars(cfg), "seed": run.seed, "lr": {**cfg.lr, run.mode: run.learning_rate}})
+        data = target_data(cfg, run.target, run.n_train, run.seed)
+        return recorded(tm.train(backbone, run.mode, data, settings), started), None
     except SystemExit:  # Lightning ends a fit that a signal interrupted with sys.exit(1): stop the sweep instead
         if StopSignal.received is not None:
             raise KeyboardInterrupt from None
         raise
-
-
-# ---- A target run's images --------------------------------------------------------------
-def subset_draw(cfg: argparse.Namespace, target: str) -> typing.Callable:
-    """How a target run's training and validation images are drawn: the template's draw_subset (the post's,
-    unchanged), or with --n-val and --stratify the same shuffled order, cut to --n-val validation images and
-    taken class by class."""
-    if not cfg.stratify and cfg.n_val is None:
-        return tm.draw_subset
-    labels = tm.read_split(tm.TARGETS[target], cfg.data_dir, True)[1] if cfg.stratify else None
-    return functools.partial(draw_subset, n_val=cfg.n_val, strata=labels)
-
-
-def draw_subset(target: str, n_train: int, available: torch.Tensor, seed: int, where: str = "the dataset",
-                flag: str = "--n-train", n_val: int | None = None,
-                strata: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """tm.draw_subset's shuffled order of `available`, with n_val validation images (None: a quarter of
-    n_train); with strata (the labels of the target's images), each class in proportion to its share of
-    `available`, in training and validation alike, and each class once at least in validation where n_val
-    allows (12 validation images drawn at random missed 3-5 of FashionMNIST's 10 classes)."""
-    n_val = tm.draw_subset(target, n_train, available, seed, where, flag)[1].numel() if n_val is None else n_val
-    if n_train + n_val > len(available):
-        raise tm.ExperimentError(f"{flag} {n_train} with --n-val {n_val} needs {n_train + n_val} training images, but "
-                                 f"{where} has {len(available)}")
-    generator = torch.Generator().manual_seed(zlib.crc32(f"{target}/{seed}".encode()))  # tm.draw_subset's order
-    order = available[torch.randperm(len(available), generator=generator)]
-    if strata is None:
-        return order[:n_train], order[n_train : n_train + n_val]
-    classes, counts = strata[order], torch.bincount(strata[available])
-    once = (counts > 1) & (n_val >= int((counts > 1).sum()))  # a class of one image goes to training
-    train_share, val_share = shares(n_train, counts), once.long() + shares(n_val - int(once.sum()), counts)
-    rank = torch.empty_like(classes)  # each image's place among the images of its class, in `order`
-    rank[torch.argsort(classes, stable=True)] = torch.cat([torch.arange(int(count)) for count in counts])
-    if bool(((train_share + val_share) > counts).any()):
-        raise tm.ExperimentError(f"{flag} {n_train} with {n_val} validation images takes more images of a class "
-                                 f"than {where} has")
-    val = (rank >= train_share[classes]) & (rank < (train_share + val_share)[classes])
-    return order[rank < train_share[classes]], order[val]
-
-
-def shares(n: int, counts: torch.Tensor) -> torch.Tensor:
-    """n images shared out over the classes in proportion to their counts, by largest remainder."""
-    quota = counts * n / counts.sum()
-    share = quota.floor().long()
-    share[torch.argsort(quota - share, descending=True, stable=True)[: n - int(share.sum())]] += 1
-    return share
 
 
 # ---- Choosing a learning rate in each grid --------------------------------------------
@@ -260,22 +228,42 @@ def settle(results: list[RunResult], select: str,
 
 
 # ---- The results CSV --------------------------------------------------------------------
+def csv_row(r: RunResult) -> list[str]:
+    """A run's cells, as the template writes them, but its learning rate exactly as given (repr), so that
+    every rate of a grid is told apart and read back as the same run."""
+    cells = []
+    for column in tm.RESULT_COLUMNS:
+        value = getattr(r, column)
+        if column == "learning_rate":
+            cells.append(repr(value))
+        elif isinstance(value, (bool, float)):
+            cells.append(str(value).lower() if isinstance(value, bool) else f"{value:.6g}")
+        else:
+            cells.append(str(value))
+    return cells
+
+
+def write_rows(path: str, results: list[RunResult]) -> None:
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([tm.RESULT_COLUMNS, *map(csv_row, results)])
+
+
 class ResultsCsv:
     """Appends each finished run's row at once, so an interrupted sweep keeps what it finished."""
 
     def __init__(self, path: str, append: bool = False):
         self.path, self.rows = path, 0
         if not append:
-            tm.write_results(path, [])
+            write_rows(path, [])
 
     def rewrite(self, results: list[RunResult]) -> None:
         """Replace the file by these rows in this order, in one step (the old file stays if writing fails)."""
-        replace(self.path, lambda partial: tm.write_results(partial, results))
+        replace(self.path, lambda partial: write_rows(partial, results))
         self.rows = len(results)
 
     def append(self, result: RunResult) -> None:
         line = io.StringIO()
-        csv.writer(line).writerow(tm.csv_row(result))
+        csv.writer(line).writerow(csv_row(result))
         data = line.getvalue().encode()
         with open(self.path, "ab", buffering=0) as f:
             end = f.seek(0, os.SEEK_END)
@@ -311,7 +299,7 @@ def read_results(paths: typing.Sequence[str], flag: str = "--report") -> list[Ru
             except (KeyError, ValueError, TypeError):
                 raise tm.ExperimentError(f"{flag} {path}, line {line}: not a row of results ({row})") from None
             earlier = results.setdefault(run_key(result), result)
-            if tm.csv_row(earlier) != tm.csv_row(result):
+            if csv_row(earlier) != csv_row(result):
                 raise tm.ExperimentError(
                     f"{flag}: {path}, line {line} and an earlier row are the same run ({result.target} {result.mode} "
                     f"n_train {result.n_train} seed {result.seed} lr {result.learning_rate:g}) with different numbers")

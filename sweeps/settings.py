@@ -7,9 +7,11 @@ as their `args`. main() completes it once (complete()); after that only its `ver
 """
 
 import argparse
+import logging
 import math
 import os
 import typing
+import warnings
 from collections.abc import Callable
 
 import transfer_mnist as tm
@@ -93,6 +95,22 @@ non_negative_float = number(float, 0, math.nextafter(math.inf, 0), "0 or a posit
 gpu_share = number(float, 0, 1, "a share of one GPU, from 0 to 1")
 
 
+def arm_rate(text: str) -> tuple[str, float]:
+    """--lr ARM=RATE, e.g. finetuned=1e-3."""
+    arm, _, rate = text.partition("=")
+    if arm not in tm.ARMS:
+        raise argparse.ArgumentTypeError(f"unknown arm {arm!r} in {text!r}; choose from {', '.join(tm.ARMS)}")
+    return arm, positive_float(rate)
+
+
+def quiet_libraries() -> None:
+    """Lightning's device banner and tips for every run: its warnings only; and the template's
+    LIBRARY_WARNINGS, which are not for users. In the driver and in every Ray worker."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    for message in tm.LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
 def target_name(text: str) -> str:
     """A registered target, or a folder to read as an image-folder target (sweeps.folders)."""
     if text in tm.TARGETS or os.path.isdir(text):
@@ -140,6 +158,10 @@ def make_parser() -> argparse.ArgumentParser:
     add("--disjoint", action=argparse.BooleanOptionalAction, **by_protocol, help="draw each target's training and "
         "validation images only from those that its backbone was not pretrained on, where source and target read "
         "the same files (even-odd and mnist) (post: off; fair: on)")
+    add("--lr", nargs="+", type=arm_rate, default=[], metavar="ARM=RATE", help="Adam's rate of an arm; [] keeps "
+        "theirs: " + ", ".join(f"{name}={arm.learning_rate:g}" for name, arm in tm.ARMS.items()))
+    add("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, mps...")
+    add("--devices", default="auto", help="Lightning devices; the experiment runs on one")
     add("--threads", type=positive_int, help="torch threads of every run, pretraining included; the same --threads "
         "gives the same numbers. None: torch's own in one process, the machine's cores divided by --workers with "
         "workers, 1 on a cluster")

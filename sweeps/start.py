@@ -5,6 +5,7 @@ and the template."""
 
 import argparse
 import contextlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,48 +14,65 @@ import lightning
 import torch
 
 import transfer_mnist as tm
-from sweeps.folders import folder_of, register_image_folder
+from sweeps.data import available_images, file_positions, draw_subset, n_images, pretraining_images, same_files, subset_draw
 from sweeps.files import SweepLock
-from sweeps.runs import ResultsCsv, pretraining_runs, read_results, run_folder, run_key, subset_draw, sweep_runs
+from sweeps.folders import folder_of, folder_shape, register_image_folder
+from sweeps.runs import ResultsCsv, pretraining_runs, read_results, run_folder, run_key, sweep_runs
 from sweeps.settings import backbone_seed, seeds
 
 logger = tm.logger  # the experiment's console, as the template's
 
 
 def resolve_targets(cfg: argparse.Namespace) -> None:
-    """Replace image folders in --source and --targets by the names they are registered under."""
+    """Replace image folders in --source and --targets by the names they are registered under: a source
+    folder at its first image's channels and size, target folders at the source's."""
     folders = {}
-    for arg in (cfg.source, *cfg.targets):
+    if cfg.source not in tm.TARGETS:
+        folders[cfg.source] = register_image_folder(cfg.source, *folder_shape(cfg.source))
+    source = folders.get(cfg.source, cfg.source)
+    for arg in cfg.targets:
         if arg not in tm.TARGETS and arg not in folders:
-            folders[arg] = register_image_folder(arg)
+            height, width, channels = read_checked(cfg, source, True)[0].shape[1:]
+            folders[arg] = register_image_folder(arg, channels, (height, width))
     names = list(folders.values())
     if len(set(names)) < len(names):
         raise tm.ExperimentError(f"two image folders share a name ({', '.join(folders)}); rename one")
-    cfg.source = folders.get(cfg.source, cfg.source)
+    cfg.source = source
     cfg.targets = tuple(folders.get(arg, arg) for arg in cfg.targets)
 
 
-def same_files(cfg: argparse.Namespace, name: str) -> bool:
-    """Whether a target reads the source's files (even-odd and mnist: MNIST's training split), as --disjoint asks."""
-    return tm.TARGETS[cfg.source].dataset == tm.TARGETS[name].dataset
+def read_checked(cfg: argparse.Namespace, name: str, train: bool):
+    """tm.read_split(), where it fails on torchvision's raw files with the file named: damaged, or missing."""
+    try:
+        return tm.read_split(name, cfg.data_dir, train)
+    except tm.ExperimentError as err:
+        dataset, failure = tm.TARGETS[name].dataset, err.__context__  # what torchvision raised, if it did
+        if not hasattr(dataset, "resources") or failure is None:
+            raise
+        reason = str(failure).strip().splitlines()[-1] if str(failure).strip() else type(failure).__name__
+        files = [Path(file).stem for file, _ in dataset.resources]
+        raw, split = Path(cfg.data_dir, dataset.__name__, "raw"), [f for f in files if f.startswith(("t10k", "train")[train])]
+        if all((raw / file).is_file() for file in files):
+            raise tm.ExperimentError(f"{' or '.join(split)} in {raw} is damaged (truncated or corrupt); delete it "
+                                     f"to download it again") from None
+        raise tm.ExperimentError(f"{dataset.__name__} is not in {raw} and could not be downloaded ({reason}); put "
+                                 f"{', '.join(files)} there, or pass --data-dir with a folder that holds "
+                                 f"{dataset.__name__}/raw/") from None
 
 
 def check_data(cfg: argparse.Namespace) -> None:
-    """Fail before pretraining, not half an hour later, when a dataset, its labels or a size is wrong: every
-    subset of the sweep is drawn once (tm.load_data checks labels and sizes)."""
-    source = tm.TARGETS[cfg.source]
-    tm.load_data(cfg.source, cfg.n_pretrain, cfg.data_dir, cfg.seed, where=folder_of(source) or cfg.source,
-                 flag="--n-pretrain")
+    """Fail before pretraining, not half an hour later, when a dataset, its labels or a size is wrong: each
+    split is read and every subset of the sweep drawn once."""
+    for name in dict.fromkeys((cfg.source, *cfg.targets)):
+        for train in (True, False):
+            read_checked(cfg, name, train)
+    draw_subset(cfg.source, cfg.n_pretrain, torch.arange(n_images(cfg.source, cfg.data_dir)), cfg.seed,
+                folder_of(tm.TARGETS[cfg.source]) or cfg.source, "--n-pretrain")
     for name in cfg.targets:
-        try:  # labels first, so that a wrong keep or relabel is named with its target
-            tm.read_split(tm.TARGETS[name], cfg.data_dir, True)
-        except tm.LabelError as err:
-            raise tm.ExperimentError(f"target {name}: {err}; fix its entry in TARGETS") from None
         for seed in seeds(cfg):
-            available, where = tm.available_images(cfg, name, backbone_seed(cfg, seed))
+            available, where = available_images(cfg, name, backbone_seed(cfg, seed))
             for n_train in cfg.n_train:
-                tm.load_data(name, n_train, cfg.data_dir, seed, available, folder_of(tm.TARGETS[name]) or where,
-                             draw=subset_draw(cfg, name))
+                subset_draw(cfg, name)(name, n_train, available, seed, folder_of(tm.TARGETS[name]) or where)
 
 
 def describe_subsets(cfg: argparse.Namespace) -> tuple[list[str], list[str]]:
@@ -66,14 +84,14 @@ def describe_subsets(cfg: argparse.Namespace) -> tuple[list[str], list[str]]:
     span = lambda values: f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"  # noqa: E731
     for name in cfg.targets:
         names = tm.TARGETS[name].label_names
-        _, labels, positions = tm.read_split(tm.TARGETS[name], cfg.data_dir, True)
+        labels, positions = tm.read_split(name, cfg.data_dir, True)[1], file_positions(name, cfg.data_dir)
         for n_train in cfg.n_train:
             counts, seen = [], []
             for seed in seed_range:
-                available = tm.available_images(cfg, name, backbone_seed(cfg, seed))[0]
+                available = available_images(cfg, name, backbone_seed(cfg, seed))[0]
                 subsets = subset_draw(cfg, name)(name, n_train, available, seed)
                 counts.append([torch.bincount(labels[idx], minlength=len(names)).tolist() for idx in subsets])
-                pretrained_on = tm.pretraining_images(cfg, backbone_seed(cfg, seed)) if same_files(cfg, name) \
+                pretrained_on = pretraining_images(cfg, backbone_seed(cfg, seed)) if same_files(cfg, name) \
                     else torch.empty(0, dtype=torch.long)
                 seen.append([int(torch.isin(positions[idx], pretrained_on).sum()) for idx in subsets])
             per_class = ", ".join(f"{label} {span([c[0][k] for c in counts])} + {span([c[1][k] for c in counts])}"
@@ -92,6 +110,18 @@ def describe_subsets(cfg: argparse.Namespace) -> tuple[list[str], list[str]]:
                                 f"and rate is noisy: give more with --n-val"
                                 + ("" if cfg.stratify else " or --stratify"))
     return lines, warnings
+
+
+def warn_if_busy(threads: int, workers: int) -> None:
+    """Beside other busy processes, torch's threads wait on each other and runs take many times as long: say
+    so at the start, and what to lower."""
+    running = Path("/proc/loadavg").read_text().split()[3] if Path("/proc/loadavg").exists() else "1/1"
+    busy, cores = int(running.split("/")[0]) - 1, os.cpu_count() or 1  # the tasks running now, but this one
+    if cores - busy < threads * workers:
+        lower = [flag for flag, value in (("--threads", threads), ("--workers", workers)) if value > 1]
+        logger.warning(f"Warning: other running processes ({busy}) leave {max(cores - busy, 0)} of {cores} cores "
+                       f"free for {workers} worker{'s' * (workers > 1)} of {threads} torch thread{'s' * (threads > 1)}"
+                       f": runs may be many times slower" + (f"; lower {' or '.join(lower)}" if lower else ""))
 
 
 def check_devices(cfg: argparse.Namespace) -> str:

@@ -28,15 +28,10 @@ SWEEPS = [sys.executable, "-m", "sweeps"]
 
 def template_args(log_dir, *argv: str, **settings):
     """The template's settings for a fit on the CPU, logging under log_dir, with `settings` set on them."""
-    args = transfer_mnist.parse_args(["--log-dir", str(log_dir), "--accelerator", "cpu", "--devices", "1", *argv])
-    args.version = None  # main() sets it; Lightning picks version_0 in a new folder
+    args = transfer_mnist.parse_args(["--log-dir", str(log_dir), *argv])
     for name, value in settings.items():
         setattr(args, name, value)
     return args
-
-
-# what fit_and_test() logs and makes the run's row of
-HPARAMS = {"target": "t", "mode": "m", "seed": 0, "n_train": 1, "learning_rate": 1e-3, "max_epochs": 1}
 
 
 def sweep_settings(argv: list[str]):
@@ -97,7 +92,6 @@ def tiny_argv(root: Path, log_dir: Path) -> list[str]:
     return [
         "--data-dir", str(root), "--log-dir", str(log_dir),
         "--n-pretrain", "40", "--n-train", "20", "--pretrain-epochs", "2", "--train-epochs", "3",
-        "--accelerator", "cpu",
     ]
 
 

@@ -34,14 +34,16 @@ def one_error_line(capsys) -> str:
 
 def modules_trained(monkeypatch) -> list[dict]:
     """Record, for every module that fit_and_test() trains, its learning rate as the optimizer gets it."""
-    made, fit_and_test = [], tm.fit_and_test
+    made, fit_and_test = [], tm.fit
 
     def recording(module, *args, **kwargs):
-        made.append({"learning_rate": module.hparams.learning_rate, "counts": module.parameter_counts(),
+        counts = {"trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
+                  "total_params": sum(p.numel() for p in module.parameters())}
+        made.append({"learning_rate": module.hparams.learning_rate, "counts": counts,
                      "optimizer_lr": module.configure_optimizers().param_groups[0]["lr"]})
         return fit_and_test(module, *args, **kwargs)
 
-    monkeypatch.setattr(tm, "fit_and_test", recording)
+    monkeypatch.setattr(tm, "fit", recording)
     return made
 
 
@@ -54,17 +56,17 @@ def test_a_target_registered_at_run_time_runs_end_to_end(tiny_data, tiny_args, t
     root, written = tiny_data
     monkeypatch.setitem(tm.TARGETS, "digits-5-9", tm.Target(
         torchvision.datasets.MNIST, ("5", "6", "7", "8", "9"), relabel=high_digits, keep=lambda y: y >= 5))
-    train_loader, _, test_loader, names = tm.load_data("digits-5-9", 20, str(root), seed=0)
+    data = tm.load_data("digits-5-9", 20, str(root), seed=0)
     digits = written["MNIST"]["t10k"]
-    assert torch.equal(test_loader.labels, digits[digits >= 5] - 5) and names == ("5", "6", "7", "8", "9")
-    assert set(train_loader.labels.tolist()) <= set(range(5))
+    assert torch.equal(data.test.labels, digits[digits >= 5] - 5)
+    assert set(data.train.labels.tolist()) <= set(range(5))
 
     assert cli.main(tiny_args + ["--targets", "digits-5-9", "--results-csv", str(tmp_path / "r.csv")]) == 0
     rows = read_csv(tmp_path / "r.csv")
     assert [(r["target"], r["mode"]) for r in rows] == [
         ("mnist", "pretrain"), ("digits-5-9", "finetuned"), ("digits-5-9", "from_scratch")]
     checkpoint = next((tmp_path / "logs" / "pretrain").glob("version_0/checkpoints/best.ckpt"))
-    assert (tmp_path / "logs" / "digits-5-9" / "finetuned" / "version_0" / "n20_seed0").is_dir()
+    assert (tmp_path / "logs" / "digits-5-9" / "finetuned" / "version_0" / "n20_seed0_lr5e-05").is_dir()
     assert torch.load(checkpoint, weights_only=True)["state_dict"]["classification_head.2.weight"].shape[0] == 10
 
 
@@ -75,32 +77,62 @@ def test_an_arm_registered_at_run_time_is_a_mode(tiny_args, tmp_path, monkeypatc
     assert cli.main(args) == 0
     assert [r["mode"] for r in read_csv(tmp_path / "r.csv")] == ["pretrain", "frozen_fast"]
     learning_rate, counts = made[1]["learning_rate"], made[1]["counts"]
-    head = sum(p.numel() for p in tm.classification_head(2).parameters())
+    head = sum(p.numel() for p in tm.classification_head(120, 2).parameters())
     assert learning_rate == 3e-2 and counts["trainable_params"] == head < counts["total_params"]
 
 
-def test_labels_outside_the_label_names_stop_before_training(tiny_args, tmp_path, monkeypatch, capsys):
-    # an easy slip: MNIST's ten digits under two label names, without a relabel
-    monkeypatch.setitem(tm.TARGETS, "parity-typo", tm.Target(torchvision.datasets.MNIST, ("even", "odd")))
-    assert cli.main(tiny_args + ["--targets", "parity-typo"]) == 2
+def is_even(labels: torch.Tensor) -> torch.Tensor:
+    return labels % 2 == 0  # bool, not class indices: a slip a copier makes
+
+
+def odd_labels(labels: torch.Tensor) -> torch.Tensor:
+    return labels % 2  # class indices where a mask was wanted
+
+
+@pytest.mark.parametrize("target, message", [
+    # MNIST's ten digits under two label names, without a relabel
+    (tm.Target(torchvision.datasets.MNIST, ("even", "odd")), "relabel gave torch.int64, not 0 to 1"),
+    (tm.Target(torchvision.datasets.MNIST, ("even", "odd"), relabel=is_even), "relabel gave torch.bool, not 0 to 1"),
+    (tm.Target(torchvision.datasets.MNIST, ("even", "odd"), keep=odd_labels), "keep must give a bool per label"),
+])
+@pytest.mark.parametrize("main", [tm.main, cli.main])
+def test_labels_a_target_cannot_use_stop_before_training_naming_it(tiny_args, tmp_path, monkeypatch, capsys,
+                                                                   target, message, main):
+    monkeypatch.setitem(tm.TARGETS, "parity-typo", target)
+    assert main(tiny_args + ["--targets", "parity-typo"]) == 2
     err = one_error_line(capsys)
-    assert "target parity-typo: label " in err and "is outside its 2 label names" in err
-    assert not (tmp_path / "logs").exists()  # nothing trained, nothing left
+    assert err.startswith("error: target parity-typo: ") and message in err and "fix TARGETS" in err
+    assert not list((tmp_path / "logs").glob("**/events.*"))  # nothing trained
 
 
 # ---- your own images ----------------------------------------------------------------------
-def test_an_image_folder_is_read_as_grey_28x28_with_its_class_names(image_folder):
-    name = folders.register_image_folder(str(image_folder))
+def test_an_image_folder_is_read_at_the_source_s_channels_and_size_with_its_class_names(image_folder):
+    name = folders.register_image_folder(str(image_folder), 1, (28, 28))  # an MNIST source's
     assert name == "shapes" and tm.TARGETS[name].label_names == ("bar", "box", "disc")  # sorted, as ImageFolder
-    images, labels, _ = tm.read_split(tm.TARGETS[name], "unused", train=True)
-    assert images.shape == (48, 28, 28) and images.dtype == torch.uint8
+    images, labels = tm.read_split(name, "unused", train=True)
+    assert images.shape == (48, 28, 28, 1) and images.dtype == torch.uint8
     assert labels.tolist() == [0] * 16 + [1] * 16 + [2] * 16
     # the bright patch of "box" (class index 1, drawn in rows 4-11 of 40) stays near the top once resized
     box = images[labels == 1].float().mean(0)
     assert box[3:8].mean() > 150 and box[20:].mean() < 60
-    loader = tm.load_data(name, 20, "unused", seed=0)[0]
-    assert loader.images.shape == (20, 1, 28, 28)
-    assert loader.images.max().item() == pytest.approx((1 - tm.MNIST_MEAN) / tm.MNIST_STD)  # normalised alike
+    train = tm.load_data(name, 20, "unused", seed=0).train
+    assert train.images.shape == (20, 1, 28, 28)
+    assert train.images.max().item() == pytest.approx((1 - 0.1307) / 0.3081)  # normalised alike
+    # read for an RGB source of 40x40 (a folder of the PNGs themselves), it keeps its colours and size
+    name = folders.register_image_folder(str(image_folder), *folders.folder_shape(str(image_folder)))
+    images, _ = tm.read_split(name, "unused", train=True)
+    assert images.shape == (48, 40, 40, 3) and tm.load_data(name, 20, "unused", 0).train.images.shape == (20, 3, 40, 40)
+
+
+def test_a_source_folder_of_rgb_images_pretrains_and_its_targets_take_its_shape(tiny_args, tmp_path):
+    source = write_image_folder(tmp_path / "colours", classes=("red", "green", "blue"))
+    target = write_image_folder(tmp_path / "pairs", classes=("one", "two"))
+    args = tiny_args + ["--source", str(source), "--targets", str(target), "--n-pretrain", "20", "--n-train", "12",
+                        "--results-csv", str(tmp_path / "r.csv")]
+    assert cli.main(args) == 0
+    assert [(r["target"], r["mode"]) for r in read_csv(tmp_path / "r.csv")] == [
+        ("colours", "pretrain"), ("pairs", "finetuned"), ("pairs", "from_scratch")]
+    assert tm.read_split("pairs", "unused", True)[0].shape[1:] == (40, 40, 3)
 
 
 def test_an_image_folder_target_runs_every_arm(tiny_args, image_folder, tmp_path):
@@ -110,7 +142,7 @@ def test_an_image_folder_target_runs_every_arm(tiny_args, image_folder, tmp_path
     rows = read_csv(tmp_path / "r.csv")
     shapes = [(r["mode"], r["seed"]) for r in rows if r["target"] == "shapes"]
     assert shapes == [(mode, seed) for seed in "01" for mode in ("finetuned", "from_scratch", "frozen")]
-    assert (tmp_path / "logs" / "shapes" / "frozen" / "version_0" / "n20_seed1").is_dir()
+    assert (tmp_path / "logs" / "shapes" / "frozen" / "version_0" / "n20_seed1_lr0.001").is_dir()
     assert "| shapes | 20 | frozen - from_scratch | 2 |" in (tmp_path / "r.md").read_text()
 
 
@@ -118,7 +150,7 @@ def test_an_image_folder_target_runs_every_arm(tiny_args, image_folder, tmp_path
     (lambda root: os.rename(root / "test", root / "testing"), "has no test/ subfolder"),
     (lambda root: [p.unlink() for p in (root / "train").glob("*/*.png")], "Found no valid file"),
     (lambda root: os.rename(root / "test" / "bar", root / "test" / "stick"), "different classes (bar, stick)"),
-    (lambda root: None, "--n-train 40 needs 50 training images with validation, but {root} has 48"),
+    (lambda root: None, "--n-train 40 and a quarter as many to validate do not fit the 48 images of {root}"),
 ])
 def test_image_folder_errors_name_the_folder(tiny_args, image_folder, damage, message, capsys):
     damage(image_folder)
@@ -137,8 +169,9 @@ def test_an_image_folder_cannot_shadow_a_registered_target(tiny_args, tmp_path, 
 def test_both_command_lines_default_to_the_post_s_protocol():
     template, sweep = tm.parse_args([]), sweep_settings([])
     post = {"n_pretrain": 10_000, "pretrain_epochs": 50, "pretrain_lr": 1e-4, "train_epochs": 500, "patience": 100,
-            "seed": 0, "source": "mnist", "log_dir": "pretraining_logs", "data_dir": "data", "disjoint": False}
+            "seed": 0, "source": "mnist", "log_dir": "pretraining_logs", "data_dir": "data", "min_delta": 0.0}
     assert {name: getattr(template, name) for name in post} == post == {name: getattr(sweep, name) for name in post}
+    assert sweep.disjoint is False and not hasattr(template, "disjoint")  # the harness's alone
     assert (template.n_train, template.targets, template.modes) == (200, ["even-odd", "fashion-mnist"],
                                                                    ["finetuned", "from_scratch"])
     assert (sweep.n_train, sweep.targets, sweep.modes) == ((200,), ("even-odd", "fashion-mnist"),
@@ -155,22 +188,21 @@ def test_the_template_points_harness_flags_to_the_harness(capsys):
             tm.parse_args(flag + ["--n-train", "50"])
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
-        assert err.endswith(f"python -m sweeps {' '.join(flag)} --n-train 50") and f"without {flag[0]}" in err
+        assert err.endswith(f"python -m sweeps {' '.join(flag)} --n-train 50") and f"{flag[0]} is no flag" in err
 
 
 def test_lr_sets_one_arm_and_keeps_the_others():
-    for cfg in (tm.parse_args(["--lr", "finetuned=1e-3", "frozen=2e-2"]),
-                sweep_settings(["--lr", "finetuned=1e-3", "frozen=2e-2"])):
-        assert cfg.lr == {"finetuned": 1e-3, "from_scratch": 1e-4, "frozen": 2e-2, "lp_ft": 5e-5}
+    cfg = sweep_settings(["--lr", "finetuned=1e-3", "frozen=2e-2"])
+    assert cfg.lr == {"finetuned": 1e-3, "from_scratch": 1e-4, "frozen": 2e-2, "lp_ft": 5e-5}
+    assert tm.parse_args([]).lr == {name: arm.learning_rate for name, arm in tm.ARMS.items()}  # one place: ARMS
 
 
 @pytest.mark.parametrize("value", ["bogus=1e-3", "finetuned=-1e-3", "finetuned=0", "finetuned=fast", "finetuned",
                                    "finetuned=nan"])
 def test_lr_refuses_unknown_arms_and_rates_that_are_not_positive(value, capsys):
-    for parse in (tm.parse_args, sweep_settings):
-        with pytest.raises(SystemExit) as exit_info:
-            parse(["--lr", value])
-        assert exit_info.value.code == 2 and "--lr" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        sweep_settings(["--lr", value])
+    assert exit_info.value.code == 2 and "--lr" in capsys.readouterr().err
 
 
 def test_the_arm_trains_at_the_rate_given_on_the_command_line(tiny_args, tmp_path, monkeypatch):
@@ -344,14 +376,13 @@ def test_epochs_count_from_1_in_log_lines_csv_and_tensorboard(tiny_args, tmp_pat
     caplog.set_level("INFO", logger="transfer_mnist")
     assert cli.main(tiny_args + ["--targets", "even-odd", "--modes", "from_scratch", "--train-epochs", "4"]) == 0
     (row,) = [r for r in read_csv(tmp_path / "logs" / "results_version_0.csv") if r["mode"] == "from_scratch"]
-    accumulator = EventAccumulator(str(tmp_path / "logs" / "even-odd" / "from_scratch" / "version_0" / "n20_seed0"))
+    accumulator = EventAccumulator(str(tmp_path / "logs" / "even-odd" / "from_scratch" / "version_0" /
+                                       "n20_seed0_lr0.0001"))
     accumulator.Reload()
     val = accumulator.Scalars("ce_loss/val")
     assert [e.step for e in val] == [1, 2, 3, 4] and [e.step for e in accumulator.Scalars("ce_loss/train")] == [1, 2, 3, 4]
     best = min(val, key=lambda e: e.value)
     assert int(row["best_epoch"]) == best.step == accumulator.Scalars("accuracy/test")[0].step
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("even-odd/from_scratch: ")]
-    assert "even-odd/from_scratch: epoch 4/4, val loss" in "\n".join(lines)
     (done,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[2/2] even-odd/from_scratch: ")]
     assert f"best epoch {best.step}, test loss" in done and done.endswith(" elapsed; done")
 
@@ -383,7 +414,7 @@ def test_a_target_added_to_the_template_runs_in_the_template_and_in_the_sweeps(t
     registries = template.index("\n\n@dataclasses.dataclass(frozen=True)\nclass Arm")
     (clone / "transfer_mnist.py").write_text(template[:registries] + "\n" + ZEROS + template[registries:])
     common = ["--data-dir", str(root), "--n-pretrain", "40", "--n-train", "20", "--pretrain-epochs", "1",
-              "--train-epochs", "2", "--accelerator", "cpu", "--targets", "zeros"]
+              "--train-epochs", "2", "--targets", "zeros"]
     env = {**os.environ, "PYTHONPATH": str(clone)}  # the clone's template, not the repository's
     done = subprocess.run([sys.executable, "transfer_mnist.py", *common, "--log-dir", "a", "--results-csv", "a.csv"],
                           capture_output=True, text=True, cwd=clone, env=env)

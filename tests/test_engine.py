@@ -19,7 +19,7 @@ import torchvision
 from conftest import SWEEPS, sweep_settings
 
 import transfer_mnist as tm
-from sweeps import cli, ray_engine, resume
+from sweeps import cli, ray_engine, resume, runs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -221,7 +221,7 @@ def test_an_interrupted_sweep_resumes_to_the_uninterrupted_result(sweep, tmp_pat
     def interrupted_after_two(*a, **kw):
         if len(calls) == 2:
             raise KeyboardInterrupt
-        calls.append(a[1:3])
+        calls.append((a[2].target, a[1]))
         return train(*a, **kw)
 
     monkeypatch.setattr(tm, "train", interrupted_after_two)
@@ -234,7 +234,7 @@ def test_an_interrupted_sweep_resumes_to_the_uninterrupted_result(sweep, tmp_pat
         raise AssertionError("a resumed sweep pretrained again")
 
     monkeypatch.setattr(tm, "pretrain", no_pretraining)
-    monkeypatch.setattr(tm, "train", lambda *a, **kw: calls.append(a[1:3]) or train(*a, **kw))
+    monkeypatch.setattr(tm, "train", lambda *a, **kw: calls.append((a[2].target, a[1])) or train(*a, **kw))
     with caplog.at_level(logging.INFO, logger="transfer_mnist"):
         assert cli.main(["--resume", str(tmp_path / "r.csv")]) == 0  # alone: the saved settings
     assert calls[2:] == [("flaky", "from_scratch")] * 2  # only the missing runs
@@ -297,7 +297,7 @@ class FakeRay:
             def remote(self, cfg, registry, backbone, run, threads):
                 ref = object()
                 fake.started.append(run)
-                fake.results[ref] = (tm.RunResult(run.target, run.mode, run.seed, run.n_train, 1, 0.1, 0.9,
+                fake.results[ref] = (runs.RunResult(run.target, run.mode, run.seed, run.n_train, 1, 0.1, 0.9,
                                                   run.learning_rate, 0.1, True, 1), {"w": 1}, "127.0.0.1, CPU", None)
                 return ref
         return Task()

@@ -18,8 +18,8 @@ def read_csv(path) -> list[dict[str, str]]:
 
 
 def run(target="even-odd", mode="finetuned", seed=0, n_train=200, best_epoch=10, test_loss=0.5, test_acc=0.8,
-        learning_rate=1e-4, val_loss=0.4, selected=True, max_epochs=100) -> tm.RunResult:
-    return tm.RunResult(target, mode, seed, n_train, best_epoch, test_loss, test_acc, learning_rate, val_loss,
+        learning_rate=1e-4, val_loss=0.4, selected=True, max_epochs=100) -> runs.RunResult:
+    return runs.RunResult(target, mode, seed, n_train, best_epoch, test_loss, test_acc, learning_rate, val_loss,
                         selected, max_epochs)
 
 
@@ -76,17 +76,18 @@ def test_lr_grid_refuses_rates_that_are_not_positive(capsys):
 
 # ---- LP-FT: the head first, then every weight --------------------------------------------
 def test_lp_ft_trains_the_head_on_a_frozen_backbone_then_everything(tiny_args, tmp_path, monkeypatch):
-    stages = []  # per fit: (max_epochs, state before, state after, trainable names)
-    fit_best = tm.fit_best
+    stages = []  # per fit: (run, epochs it may run, state before, state after, trainable names)
+    fit = tm.fit
 
-    def recording_fit_best(module, loaders, run_name, max_epochs, cfg, sub_dir=None, keep_best=None):
+    def recording_fit(module, data, mode, seed, budget, args, test=True):
         before = {k: v.clone() for k, v in module.state_dict().items()}
         trainable = {name for name, p in module.named_parameters() if p.requires_grad}
-        out = fit_best(module, loaders, run_name, max_epochs, cfg, sub_dir, keep_best)
-        stages.append((run_name, max_epochs, before, {k: v.clone() for k, v in module.state_dict().items()}, trainable))
+        out = fit(module, data, mode, seed, budget, args, test)
+        stages.append((f"{data.target}/{mode}", budget - module.epochs_before * test, before,
+                       {k: v.clone() for k, v in module.state_dict().items()}, trainable))
         return out
 
-    monkeypatch.setattr(tm, "fit_best", recording_fit_best)
+    monkeypatch.setattr(tm, "fit", recording_fit)
     args = tiny_args + ["--targets", "even-odd", "--modes", "lp_ft", "--train-epochs", "10", "--patience", "0",
                         "--lr", "lp_ft=3e-3", "--results-csv", str(tmp_path / "r.csv")]
     assert cli.main(args) == 0
@@ -95,7 +96,7 @@ def test_lp_ft_trains_the_head_on_a_frozen_backbone_then_everything(tiny_args, t
     assert (head_epochs, rest) == (2, 8)  # a fifth of the 10-epoch budget for the head, the rest for everything
     backbone = [k for k in head_start if k.startswith("convnet.")]
     head = [k for k in head_start if k.startswith("classification_head.")]
-    assert head_trainable == {f"classification_head.{k}" for k in tm.classification_head(2).state_dict()}
+    assert head_trainable == {f"classification_head.{k}" for k in tm.classification_head(120, 2).state_dict()}
     assert all(torch.equal(head_start[k], head_end[k]) for k in backbone)  # stage 1: backbone bit-identical
     assert all(not torch.equal(head_start[k], head_end[k]) for k in head)  # and the head learnt
     assert all(torch.equal(head_end[k], tune_start[k]) for k in head_end)  # stage 2 starts where stage 1 ended
@@ -103,7 +104,7 @@ def test_lp_ft_trains_the_head_on_a_frozen_backbone_then_everything(tiny_args, t
     assert all(not torch.equal(tune_start[k], tune_end[k]) for k in backbone)  # stage 2 moves the backbone
     (row,) = [r for r in read_csv(tmp_path / "r.csv") if r["mode"] == "lp_ft"]
     assert float(row["learning_rate"]) == 3e-3 and 3 <= int(row["best_epoch"]) <= 10  # counted across stages
-    accumulator = EventAccumulator(str(tmp_path / "logs" / "even-odd" / "lp_ft" / "version_0" / "n20_seed0"))
+    accumulator = EventAccumulator(str(tmp_path / "logs" / "even-odd" / "lp_ft" / "version_0" / "n20_seed0_lr0.003"))
     accumulator.Reload()
     assert [e.step for e in accumulator.Scalars("ce_loss/val")] == list(range(1, 11))  # one curve, both stages
 

@@ -18,11 +18,11 @@ def read_csv(path) -> list[dict[str, str]]:
 
 
 def run(target="even-odd", mode="finetuned", seed=0, n_train=200, test_acc=0.9, test_loss=0.3, learning_rate=1e-4,
-        val_loss=0.3, best_epoch=10) -> tm.RunResult:
-    return tm.RunResult(target, mode, seed, n_train, best_epoch, test_loss, test_acc, learning_rate, val_loss, True, 500)
+        val_loss=0.3, best_epoch=10) -> runs.RunResult:
+    return runs.RunResult(target, mode, seed, n_train, best_epoch, test_loss, test_acc, learning_rate, val_loss, True, 500)
 
 
-def default_run_results() -> list[tm.RunResult]:
+def default_run_results() -> list[runs.RunResult]:
     """The rows of `python -m sweeps`: one seed, one size, the post's two arms on two targets."""
     return [run("mnist", "pretrain", n_train=10000, test_acc=0.9755),
             run("even-odd", "finetuned", test_acc=0.9459), run("even-odd", "from_scratch", test_acc=0.8594),

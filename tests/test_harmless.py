@@ -169,7 +169,7 @@ def test_a_busy_machine_is_named_at_the_start(monkeypatch, caplog):
         monkeypatch.setattr(tm.Path, "read_text", lambda self: f"0.00 0.00 0.00 {running}/300 4242")
         caplog.clear()
         with caplog.at_level("WARNING", logger="transfer_mnist"):
-            tm.warn_if_busy(1, "--threads (and --workers)")
-        assert caplog.messages == [f"Warning: other running processes ({cores}) leave 0 of {cores} cores free for 1 "
-                                   f"torch threads: runs may be many times slower; lower --threads (and --workers)"
+            start.warn_if_busy(1, 2)
+        assert caplog.messages == [f"Warning: other running processes ({cores}) leave 0 of {cores} cores free for 2 "
+                                   f"workers of 1 torch thread: runs may be many times slower; lower --workers"
                                    ] * warned

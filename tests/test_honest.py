@@ -10,7 +10,7 @@ from conftest import sweep_settings
 from test_engine import read_csv
 
 import transfer_mnist as tm
-from sweeps import cli, runs, settings, summary
+from sweeps import cli, data, runs, settings, summary
 from sweeps.augment import Augment
 
 
@@ -53,16 +53,17 @@ def test_disjoint_subsets_hold_no_image_that_pretraining_saw(tiny_data, monkeypa
         for disjoint in (False, True):
             cfg = sweep_settings(["--data-dir", str(root), "--n-pretrain", "40", "--backbone-per-seed"]
                                  + ["--disjoint"] * disjoint)
-            _, _, positions = tm.read_split(tm.TARGETS[target], str(root), train=True)
+            tm.read_split.cache_clear()
+            positions = data.file_positions(target, str(root))
             overlap[disjoint] = 0
             for seed in range(5):
-                subsets = tm.draw_subset(target, 20, tm.available_images(cfg, target, seed)[0], seed)
-                seen = tm.pretraining_images(cfg, seed)  # its own backbone's images: 40 + 10 of 300
+                subsets = data.draw_subset(target, 20, data.available_images(cfg, target, seed)[0], seed)
+                seen = data.pretraining_images(cfg, seed)  # its own backbone's images: 40 + 10 of 300
                 overlap[disjoint] += sum(int(torch.isin(positions[idx], seen).sum()) for idx in subsets)
         assert overlap[False] > 0 and overlap[True] == 0, (target, overlap)
     # FashionMNIST reads other files: nothing to keep apart
     cfg = sweep_settings(["--data-dir", str(root), "--n-pretrain", "40", "--disjoint"])
-    assert len(tm.available_images(cfg, "fashion-mnist", 0)[0]) == len(labels["FashionMNIST"]["train"])
+    assert len(data.available_images(cfg, "fashion-mnist", 0)[0]) == len(labels["FashionMNIST"]["train"])
 
 
 def test_disjoint_subsets_shrink_what_a_target_can_draw(tiny_args, capsys):
@@ -72,19 +73,19 @@ def test_disjoint_subsets_shrink_what_a_target_can_draw(tiny_args, capsys):
     assert cli.main(tiny_args + ["--dry-run", "--disjoint", "--targets", "even-odd", "--n-train", "210",
                                 "--modes", "finetuned"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("error: --n-train 210 needs 262 training images with validation, but even-odd without the 50 "
-                   "images that pretraining used has 250; use at most 200")
+    assert err == ("error: --n-train 210 and a quarter as many to validate do not fit the 250 images of even-odd "
+                   "without the 50 images that pretraining used; use 4 to 200")
 
 
 def test_lp_ft_keeps_the_head_stage_s_weights_when_fine_tuning_never_beats_them(tiny_args, tmp_path, monkeypatch):
-    ends, fit_best = [], tm.fit_best
+    ends, fit = [], tm.fit
 
-    def recording_fit_best(module, loaders, run_name, max_epochs, cfg, sub_dir=None, keep_best=None):
-        out = fit_best(module, loaders, run_name, max_epochs, cfg, sub_dir, keep_best)
+    def recording_fit(module, *args, **kwargs):
+        out = fit(module, *args, **kwargs)
         ends.append({k: v.clone() for k, v in module.state_dict().items()})
         return out
 
-    monkeypatch.setattr(tm, "fit_best", recording_fit_best)
+    monkeypatch.setattr(tm, "fit", recording_fit)
     args = tiny_args + ["--targets", "even-odd", "--modes", "lp_ft", "--train-epochs", "10", "--patience", "0",
                         "--lr", "lp_ft=1e30", "--results-csv", str(tmp_path / "r.csv")]  # a rate that wrecks the backbone: NaN
     assert cli.main(args) == 0
@@ -95,7 +96,7 @@ def test_lp_ft_keeps_the_head_stage_s_weights_when_fine_tuning_never_beats_them(
 
 
 def test_augmentation_draws_from_a_stream_of_its_own():
-    images = tm.normalize(torch.randint(0, 255, (8, 28, 28), dtype=torch.uint8))
+    images = torch.randn(8, 1, 28, 28)
     first, again, other = Augment(0), Augment(0), Augment(1)
     assert torch.equal(first(images), again(images))  # every arm of a seed: the same transforms
     assert not torch.equal(first(images), other(images))
@@ -105,7 +106,7 @@ def test_augmentation_draws_from_a_stream_of_its_own():
 
 
 def run(mode, seed, rate, val_loss, best_epoch=10, selected=True, max_epochs=100):
-    return tm.RunResult("t", mode, seed, 20, best_epoch, 0.3, 0.9, rate, val_loss, selected, max_epochs)
+    return runs.RunResult("t", mode, seed, 20, best_epoch, 0.3, 0.9, rate, val_loss, selected, max_epochs)
 
 
 def test_warnings_name_a_weak_backbone_late_runs_grid_edges_and_fixed_rates(tmp_path):
@@ -138,7 +139,7 @@ def test_the_console_ends_with_the_warnings(tiny_args, tmp_path, capsys):
 
 def test_a_selected_run_near_chance_on_validation_is_named():
     def selected(seed, val_loss):
-        return tm.RunResult("even-odd", "from_scratch", seed, 200, 10, 0.5, 0.9, 1e-2, val_loss, True, 3000)
+        return runs.RunResult("even-odd", "from_scratch", seed, 200, 10, 0.5, 0.9, 1e-2, val_loss, True, 3000)
     # seed 103 of the even/odd redo: 0.6836 against ln 2 = 0.6931, 49.3% on test
     named = [w for w in summary.fragile([selected(103, 0.6836), selected(104, 0.60)]) if "than chance" in w]
     assert len(named) == 1 and named[0].startswith("even-odd/from_scratch n_train 200 seed 103 (lr 0.01), a selected "

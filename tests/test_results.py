@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run(mode, seed, acc, target="t", n_train=20):
-    return tm.RunResult(target, mode, seed, n_train, 10, 0.3, acc, 1e-3, 0.4, True, 100)
+    return runs.RunResult(target, mode, seed, n_train, 10, 0.3, acc, 1e-3, 0.4, True, 100)
 
 
 def test_the_percent_table_gives_means_and_paired_differences_in_points():

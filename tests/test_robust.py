@@ -4,11 +4,11 @@ import csv
 import json
 
 import torch
-from conftest import HPARAMS, template_args
+from conftest import template_args
 
 import transfer_mnist as tm
 from sweeps import cli, resume, runs, summary
-from sweeps.augment import Augment
+from sweeps.augment import Augment, AugmentedLoader
 
 
 def read_csv(path) -> list[dict[str, str]]:
@@ -16,15 +16,14 @@ def read_csv(path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def run(seed=0, learning_rate=1e-3, val_loss=0.3, mode="finetuned", n_train=200, test_acc=0.9) -> tm.RunResult:
-    return tm.RunResult("even-odd", mode, seed, n_train, 10, 0.3, test_acc, learning_rate, val_loss, False, 500)
+def run(seed=0, learning_rate=1e-3, val_loss=0.3, mode="finetuned", n_train=200, test_acc=0.9) -> runs.RunResult:
+    return runs.RunResult("even-odd", mode, seed, n_train, 10, 0.3, test_acc, learning_rate, val_loss, False, 500)
 
 
 # ---- augmentation -------------------------------------------------------------------------
 def test_augmentation_is_deterministic_per_seed_and_differs_between_images_and_epochs(tiny_data):
     root, _ = tiny_data
-    train_loader, _, _, _ = tm.load_data("even-odd", 20, str(root), seed=0)
-    images = train_loader.images[:4]
+    images = tm.load_data("even-odd", 20, str(root), seed=0).train.images[:4]
     same = Augment(seed=3)
     first, again = same(images), Augment(seed=3)(images)
     assert torch.equal(first, again)  # a rerun gives the same numbers
@@ -43,21 +42,23 @@ def test_augmentation_is_deterministic_per_seed_and_differs_between_images_and_e
 def test_augmentation_touches_training_batches_only_and_keeps_labels(tiny_data, tmp_path, monkeypatch):
     root, _ = tiny_data
     seen = {"train": [], "val": [], "test": []}
-    shared_step = tm.LitModule._shared_step
+    step = tm.LitModule.step
 
     def recording(self, batch, stage):
         seen[stage].append((batch[0].clone(), batch[1].clone()))
-        return shared_step(self, batch, stage)
+        return step(self, batch, stage)
 
-    monkeypatch.setattr(tm.LitModule, "_shared_step", recording)
-    loaders = tm.load_data("even-odd", 20, str(root), seed=0)
-    module = tm.LitModule(("even", "odd"), learning_rate=1e-3, augment=Augment(0))
-    tm.fit_and_test(module, loaders, "aug", 2, template_args(tmp_path, "--patience", "0"), HPARAMS)
+    monkeypatch.setattr(tm.LitModule, "step", recording)
+    plain = tm.load_data("even-odd", 20, str(root), seed=0)
+    data = tm.load_data("even-odd", 20, str(root), seed=0)
+    data.train = AugmentedLoader(data.train, Augment(0))
+    module = tm.LitModule(("even", "odd"), learning_rate=1e-3)
+    tm.fit(module, data, "from_scratch", 0, 2, template_args(tmp_path, "--patience", "0"))
     (train_images, train_labels), second_epoch = seen["train"][0], seen["train"][1]
-    assert torch.equal(train_labels, loaders[0].labels[: len(train_labels)])  # labels kept
-    assert not torch.equal(train_images, loaders[0].images[: len(train_labels)])  # images transformed
+    assert torch.equal(train_labels, plain.train.labels[: len(train_labels)])  # labels kept
+    assert not torch.equal(train_images, plain.train.images[: len(train_labels)])  # images transformed
     assert not torch.equal(second_epoch[0], train_images)  # new transforms each epoch
-    assert torch.equal(seen["val"][0][0], loaders[1].images) and torch.equal(seen["test"][0][0], loaders[2].images)
+    assert torch.equal(seen["val"][0][0], plain.val.images) and torch.equal(seen["test"][0][0], plain.test.images)
 
 
 def test_augment_changes_the_target_runs_and_not_the_default(tiny_args, tmp_path):
@@ -76,9 +77,9 @@ def test_each_seed_pretrains_its_own_backbone_and_its_runs_start_from_it(tiny_ar
     used = []  # (seed of the target run, first backbone tensor it started from)
     train = tm.train
 
-    def recording(backbone, target, mode, cfg, seed, *args, **kwargs):
-        used.append((seed, backbone["0.weight"].clone()))
-        return train(backbone, target, mode, cfg, seed, *args, **kwargs)
+    def recording(backbone, mode, data, args):
+        used.append((args.seed, backbone["0.weight"].clone()))
+        return train(backbone, mode, data, args)
 
     monkeypatch.setattr(tm, "train", recording)
     assert cli.main(tiny_args + ["--targets", "even-odd", "--modes", "finetuned", "from_scratch", "--seeds", "2",

@@ -11,7 +11,7 @@ import signal
 import torch
 
 import transfer_mnist as tm
-from sweeps import cli, engine, resume, runs, settings, start, stats, summary
+from sweeps import cli, data, engine, resume, runs, settings, start, stats, summary
 from sweeps.runs import RunResult
 from sweeps.stop import StopSignal
 
@@ -27,7 +27,7 @@ def valley(calls: list):
         loss = abs(math.log10(run.learning_rate / 1e-3))
         result = RunResult(run.target, run.mode, run.seed, run.n_train, 1, loss, 0.5 + 0.01 * run.seed,
                            run.learning_rate, loss, True, 3, 0.0)
-        return (result, tm.decapitated_lenet().state_dict()) if run.mode == "pretrain" else (result, None)
+        return (result, tm.decapitated_lenet(1).state_dict()) if run.mode == "pretrain" else (result, None)
     return execute
 
 
@@ -39,17 +39,19 @@ def test_stratified_subsets_hold_every_class_in_proportion_and_the_post_s_draw_i
     labels = torch.arange(1000) % 10  # ten classes, 100 images each
     labels[labels == 9] = 0  # class 0 twice as large; class 9 empty
     available = torch.arange(1000)
-    train, val = runs.draw_subset("t", 100, available, 3, n_val=12, strata=labels)
+    train, val = data.draw_subset("t", 100, available, 3, n_val=12, strata=labels)
     assert len(train) == 100 and len(val) == 12 and not set(train.tolist()) & set(val.tolist())
     assert torch.bincount(labels[train], minlength=10).tolist() == [20, 10, 10, 10, 10, 10, 10, 10, 10, 0]
     assert (torch.bincount(labels[val], minlength=10)[:9] >= 1).all()  # every class there is, in validation
-    again = runs.draw_subset("t", 100, available, 3, n_val=12, strata=labels)
+    again = data.draw_subset("t", 100, available, 3, n_val=12, strata=labels)
     assert all(torch.equal(a, b) for a, b in zip((train, val), again))  # every arm of a seed: the same images
     # the post's draw where neither --stratify nor --n-val is given; --n-val alone keeps its order
     post = cli.parse(["--data-dir", str(tiny_data[0])])[0]
-    assert runs.subset_draw(post, "even-odd") is tm.draw_subset
-    order = torch.cat(tm.draw_subset("t", 100, available, 3))
-    assert torch.equal(torch.cat(runs.draw_subset("t", 100, available, 3, n_val=25)), order)
+    some = torch.arange(0, 1000, 3)  # a subset of the images (--disjoint's): positions in it are mapped back
+    drawn = data.subset_draw(post, "even-odd")("even-odd", 100, some, 3)
+    assert all(torch.equal(a, some[b]) for a, b in zip(drawn, tm.draw_subset("even-odd", 100, len(some), 3)))
+    order = torch.cat(tm.draw_subset("t", 100, 1000, 3))
+    assert torch.equal(torch.cat(data.draw_subset("t", 100, available, 3, n_val=25)), order)
 
 
 def test_the_median_choice_is_not_moved_by_one_collapsed_seed():
@@ -93,7 +95,7 @@ def stalls_below(calls: list, low: float):
         calls.append(run)
         result = RunResult(run.target, run.mode, run.seed, run.n_train, 3 if run.learning_rate < low else 1,
                            run.learning_rate, 0.5, run.learning_rate, run.learning_rate, True, 3, 0.0)
-        return (result, tm.decapitated_lenet().state_dict()) if run.mode == "pretrain" else (result, None)
+        return (result, tm.decapitated_lenet(1).state_dict()) if run.mode == "pretrain" else (result, None)
     return execute
 
 
@@ -117,7 +119,7 @@ def test_the_grid_widens_below_until_a_rate_no_longer_settles(tiny_args, tmp_pat
         loss = 0.9 + run.learning_rate if high else 0.1 + 0.1 * abs(math.log10(run.learning_rate / 0.03))
         result = RunResult(run.target, run.mode, run.seed, run.n_train, 3 if high else 1, loss, 0.5,
                            run.learning_rate, loss, True, 3, 0.0)
-        return (result, tm.decapitated_lenet().state_dict()) if run.mode == "pretrain" else (result, None)
+        return (result, tm.decapitated_lenet(1).state_dict()) if run.mode == "pretrain" else (result, None)
     monkeypatch.setattr(engine, "execute", diverges_above)
     assert cli.main(tiny_args + WIDEN + ["--log-dir", str(tmp_path / "l3"), "--results-csv", str(tmp_path / "d.csv")]) == 0
     rows = [r for r in read_rows(tmp_path / "d.csv") if r.mode != "pretrain"]
@@ -201,14 +203,16 @@ def test_pretraining_ends_on_its_own_patience_and_a_sweep_borrows_another_s_back
 def test_min_delta_ends_a_run_whose_validation_loss_only_creeps_down(tmp_path):
     torch.manual_seed(0)
     batch = tm.TensorLoader(torch.randn(32, 1, 28, 28), torch.randint(0, 2, (32,)), 32)
+    loaders = tm.TargetData("t", batch, batch, batch)
 
     def epochs(min_delta: float) -> tuple[int, int]:
         """Epochs run and the best epoch, validated on the training images: a loss that falls every epoch."""
         args = argparse.Namespace(log_dir=str(tmp_path), version=f"d{min_delta}", patience=3, min_delta=min_delta,
                                   dry_run=False, accelerator="cpu", devices=1)
         torch.manual_seed(0)
-        trainer, keep_best = tm.fit_best(tm.LitModule(("a", "b"), 1e-3), (batch, batch), "t", 20, args)
-        return trainer.current_epoch, keep_best.best_epoch
+        module = tm.LitModule(("a", "b"), 1e-3)
+        trainer, _ = tm.fit(module, loaders, "pretrain", 0, 20, args, test=False)
+        return trainer.current_epoch, module.best_epoch
 
     assert epochs(0.0) == (20, 20)  # every fall counts: it runs to the ceiling
     assert epochs(10.0) == (4, 4)  # no fall of 10 nats: it stops 3 epochs after the first, with the lowest loss
@@ -216,9 +220,10 @@ def test_min_delta_ends_a_run_whose_validation_loss_only_creeps_down(tmp_path):
 
 def test_digits_0_4_to_5_9_is_a_transfer_to_new_classes(tiny_data):
     root, _ = tiny_data
-    source_images, source_labels, source_positions = tm.read_split(tm.TARGETS["digits-0-4"], str(root), True)
-    images, labels, positions = tm.read_split(tm.TARGETS["digits-5-9"], str(root), True)
-    _, digits, _ = tm.read_split(tm.TARGETS["mnist"], str(root), True)
+    source_labels, source_positions = tm.read_split("digits-0-4", str(root), True)[1], \
+        data.file_positions("digits-0-4", str(root))
+    labels, positions = tm.read_split("digits-5-9", str(root), True)[1], data.file_positions("digits-5-9", str(root))
+    digits = tm.read_split("mnist", str(root), True)[1]
     assert torch.equal(labels, digits[positions] - 5) and set(labels.tolist()) <= set(range(5))
     assert set(digits[source_positions].tolist()) <= set(range(5)) and torch.equal(source_labels,
                                                                                    digits[source_positions])

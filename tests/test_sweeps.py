@@ -167,15 +167,19 @@ def test_resume_keeps_the_sweep_s_threads_whatever_workers_says(tmp_path):
 
 
 def test_a_diverged_run_keeps_its_first_epoch_and_a_grid_never_picks_it():
-    keep_best, module = tm.KeepBestWeights("run"), tm.LitModule(("a", "b"), 1e-3)
+    def no_trainer_to_log_to(*args, **kwargs):
+        pass
+
+    module = tm.LitModule(("a", "b"), 1e-3)
+    module.log_dict = no_trainer_to_log_to
     for epoch, loss in enumerate([math.nan, 0.7, math.nan, 0.5], start=1):
-        trainer = types.SimpleNamespace(callback_metrics={tm.MONITOR: torch.tensor(loss)}, max_epochs=4)
-        module.epochs_before = epoch - 1  # without a trainer, epoch() is this plus 1
-        keep_best.on_validation_end(trainer, module)
+        module.sums["val"], module.counts["val"] = torch.tensor([loss, 0.0]), 1
+        module.epochs_before = epoch - 1  # without a trainer, the epoch is this plus 1
+        module.log_epoch("val")
         if epoch == 1:
-            assert keep_best.best_state is not None and keep_best.best_epoch == 1
-    assert keep_best.best_loss == 0.5 and keep_best.best_epoch == 4
-    rows = [tm.RunResult("t", "m", 0, 20, 1, 0.1, 0.9, rate, loss, True, 5) for rate, loss in [(1e-3, 0.4), (1e-2, math.nan)]]
+            assert module.best_state is not None and module.best_epoch == 1
+    assert module.best_loss == 0.5 and module.best_epoch == 4
+    rows = [runs.RunResult("t", "m", 0, 20, 1, 0.1, 0.9, rate, loss, True, 5) for rate, loss in [(1e-3, 0.4), (1e-2, math.nan)]]
     assert [r.selected for r in runs.select_rates(rows)] == [True, False]
 
 

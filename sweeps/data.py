@@ -1,0 +1,114 @@
+"""A sweep run's images, as the harness draws them: the sizes checked with the flag that sets them,
+--n-val and --stratify, --disjoint's images that pretraining did not see, and --augment's training
+batches. Imported by runs and start; it imports settings, augment and the template."""
+
+import argparse
+import functools
+import zlib
+
+import torch
+
+import transfer_mnist as tm
+from sweeps.augment import AugmentedLoader, Augment
+from sweeps.settings import backbone_seed
+
+
+def n_images(target: str, data_dir: str) -> int:
+    """The target's training images (of its training split)."""
+    return len(tm.read_split(target, data_dir, True)[1])
+
+
+def file_positions(target: str, data_dir: str) -> torch.Tensor:
+    """Where each training image of the target sits in its data set's files."""
+    spec = tm.TARGETS[target]
+    return kept_positions(spec, data_dir) if spec.keep else torch.arange(n_images(target, data_dir))
+
+
+@functools.cache
+def kept_positions(spec: tm.Target, data_dir: str) -> torch.Tensor:
+    labels = torch.as_tensor(spec.dataset(root=data_dir, train=True, download=True).targets)
+    return torch.arange(len(labels))[spec.keep(labels)]
+
+
+def same_files(cfg: argparse.Namespace, target: str) -> bool:
+    """Whether a target reads the source's files (even-odd and mnist: MNIST's training split)."""
+    return tm.TARGETS[cfg.source].dataset == tm.TARGETS[target].dataset
+
+
+def pretraining_images(cfg: argparse.Namespace, pretrain_seed: int) -> torch.Tensor:
+    """Positions in the files of the images that pretraining with this seed trained and validated on."""
+    drawn = tm.draw_subset(cfg.source, cfg.n_pretrain, n_images(cfg.source, cfg.data_dir), pretrain_seed)
+    return file_positions(cfg.source, cfg.data_dir)[torch.cat(drawn)]
+
+
+def available_images(cfg: argparse.Namespace, target: str, pretrain_seed: int) -> tuple[torch.Tensor, str]:
+    """The target's training images a run may draw from (with --disjoint: none its backbone saw), and
+    what they are, for messages."""
+    everything = torch.arange(n_images(target, cfg.data_dir))
+    if not (cfg.disjoint and same_files(cfg, target)):
+        return everything, target
+    seen = torch.isin(file_positions(target, cfg.data_dir), pretraining_images(cfg, pretrain_seed))
+    return everything[~seen], f"{target} without the {int(seen.sum())} images that pretraining used"
+
+
+def subset_draw(cfg: argparse.Namespace, target: str) -> functools.partial:
+    """How a target run's training and validation images are drawn: the template's draw (the post's), or
+    with --n-val and --stratify the same shuffled order, cut to --n-val validation images and taken class
+    by class."""
+    labels = tm.read_split(target, cfg.data_dir, True)[1] if cfg.stratify else None
+    return functools.partial(draw_subset, n_val=cfg.n_val, strata=labels)
+
+
+def draw_subset(target: str, n_train: int, available: torch.Tensor, seed: int, where: str = "the dataset",
+                flag: str = "--n-train", n_val: int | None = None,
+                strata: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """tm.draw_subset's shuffled order of `available`, with n_val validation images (None: a quarter of
+    n_train, the template's); with strata (the labels of the target's images), each class in proportion
+    to its share of `available`, in training and validation alike, and each class once at least in
+    validation where n_val allows (12 validation images drawn at random missed 3-5 of FashionMNIST's 10
+    classes). Sizes that do not fit are errors that name `flag` and `where`."""
+    if n_val is None:
+        try:  # the template's draw, and its share of validation images
+            train, val = tm.draw_subset(target, n_train, len(available), seed)
+        except tm.ExperimentError:
+            raise tm.ExperimentError(f"{flag} {n_train} and a quarter as many to validate do not fit the "
+                                     f"{len(available)} images of {where}; use 4 to "
+                                     f"{int(len(available) * (1 - tm.VAL_SHARE))}") from None
+        if strata is None:
+            return available[train], available[val]
+        n_val = len(val)
+    if n_train + n_val > len(available):
+        raise tm.ExperimentError(f"{flag} {n_train} with --n-val {n_val} needs {n_train + n_val} training images, "
+                                 f"but {where} has {len(available)}")
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{target}/{seed}".encode()))  # tm.draw_subset's order
+    order = available[torch.randperm(len(available), generator=generator)]
+    if strata is None:
+        return order[:n_train], order[n_train : n_train + n_val]
+    classes, counts = strata[order], torch.bincount(strata[available])
+    once = (counts > 1) & (n_val >= int((counts > 1).sum()))  # a class of one image goes to training
+    train_share, val_share = shares(n_train, counts), once.long() + shares(n_val - int(once.sum()), counts)
+    rank = torch.empty_like(classes)  # each image's place among the images of its class, in `order`
+    rank[torch.argsort(classes, stable=True)] = torch.cat([torch.arange(int(count)) for count in counts])
+    if bool(((train_share + val_share) > counts).any()):
+        raise tm.ExperimentError(f"{flag} {n_train} with {n_val} validation images takes more images of a class "
+                                 f"than {where} has")
+    val = (rank >= train_share[classes]) & (rank < (train_share + val_share)[classes])
+    return order[rank < train_share[classes]], order[val]
+
+
+def shares(n: int, counts: torch.Tensor) -> torch.Tensor:
+    """n images shared out over the classes in proportion to their counts, by largest remainder."""
+    quota = counts * n / counts.sum()
+    share = quota.floor().long()
+    share[torch.argsort(quota - share, descending=True, stable=True)[: n - int(share.sum())]] += 1
+    return share
+
+
+def target_data(cfg: argparse.Namespace, target: str, n_train: int, seed: int) -> tm.TargetData:
+    """A target run's images, as the sweep's settings draw them, and with --augment its training batches
+    transformed (the same transforms for every arm of a seed)."""
+    available, where = available_images(cfg, target, backbone_seed(cfg, seed))
+    data = tm.make_data(target, cfg.data_dir, *subset_draw(cfg, target)(target, n_train, available, seed, where))
+    if cfg.augment:
+        data.train = AugmentedLoader(data.train, Augment(seed))
+    return data
