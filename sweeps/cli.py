@@ -259,7 +259,8 @@ def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack)
     try:
         results = run_experiment(cfg, csv_out, resumed, on_pretrained=functools.partial(record_backbone, csv_out.path),
                                  on_node=NodeRecords(csv_out.path), borrowed=borrowed,  # resume
-                                 on_widened=functools.partial(record_widened, csv_out.path))
+                                 on_widened=functools.partial(record_widened, csv_out.path,
+                                                              per_seed=cfg.select == "seed"))
         summary = write_summary(results, str(summary_path), cfg.select)
         log_learning_curves(results, cfg)
         figure = draw_figure(results)

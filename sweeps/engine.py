@@ -141,25 +141,27 @@ def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resume
         return [earlier[run] for run in pretraining if run in earlier] + [done[i] for i in sorted(done, key=place)]
 
     def widen(group: tuple) -> dict:
-        """--widen: the next rate beyond the edge where a complete grid's pick sits, for every seed, as jobs."""
+        """--widen: the next rate beyond the edge where a complete grid's pick sits, as jobs: for every seed of
+        a pooled group, for its seed alone with --select seed."""
         indices = grids[group]
         pick = next((done[i].learning_rate for i in indices if done[i].selected), None)
         rate = next_rate([runs[i].learning_rate for i in indices], pick) if cfg.widen and pick else None
         if rate is None:
             return {}
         picked = [done[i] for i in indices if done[i].selected]
-        if rate < pick and not settled(picked) and learned(picked, cfg.select):
+        if cfg.select != "seed" and rate < pick and not settled(picked) and learned(picked, cfg.select):
             # no rate had settled by the ceiling (candidate_rates): a lower one would settle later still. A pick
             # that learned nothing (the rates above it diverge too) says nothing about the rates below it
             logger.warning(f"{group[0]}/{group[1]} n_train {group[2]}: not widened below {pick:g}, where "
                            f"{sum(map(still_improving, picked))} of {len(picked)} runs were still improving at "
                            f"the end of their budget: raise --train-epochs")
             return {}
-        target, mode, n_train = group
+        target, mode, n_train = group[:3]
         new = [Run(target, mode, seed, n_train, rate) for seed in sorted({runs[i].seed for i in indices})]
         if on_widened:  # before the runs: a resume runs them too
             on_widened(new[0])
-        logger.info(f"{target}/{mode} n_train {n_train}: the pick {pick:g} sits at an edge of the rates "
+        which = f"{target}/{mode} n_train {n_train}" + (f" seed {group[3]}" if len(group) > 3 else "")
+        logger.info(f"{which}: the pick {pick:g} sits at an edge of the rates "
                     f"run ({', '.join(f'{r:g}' for r in sorted({runs[i].learning_rate for i in indices}))}); "
                     f"adding {rate:g} for {len(new)} seed{'s' * (len(new) > 1)}")
         jobs = {}

@@ -37,7 +37,7 @@ class Resumed:
     rows: list[RunResult]
     checkpoints: dict[int, str]  # pretraining seed -> checkpoint
     made_by: dict[str, typing.Any]
-    widened: list[tuple] = dataclasses.field(default_factory=list)  # (target, mode, n_train, rate) --widen added
+    widened: list[tuple] = dataclasses.field(default_factory=list)  # (target, mode, n_train, rate[, seed]) --widen added
 
 
 def settings_path(csv_path: str | Path) -> Path:
@@ -311,11 +311,13 @@ def borrowed_backbones(cfg: argparse.Namespace, seeds: set[int], threads: int | 
     return Resumed(rows, {seed: str(checkpoints[seed]) for seed in seeds}, saved.get("made_by", {}))
 
 
-def record_widened(csv_path: str, run) -> None:
-    """A rate that --widen added to run's (target, mode, n_train), in the settings before its runs start."""
+def record_widened(csv_path: str, run, per_seed: bool = False) -> None:
+    """A rate that --widen added to run's (target, mode, n_train), for every seed or (per_seed) for run's seed
+    alone, in the settings before its runs start."""
     path = settings_path(csv_path)
     settings = json.loads(path.read_text())
-    settings.setdefault("widened", []).append([run.target, run.mode, run.n_train, run.learning_rate])
+    settings.setdefault("widened", []).append([run.target, run.mode, run.n_train, run.learning_rate]
+                                              + [run.seed] * per_seed)
     write_settings(path, settings)
 
 

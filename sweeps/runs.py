@@ -58,8 +58,10 @@ def sweep_runs(cfg: argparse.Namespace) -> list[Run]:
 
 
 def widened_runs(cfg: argparse.Namespace, widened: typing.Iterable[tuple]) -> list[Run]:
-    """The runs of the rates that --widen added, each (target, mode, n_train, rate), for every seed."""
-    return [Run(target, mode, seed, n_train, rate) for target, mode, n_train, rate in widened for seed in seeds(cfg)]
+    """The runs of the rates that --widen added: each (target, mode, n_train, rate) for every seed (pooled or
+    mean selection), each (target, mode, n_train, rate, seed) for its seed alone (--select seed)."""
+    return [Run(target, mode, seed, n_train, rate) for target, mode, n_train, rate, *seed in widened
+            for seed in (seed or seeds(cfg))]
 
 
 def pretraining_runs(cfg: argparse.Namespace) -> list[Run]:
@@ -169,11 +171,14 @@ def learned(rows: list[RunResult], select: str) -> bool:
 
 
 def candidate_rates(rates: dict[float, list[RunResult]], select: str) -> dict[float, list[RunResult]]:
-    """The rates of a selection group that may be chosen: those at which at most LATE_SHARE of the runs were
-    still improving at the end of their budget, and which learned something. A run stopped by its budget has
+    """The rates of a selection group that may be chosen. Per seed (--select seed, results/PROTOCOL.md), every
+    rate the seed ran. Pooled or mean: those at which at most LATE_SHARE of the runs were still improving at the
+    end of their budget, and which learned something. A run stopped by its budget has
     not shown its validation loss, and a lower rate under a fixed ceiling is an earlier stop in disguise:
     with more epochs, ever lower rates win. A rate that settled by diverging (0.3 and 1 for 20 epochs) is no
     better. Where no rate qualifies, every rate may (the summary's warnings count the late runs)."""
+    if select == "seed":
+        return rates
     return {rate: rows for rate, rows in rates.items() if settled(rows) and learned(rows, select)} or rates
 
 
@@ -211,7 +216,11 @@ def settle(results: list[RunResult], select: str,
     for (target, mode, n_train), rows in held.items():
         have = {(r.seed, r.learning_rate) for r in rows}
         rates = {rate for _, rate in have} if mode in tm.ARMS else set()
-        want = expected.get((target, mode, n_train), set()) | {(s, rate) for s, _ in have for rate in rates}
+        want = expected.get((target, mode, n_train), set())
+        if select == "seed" and want:  # each seed widened its own grid: the planned runs, seed by seed
+            want = want | have
+        else:
+            want = want | {(s, rate) for s, _ in have for rate in rates}
         if have >= want:
             select_rates(rows, select)
             continue

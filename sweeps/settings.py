@@ -43,6 +43,10 @@ PROTOCOLS = {"post": POST, "fair": FAIR}
 # The comparison a fair sweep answers first, named before any run: the others are exploratory beside it
 PRIMARY_ARM = "finetuned"
 PRIMARY = f"{PRIMARY_ARM} − from_scratch on each target at the sweep's largest n_train"
+# results/PROTOCOL.md: the primaries at 200 labels (each target's largest n_train where a sweep has no 200),
+# tested by Wilcoxon's signed-rank test with Holm over them; "no difference" only within this many points
+PRIMARY_N_TRAIN = 200
+EQUIVALENCE_MARGIN = 2.0
 LR_BOUNDS = (1e-6, 1.0)  # --widen goes no further
 
 
@@ -179,13 +183,14 @@ def make_parser() -> argparse.ArgumentParser:
         f"where a pick sits at an edge: {next_rate(FAIR['lr_grid'], FAIR['lr_grid'][0]):g} below, "
         f"{next_rate(FAIR['lr_grid'], FAIR['lr_grid'][-1]):g} above, and so on)")
     add("--select", choices=("seed", "pooled", "mean"), **by_protocol, help="how --lr-grid picks: seed: per seed "
-        "on its own validation loss; pooled: one rate per (target, arm, n_train), the lowest median validation loss "
-        "over seeds, which one collapsed seed cannot move; mean: the lowest mean, which one can (post: seed; "
+        "the rate of its lowest validation loss, as results/PROTOCOL.md; pooled: one rate per (target, arm, "
+        "n_train), the lowest median validation loss over seeds, which one collapsed seed cannot move; mean: the "
+        "lowest mean, which one can (post: seed; "
         "fair: pooled)")
     add("--widen", action=argparse.BooleanOptionalAction, **by_protocol, help="a (target, arm, n_train) whose pick "
-        "sits at the lowest or highest rate it ran gets the next rate beyond, on the grid's spacing, for every seed, "
-        f"until its pick is inside or {LR_BOUNDS[0]:g} or {LR_BOUNDS[1]:g} is reached; pooled or mean selection "
-        "(post: off; fair: on)")
+        "sits at the lowest or highest rate it ran gets the next rate beyond, on the grid's spacing, for every seed "
+        "(with --select seed: a seed whose own pick sits there, for that seed alone), until its pick is inside or "
+        f"{LR_BOUNDS[0]:g} or {LR_BOUNDS[1]:g} is reached (post: off; fair: on)")
     add("--backbones-from", metavar="CSV", help="reuse the backbones of the sweep whose results are in CSV, made "
         "with the same pretraining settings and seeds (checked with their digests), instead of pretraining")
     add("--augment", action="store_true", help="train the target runs on randomly shifted, rotated and scaled images "

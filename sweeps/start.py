@@ -205,8 +205,6 @@ def check_inputs(cfg: argparse.Namespace, created: list[Path]) -> str:
     """Everything that can be checked before training: targets, devices, the data, its labels and sizes.
     Data folders that a failed download leaves are added to `created`. Returns the resolved accelerator."""
     resolve_targets(cfg)
-    if cfg.widen and cfg.select == "seed" and cfg.lr_grid:
-        raise tm.ExperimentError("--widen adds a rate for every seed of a group: it needs --select pooled or mean")
     if cfg.backbone_per_seed and cfg.pretrain_seed is not None:
         raise tm.ExperimentError("--backbone-per-seed pretrains each seed's backbone with that seed; "
                                  "drop --pretrain-seed")

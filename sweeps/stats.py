@@ -1,5 +1,6 @@
-"""Statistics of the summary: means over seeds with t intervals, paired-t p-values and Holm's adjustment, from
-scipy's t distribution. Imported by summary (and so by figures and cli); it imports scipy only."""
+"""Statistics of the summary: means over seeds with t intervals, paired-t and Wilcoxon p-values, equivalence
+tests (TOST), the smallest detectable difference and Holm's adjustment, from scipy. Imported by summary (and
+so by figures and cli); it imports scipy only."""
 
 from __future__ import annotations
 
@@ -56,3 +57,31 @@ def holm(p_values: list[float]) -> list[float]:
         running = max(running, min(1.0, (len(order) - rank) * p))
         adjusted[i] = running
     return adjusted
+
+
+def wilcoxon_p(differences: list[float]) -> float:
+    """The two-sided p-value of Wilcoxon's signed-rank test of paired differences centred on 0 (scipy's exact
+    distribution for few pairs without ties); nan under 2 pairs or where every difference is 0."""
+    if len(differences) < 2 or not any(differences):
+        return math.nan
+    return float(stats.wilcoxon(differences).pvalue)
+
+
+def tost_p(differences: list[float], margin: float) -> float:
+    """Two one-sided t-tests of equivalence: the larger of the p-values that the mean lies above -margin and
+    below +margin. Under 0.05, a difference larger than the margin either way is rejected at 5% (the 90% t
+    interval lies inside the margin); nan under 2 values."""
+    n = len(differences)
+    if n < 2:
+        return math.nan
+    mean = sum(differences) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1) / n)
+    if se == 0:
+        return 0.0 if abs(mean) < margin else 1.0
+    return max(float(stats.t.sf((mean + margin) / se, n - 1)), float(stats.t.sf((margin - mean) / se, n - 1)))
+
+
+def detectable(sd: float, n: int, power: float = 0.8) -> float:
+    """The smallest true mean difference that a two-sided paired t-test at 5% detects with this power, for
+    paired differences of standard deviation sd over n pairs (the normal approximation with t quantiles)."""
+    return (t_975(n - 1) + float(stats.t.ppf(power, n - 1))) * sd / math.sqrt(n)

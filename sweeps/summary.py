@@ -16,8 +16,8 @@ import lightning
 import transfer_mnist as tm
 from sweeps.files import replace_text
 from sweeps.runs import NEAR_CHANCE, RunResult, chance_loss, still_improving
-from sweeps.settings import PRIMARY, PRIMARY_ARM
-from sweeps.stats import MeanCI, holm, t_975
+from sweeps.settings import EQUIVALENCE_MARGIN, PRIMARY, PRIMARY_ARM, PRIMARY_N_TRAIN
+from sweeps.stats import MeanCI, detectable, holm, t_975, tost_p, wilcoxon_p
 
 ARMS = tm.ARMS
 
@@ -122,6 +122,63 @@ def summarize(results: list[RunResult]) -> tuple[list[list[str]], list[list[str]
     for row, adjusted in zip(differences, holm(p_values)):
         row[7] = p_text(adjusted)
     return arms, differences
+
+
+def preregistered(results: list[RunResult]) -> tuple[list[str], list[list[str]], str]:
+    """The comparisons as results/PROTOCOL.md tests them: each pretrained arm minus the baseline in test
+    accuracy points, paired by seed, with the mean and median, the 95% t interval, how many seeds favour
+    each side, Wilcoxon's signed-rank p-value, Holm's adjustment over the primaries alone (PRIMARY_ARM at
+    PRIMARY_N_TRAIN, else each target's largest n_train), the equivalence test at ±EQUIVALENCE_MARGIN points
+    and what a primary's numbers allow one to say; and a line on the smallest difference the seeds detect."""
+    groups = group_by_arm(results)
+    largest, rows, primary_p, sds = largest_sizes(groups), [], [], []
+    base = baseline_arm()
+    for (target, n_train, mode), by_seed in groups.items():
+        other = groups.get((target, n_train, base))
+        if not ARMS[mode].pretrained or other is None or not by_seed.keys() & other.keys():
+            continue
+        seeds = sorted(by_seed.keys() & other.keys())
+        diffs = [100 * (by_seed[s].test_acc - other[s].test_acc) for s in seeds]
+        ci, ordered = MeanCI.of(diffs), sorted(diffs)
+        median = (ordered[(len(diffs) - 1) // 2] + ordered[len(diffs) // 2]) / 2
+        at = PRIMARY_N_TRAIN if (target, PRIMARY_N_TRAIN, PRIMARY_ARM) in groups else largest[target]
+        primary = mode == PRIMARY_ARM and n_train == at
+        wilcoxon, tost = wilcoxon_p(diffs), tost_p(diffs, EQUIVALENCE_MARGIN)
+        favour = f"{sum(d > 0 for d in diffs)} / {sum(d < 0 for d in diffs)} / {sum(d == 0 for d in diffs)}"
+        interval = f"[{ci.low:+.1f}, {ci.high:+.1f}]" if ci.n > 1 else "n/a"
+        rows.append([target, str(n_train), f"{mode} − {base}" + " (primary)" * primary, str(len(diffs)),
+                     f"{ci.mean:+.1f}", f"{median:+.1f}", interval, favour, p_text(wilcoxon),
+                     "", p_text(tost), "exploratory"])
+        if primary:
+            primary_p.append((len(rows) - 1, wilcoxon, tost, ci.mean))
+            sds.append((ci.sd, ci.n))
+    for (index, _, tost, mean), adjusted in zip(primary_p, holm([p for _, p, _, _ in primary_p])):
+        rows[index][9] = p_text(adjusted)
+        rows[index][11] = (f"a finding: {mean:+.1f} points" if adjusted < 0.05 else
+                           f"no difference beyond ±{EQUIVALENCE_MARGIN:g} points" if tost < 0.05 else
+                           "not shown either way")
+    sds = [(sd, n) for sd, n in sds if n > 1 and not math.isnan(sd)]
+    power = (f"With {sds[0][1]} seeds and the primaries' paired sd of {min(sd for sd, _ in sds):.1f} to "
+             f"{max(sd for sd, _ in sds):.1f} points, the smallest difference a paired t-test detects at 5% with "
+             f"80% power is {min(detectable(sd, n) for sd, n in sds):.1f} to {max(detectable(sd, n) for sd, n in sds):.1f}"
+             " points.") if sds else ""
+    return PREREGISTERED_HEADER, rows, power
+
+
+def collapses(results: list[RunResult]) -> tuple[list[str], list[list[str]]]:
+    """Per target, n_train, arm and rate, over every run (not only the selected): how many collapsed (a best
+    validation loss within NEAR_CHANCE of guessing's) and how many were still improving at their budget."""
+    groups: dict[tuple, list[RunResult]] = {}
+    for r in results:
+        if r.mode in ARMS:
+            groups.setdefault((r.target, r.n_train, r.mode, r.learning_rate), []).append(r)
+    rows = []
+    for (target, n_train, mode, rate), runs in sorted(groups.items()):
+        chance = chance_loss(target)
+        collapsed = sum(chance is not None and r.val_loss >= NEAR_CHANCE * chance for r in runs)
+        rows.append([target, str(n_train), mode, f"{rate:g}", str(len(runs)), f"{collapsed} of {len(runs)}",
+                     f"{sum(map(still_improving, runs))} of {len(runs)}", f"{sum(r.selected for r in runs)}"])
+    return COLLAPSE_HEADER, rows
 
 
 def head_stage_runs(runs: typing.Iterable[RunResult]) -> list[RunResult]:
@@ -280,6 +337,13 @@ BUDGET_HEADER = ["target", "mode", "runs", "learning rates run", "learning rates
                  "best epoch in the last tenth of the budget"]
 
 
+PREREGISTERED_HEADER = ["target", "n_train", "comparison", "seeds", "mean (points)", "median", "95% t interval",
+                        "seeds for / against / tied", "Wilcoxon p", "Holm p (primaries)",
+                        f"equivalence p (±{EQUIVALENCE_MARGIN:g})", "reading"]
+COLLAPSE_HEADER = ["target", "n_train", "mode", "learning rate", "runs", "collapsed (near chance)",
+                   "still improving at the budget", "selected"]
+
+
 SELECTIONS = {"seed": "each seed's own validation loss picks its rate (--select seed)",
               "pooled": "one rate per (target, arm, n_train): the lowest median validation loss over seeds, which "
                         "one collapsed seed cannot move (--select pooled)",
@@ -312,7 +376,17 @@ def write_summary(results: list[RunResult], path: str, select: str = "seed",
                  "rates instead of the one validation chose, paired by seed; the last column picks the baseline's "
                  "rate on the test set, so it is a bound on how much a luckier choice could take away, not a "
                  f"result.\n\n{markdown(*sensitivity)}\n\n") if sensitivity else ""
-    replace_text(path, f"# Test results over seeds\n\n{markdown(ARM_HEADER, arms)}\n\n{caution}"
+    prereg = ""
+    if select == "seed":
+        header, rows, power = preregistered(results)
+        prereg = ("## The pre-registered comparisons (results/PROTOCOL.md)\n\nEach pretrained arm minus "
+                  f"{baseline_arm()} in test accuracy points, paired by seed, each seed at the rate its own "
+                  "validation loss chose. The primaries: Wilcoxon's signed-rank test, Holm's adjustment over the "
+                  f"primaries alone, and a difference within ±{EQUIVALENCE_MARGIN:g} points shown by two one-sided "
+                  f"tests at 5%. The other rows are exploratory: intervals, no claims. {power}\n\n"
+                  f"{markdown(header, rows)}\n\n## Collapsed and still-improving runs, at every rate\n\n"
+                  f"{markdown(*collapses(results))}\n\n")
+    replace_text(path, f"# Test results over seeds\n\n{markdown(ARM_HEADER, arms)}\n\n{caution}{prereg}"
                        "Paired by seed: both arms of a seed share the training subset and the head's initial weights. "
                        "p: the paired t-test of no difference in test accuracy; Holm p: adjusted by Holm's method over "
                        f"the {len(differences)} comparisons of this table, the ones to state as findings where below "

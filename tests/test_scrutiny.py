@@ -71,8 +71,9 @@ def test_a_rate_whose_runs_were_still_improving_at_their_ceiling_is_no_candidate
     assert picked(grid({3e-5: 5, 1e-4: 2, 3e-4: 0, 1e-3: 0})) == {3e-4}
     assert picked(grid({1e-4: 1, 3e-4: 0})) == {1e-4}  # one run in ten (10%) may be late
     assert picked(grid({1e-4: 10, 3e-4: 10})) == {1e-4}  # where no rate settled, every rate is a candidate
+    # per seed (results/PROTOCOL.md), the lowest validation loss among the rates that seed ran, late or not
     rows = grid({1e-4: 2, 3e-4: 0})
-    assert [r.selected for r in runs.select_rates(rows, "seed") if r.seed in (0, 5)] == [False, True, True, False]
+    assert [r.selected for r in runs.select_rates(rows, "seed") if r.seed in (0, 5)] == [True, True, False, False]
 
 
 def test_a_rate_that_settled_by_diverging_is_no_candidate():
@@ -153,9 +154,9 @@ def test_a_grid_at_an_edge_widens_for_every_seed_resumes_and_reports_so(tiny_arg
     # stopped as the fourth widened rate is recorded: --resume runs what was recorded and widens on
     original, recorded = resume.record_widened, []
 
-    def stop_at_the_fourth(*args):
+    def stop_at_the_fourth(*args, **kwargs):
         recorded.append(args)
-        original(*args)
+        original(*args, **kwargs)
         if len(recorded) == 4:
             StopSignal.received = signal.SIGINT
             raise KeyboardInterrupt
@@ -170,6 +171,48 @@ def test_a_grid_at_an_edge_widens_for_every_seed_resumes_and_reports_so(tiny_arg
     assert cli.main(["--report", str(whole), "--results-csv", str(tmp_path / "again.csv")]) == 0
     assert (tmp_path / "again.csv").read_bytes() == whole.read_bytes()
     assert "incomplete" not in capsys.readouterr().out
+
+
+def test_each_seed_widens_its_own_grid_with_select_seed_resumes_and_reports_so(tiny_args, tmp_path, monkeypatch):
+    """Per seed (results/PROTOCOL.md): each seed's pick is its own lowest validation loss, and a seed whose
+    pick sits at an edge of the rates it ran gets the next rate for itself alone, until its pick is inside."""
+    calls = []
+
+    def valleys(cfg, run, backbone):  # seed 0's best rate is 1e-3, seed 1's 1e-1
+        calls.append(run)
+        loss = abs(math.log10(run.learning_rate / (1e-3 if run.seed == 0 else 1e-1)))
+        result = RunResult(run.target, run.mode, run.seed, run.n_train, 1, loss, 0.5, run.learning_rate, loss, True,
+                           3, 0.0)
+        return (result, tm.decapitated_lenet(1).state_dict()) if run.mode == "pretrain" else (result, None)
+
+    monkeypatch.setattr(engine, "execute", valleys)
+    args = tiny_args + ["--targets", "even-odd", "--modes", "finetuned", "--seeds", "2", "--lr-grid", "0.3", "1",
+                        "--select", "seed", "--widen"]
+    whole = tmp_path / "whole.csv"
+    assert cli.main(args + ["--results-csv", str(whole)]) == 0
+    rows = read_rows(whole)
+    ran = {seed: [r.learning_rate for r in rows if r.seed == seed and r.mode == "finetuned"] for seed in (0, 1)}
+    assert ran[1] == [0.3, 1.0, 0.09, 0.03]  # 0.09 beats 0.3 and 0.03: inside
+    assert ran[0] == [0.3, 1.0, 0.09, 0.03, 0.01, 0.003, 0.0009, 0.0003]
+    assert {r.seed: r.learning_rate for r in rows if r.selected and r.mode == "finetuned"} == {0: 0.0009, 1: 0.09}
+    saved = json.loads(whole.with_suffix(".json").read_text())
+    assert [entry[4] for entry in saved["widened"]].count(1) == 2  # seed 1's two rates, recorded for it alone
+    part = tmp_path / "part.csv"
+    original, recorded = resume.record_widened, []
+
+    def stop_at_the_third(*args, **kwargs):
+        recorded.append(args)
+        original(*args, **kwargs)
+        if len(recorded) == 3:
+            StopSignal.received = signal.SIGINT
+            raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "record_widened", stop_at_the_third)
+    assert cli.main(args + ["--log-dir", str(tmp_path / "logs2"), "--results-csv", str(part)]) == 130
+    monkeypatch.setattr(cli, "record_widened", original)
+    assert cli.main(["--resume", str(part)]) == 0
+    assert part.read_bytes() == whole.read_bytes()
+    assert cli.main(["--report", str(whole), "--results-csv", str(tmp_path / "again.csv")]) == 0
+    assert (tmp_path / "again.csv").read_bytes() == whole.read_bytes()
 
 
 def test_pretraining_ends_on_its_own_patience_and_a_sweep_borrows_another_s_backbones(tiny_args, tmp_path,

@@ -1,0 +1,81 @@
+"""The statistics results/PROTOCOL.md names before its sweeps: Wilcoxon's signed-rank test, Holm over the
+primaries alone, two one-sided tests of equivalence, the smallest detectable difference, and the count of
+collapsed and still-improving runs at every rate. On known numbers; no training."""
+
+import math
+
+import pytest
+from scipy import stats as scipy_stats
+
+from sweeps import runs, stats, summary
+
+
+def row(target, mode, seed, acc, n_train=200, rate=1e-3, val_loss=0.3, selected=True, best_epoch=10,
+        max_epochs=100):
+    return runs.RunResult(target, mode, seed, n_train, best_epoch, 0.3, acc, rate, val_loss, selected, max_epochs)
+
+
+def test_wilcoxon_and_equivalence_on_known_numbers():
+    diffs = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, -0.5]
+    assert stats.wilcoxon_p(diffs) == pytest.approx(scipy_stats.wilcoxon(diffs).pvalue)
+    assert stats.wilcoxon_p(diffs) == pytest.approx(2 * 2 / 1024)  # exact: ranks summing to 1 or less, of 2^10
+    assert math.isnan(stats.wilcoxon_p([0.0, 0.0, 0.0])) and math.isnan(stats.wilcoxon_p([1.0]))
+    # equivalence within ±2: a mean of 0.1 with sd 1 over 10 pairs is inside; a mean of 1.5 is not shown
+    near = [0.1 + d for d in (-1, 1) * 5]
+    mean, se = sum(near) / 10, math.sqrt(sum((d - 0.1) ** 2 for d in near) / 9 / 10)
+    expected = max(scipy_stats.t.sf((mean + 2) / se, 9), scipy_stats.t.sf((2 - mean) / se, 9))
+    assert stats.tost_p(near, 2.0) == pytest.approx(expected) and stats.tost_p(near, 2.0) < 0.05
+    assert stats.tost_p([1.5 + d for d in (-1, 1) * 5], 2.0) > 0.05
+    # the smallest difference 10 pairs of sd 3 detect at 5% with 80% power: (t(0.975, 9) + t(0.8, 9)) sd / sqrt 10
+    quantiles = scipy_stats.t.ppf(0.975, 9) + scipy_stats.t.ppf(0.8, 9)
+    assert stats.detectable(3.0, 10) == pytest.approx(quantiles * 3 / math.sqrt(10)) == pytest.approx(2.984, abs=1e-3)
+
+
+def test_holm_runs_over_the_primaries_alone_and_each_primary_gets_a_reading():
+    results = []
+    gains = {"even-odd": [5, 4, 6, 5, 3, 7, 4, 5, 6, 4], "digits-5-9": [0.1, -0.2, 0.3, 0.0, 0.2, -0.1, 0.1, 0.2,
+                                                                       -0.3, 0.1],
+             "fashion-mnist": [3, -4, 5, -2, 6, -1, 4, -3, 2, 1]}
+    for target, points in gains.items():
+        for seed, gain in enumerate(points, start=200):
+            for n_train in (50, 200):
+                results += [row(target, "from_scratch", seed, 0.80, n_train),
+                            row(target, "finetuned", seed, 0.80 + gain / 100, n_train),
+                            row(target, "frozen", seed, 0.80 + gain / 100, n_train)]
+    header, rows, power = summary.preregistered(results)
+    primaries = {r[0]: r for r in rows if r[2] == "finetuned − from_scratch (primary)"}
+    assert set(primaries) == set(gains) and all(r[1] == "200" for r in primaries.values())
+    wilcoxon = {target: stats.wilcoxon_p(points) for target, points in gains.items()}
+    adjusted = dict(zip(wilcoxon, stats.holm(list(wilcoxon.values()))))
+    for target, r in primaries.items():
+        assert r[8] == summary.p_text(wilcoxon[target]) and r[9] == summary.p_text(adjusted[target])
+    assert primaries["even-odd"][11] == "a finding: +4.9 points"
+    assert primaries["digits-5-9"][11] == "no difference beyond ±2 points"
+    assert primaries["fashion-mnist"][11] == "not shown either way"
+    assert primaries["even-odd"][7] == "10 / 0 / 0" and primaries["even-odd"][5] == "+5.0"  # median of the ten
+    # the other comparisons are exploratory: no Holm p, no claim
+    others = [r for r in rows if "(primary)" not in r[2]]
+    assert others and all(r[9] == "" and r[11] == "exploratory" for r in others)
+    assert power.startswith("With 10 seeds and the primaries' paired sd of ")
+
+
+def test_collapsed_and_still_improving_runs_are_counted_at_every_rate_not_only_the_selected():
+    results = [row("even-odd", "from_scratch", seed, 0.5, rate=3e-2, val_loss=0.69, selected=False)
+               for seed in range(9)]  # 9 of 10 at chance (ln 2 = 0.693): collapsed
+    results += [row("even-odd", "from_scratch", 9, 0.9, rate=3e-2, val_loss=0.2, selected=True, best_epoch=99)]
+    header, rows = summary.collapses(results)
+    (only,) = rows
+    assert dict(zip(header, only)) == {"target": "even-odd", "n_train": "200", "mode": "from_scratch",
+                                       "learning rate": "0.03", "runs": "10", "collapsed (near chance)": "9 of 10",
+                                       "still improving at the budget": "1 of 10", "selected": "1"}
+
+
+def test_a_seed_selected_sweep_s_summary_names_wilcoxon_holm_and_the_equivalence_test(tmp_path):
+    results = [row("even-odd", mode, seed, acc) for seed in range(200, 203)
+               for mode, acc in (("from_scratch", 0.8), ("finetuned", 0.85 + 0.01 * seed % 3))]
+    summary.write_summary(results, str(tmp_path / "r.md"), select="seed")
+    text = (tmp_path / "r.md").read_text()
+    assert "## The pre-registered comparisons (results/PROTOCOL.md)" in text
+    assert all(word in text for word in ("Wilcoxon", "Holm", "equivalence", "primary", "Collapsed"))
+    summary.write_summary(results, str(tmp_path / "pooled.md"), select="pooled")
+    assert "pre-registered" not in (tmp_path / "pooled.md").read_text()  # earlier sweeps' reports as they were
