@@ -5,8 +5,9 @@ digits; each arm (finetuned, from_scratch, frozen, lp_ft) learns a target from 2
     python transfer_mnist.py             # the post's runs; --dry-run: each stage on two batches
     tensorboard --logdir pretraining_logs
 
-Adapt TARGETS, ARMS or decapitated_lenet(). python -m sweeps uses TARGETS, ARMS, read_split,
-draw_subset, make_data, pretrain, train, read_backbone, RunResult, write_results, make_parser.
+Adapt TARGETS, ARMS or decapitated_lenet(). python -m sweeps uses the registries, ExperimentError,
+logger, read_split, draw_subset, load_data, make_data, TensorLoader, TargetData, LitModule, fit,
+pretrain, train, read_backbone, RunResult, RESULT_COLUMNS and make_parser.
 """
 
 import argparse
@@ -31,7 +32,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
-# ---- Registries: add a target or an arm
+# ---- Registries: add targets and arms
 @dataclasses.dataclass(frozen=True)
 class Target:
     dataset: Callable  # as torchvision's: .data, uint8 (N, H, W) or (N, H, W, C); .targets
@@ -70,9 +71,9 @@ ARMS = {  # the post's rates: "transfer learning needs smaller learning rates th
 }
 
 TRAIN_BATCH_SIZE = 128  # the post's: 200 target images make 2 steps an epoch
-EVAL_BATCH_SIZE = 500  # evaluation only: larger is faster
+EVAL_BATCH_SIZE = 500  # larger is faster
 VAL_SHARE = 0.2  # the post's
-LIBRARY_WARNINGS = [r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning, torch 2.14
+LIBRARY_WARNINGS = [r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's
                     r"Found \d+ module\(s\) in eval mode"]  # a frozen backbone, on purpose
 
 
@@ -169,13 +170,13 @@ class LitModule(lightning.LightningModule):
     def __init__(self, label_names, learning_rate, image_shape=(1, 28, 28), train_backbone=True):
         super().__init__()
         label_names, image_shape = list(label_names), list(image_shape)  # yaml.safe_load reads them
-        self.save_hyperparameters()  # the arguments as they are now
+        self.save_hyperparameters()  # as they are now
         self.convnet = decapitated_lenet(image_shape[0])
-        with torch.no_grad():  # a blank image in eval mode: no random numbers drawn
+        with torch.no_grad():  # a blank image in eval mode: no RNG drawn
             features = self.convnet.eval()(torch.zeros(1, *image_shape)).shape[1]
         self.classification_head = classification_head(features, len(label_names))
         self.convnet.to(memory_format=torch.channels_last)  # as the batches: faster
-        self.epochs_before = 0  # LP-FT: the head stage's
+        self.epochs_before = 0  # LP-FT's head stage
         self.sums, self.counts = {}, {}  # per stage, this epoch
         self.best_loss, self.best_epoch, self.best_state = math.inf, 0, None
         self.set_stage(learning_rate, train_backbone)
@@ -305,7 +306,7 @@ def read_backbone(checkpoint_path):
 
 def train(backbone, mode, data, args):
     arm, rate, names = ARMS[mode], args.lr[mode], TARGETS[data.target].label_names
-    logger.info(f"{data.target}/{mode}: seed {args.seed}, learning rate {rate:g}")
+    logger.info(f"{data.target}/{mode}: seed {args.seed}, rate {rate:g}")
     lightning.seed_everything(args.seed, verbose=False)  # every arm of a seed: the same head
     module = LitModule(names, rate, data.test.images.shape[1:], arm.train_backbone)
     if arm.pretrained:
@@ -379,7 +380,7 @@ def main(argv=None):
     args.version = f"version_{max(map(int, filter(str.isdigit, versions)), default=-1) + 1}"
     csv_path = args.results_csv or os.path.join(args.log_dir, f"results_{args.version}.csv")
     results = []
-    try:  # what can fail before training fails now
+    try:  # what can fail before training fails here
         data = {t: load_data(t, args.n_train, args.data_dir, args.seed) for t in args.targets}
         load_data(args.source, args.n_pretrain, args.data_dir, args.seed)
         os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
@@ -391,7 +392,7 @@ def main(argv=None):
                 write_results(csv_path, results)
                 results.append(train(backbone, mode, data[target], args))
         write_results(csv_path, results)
-    except (ExperimentError, OSError) as err:  # OSError: an output path, a full disk
+    except (ExperimentError, OSError) as err:  # OSError: an output path; a full disk
         print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C

@@ -1,13 +1,11 @@
-"""--augment: a random affine transform of every training image, the same for every arm of a seed, applied
-to the training batches as the loader gives them. Imported by data; it imports the template."""
+"""--augment: a random affine transform of every training image, the same for every arm of a seed. Imported
+by data (which applies it to the training batches); it imports torch only."""
 
 import math
 import zlib
 
 import torch
 import torch.nn.functional as F
-
-import transfer_mnist as tm
 
 
 class Augment:
@@ -35,14 +33,3 @@ class Augment:
         moved = F.grid_sample(images, grid, padding_mode="border", align_corners=False)
         return moved.contiguous(memory_format=torch.channels_last)
 
-
-class AugmentedLoader(tm.TensorLoader):
-    """The template's training batches, each transformed as it is taken: validation and test images stay
-    as they are."""
-
-    def __init__(self, loader: tm.TensorLoader, augment: Augment):
-        super().__init__(loader.images, loader.labels, loader.batch_size)
-        self.augment = augment
-
-    def __iter__(self):
-        return ((self.augment(images), labels) for images, labels in super().__iter__())

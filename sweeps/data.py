@@ -1,6 +1,6 @@
 """A sweep run's images, as the harness draws them: the sizes checked with the flag that sets them,
---n-val and --stratify, --disjoint's images that pretraining did not see, and --augment's training
-batches. Imported by runs and start; it imports settings, augment and the template."""
+--n-val and --stratify, --disjoint's images that pretraining did not see, and the training batches of
+--shuffle and --augment. Imported by runs and start; it imports settings, augment and the template."""
 
 import argparse
 import functools
@@ -9,7 +9,7 @@ import zlib
 import torch
 
 import transfer_mnist as tm
-from sweeps.augment import AugmentedLoader, Augment
+from sweeps.augment import Augment
 from sweeps.settings import backbone_seed
 
 
@@ -104,11 +104,38 @@ def shares(n: int, counts: torch.Tensor) -> torch.Tensor:
     return share
 
 
+class TrainingBatches(tm.TensorLoader):
+    """The template's training batches, in a new order every epoch drawn from a generator of the run's seed
+    (--shuffle; the post's order is fixed), and each image transformed as it is taken (--augment): the same
+    for every arm of a seed. Validation and test images stay as they are."""
+
+    def __init__(self, loader: tm.TensorLoader, seed: int, shuffle: bool, augment: bool):
+        super().__init__(loader.images, loader.labels, loader.batch_size)
+        self.order = torch.Generator().manual_seed(zlib.crc32(f"shuffle/{seed}".encode())) if shuffle else None
+        self.augment = Augment(seed) if augment else None
+
+    def __iter__(self):
+        images, labels = self.images, self.labels
+        if self.order is not None:
+            order = torch.randperm(len(labels), generator=self.order)
+            images, labels = images[order].contiguous(memory_format=torch.channels_last), labels[order]
+        for batch, batch_labels in zip(images.split(self.batch_size), labels.split(self.batch_size)):
+            yield (batch if self.augment is None else self.augment(batch)), batch_labels
+
+
 def target_data(cfg: argparse.Namespace, target: str, n_train: int, seed: int) -> tm.TargetData:
-    """A target run's images, as the sweep's settings draw them, and with --augment its training batches
-    transformed (the same transforms for every arm of a seed)."""
+    """A target run's images, as the sweep's settings draw them and batch them for training."""
     available, where = available_images(cfg, target, backbone_seed(cfg, seed))
     data = tm.make_data(target, cfg.data_dir, *subset_draw(cfg, target)(target, n_train, available, seed, where))
-    if cfg.augment:
-        data.train = AugmentedLoader(data.train, Augment(seed))
+    if cfg.shuffle or cfg.augment:
+        data.train = TrainingBatches(data.train, seed, cfg.shuffle, cfg.augment)
+    return data
+
+
+def pretraining_data(cfg: argparse.Namespace, seed: int) -> tm.TargetData:
+    """Pretraining's images, as the template draws them (tm.load_data), batched for training as --shuffle says;
+    never augmented."""
+    data = tm.load_data(cfg.source, cfg.n_pretrain, cfg.data_dir, seed)
+    if cfg.shuffle:
+        data.train = TrainingBatches(data.train, seed, shuffle=True, augment=False)
     return data

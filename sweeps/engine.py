@@ -22,6 +22,7 @@ from sweeps.runs import (
     execute,
     learned,
     pretrain_checkpoint,
+    pretraining_rates,
     pretraining_runs,
     run_key,
     save_backbone,
@@ -177,20 +178,25 @@ def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resume
     waiting: dict[int, dict] = {}  # backbone seed -> its target runs, submitted once that backbone exists
     for index, run in todo.items():
         waiting.setdefault(backbone_seed(cfg, run.seed), {})[index] = run
-    progress = Progress(sum(run.seed not in backbones for run in pretraining), len(todo), max(cfg.workers, 1))
+    progress = Progress(len({run.seed for run in pretraining} - backbones.keys()), len(todo), max(cfg.workers, 1))
 
     def ready(seed: int) -> dict:
         """Seed's target runs, as jobs with their backbone."""
         return {index: (run, backbones[seed]) for index, run in waiting.pop(seed, {}).items()}
 
-    def pretrained(seed: int, result: RunResult, backbone: dict, where: str) -> dict:
-        earlier[run_key(result)], backbones[seed] = result, backbone
-        if not os.path.isfile(pretrain_checkpoint(cfg, seed)):  # pretrained on another node: keep it for --resume
-            save_backbone(backbone, pretrain_checkpoint(cfg, seed))
-        if on_pretrained:  # before the row: a resume that finds the row finds the backbone's digest too
-            on_pretrained(seed, pretrain_checkpoint(cfg, seed))
-        csv_out.append(result)
-        logger.info(progress.line(run_key(result), result, where))
+    def pretrained(seed: int, results: list[RunResult], backbone: dict, where: str) -> dict:
+        """Seed's pretraining grid is done: its rows, every rate's; its backbone, the pick's."""
+        pick = next(r for r in results if r.selected)
+        checkpoint = pretrain_checkpoint(cfg, seed, pick.learning_rate)
+        backbones[seed] = backbone
+        if not os.path.isfile(checkpoint):  # pretrained on another node: keep it for --resume
+            save_backbone(backbone, checkpoint)
+        if on_pretrained:  # before the rows: a resume that finds the rows finds the backbone's digest too
+            on_pretrained(seed, checkpoint)
+        for r in results:
+            earlier[run_key(r)] = r
+            csv_out.append(r)
+        logger.info(progress.line(run_key(pick), pick, where))
         StopSignal.check()
         return ready(seed)
 
@@ -198,10 +204,12 @@ def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resume
                  node: dict | None) -> dict:
         """Every row goes to the CSV as its run finishes, `selected` false until its grid is complete; then
         the grid's choice is made and the CSV rewritten with it. A pretraining's target runs follow it."""
+        results = result if isinstance(result, list) else [result]  # a pretraining grid: a row per rate
         if node and on_node and cfg.cluster:  # local workers run on this machine, which made_by records
-            on_node(run_key(result), node)
+            for r in results:
+                on_node(run_key(r), node)
         if isinstance(index, Run):
-            return pretrained(index.seed, result, backbone, where)
+            return pretrained(index.seed, results, backbone, where)
         done[index] = result
         group = selection_group(runs[index], cfg.select)
         grid = grids[group]
@@ -237,7 +245,8 @@ def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resume
         with RaySweep(cfg, threads, csv_out.path) if on_ray else contextlib.nullcontext() as engine:
             run_all = engine.run if engine is not None else functools.partial(run_here, cfg)
             # pretraining first (keyed by its Run), each seed's target runs (by index) once its backbone exists
-            jobs = {run: (run, None) for run in pretraining if run.seed not in backbones}
+            first = pretraining_rates(cfg)[0]  # a seed's pretraining grid is one job
+            jobs = {run: (run, None) for run in pretraining if run.seed not in backbones and run.learning_rate == first}
             for seed in list(backbones):
                 jobs.update(ready(seed))
             for group, grid in list(grids.items()):  # grids an earlier invocation completed: widened if they need it

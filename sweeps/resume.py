@@ -122,11 +122,17 @@ FORMAT = 2
 EARLIER_SELECT = {"pooled": "mean", "median": "pooled"}
 
 
+# Settings added after sweeps were saved without them, with what those sweeps did
+ADDED_LATER = {"shuffle": False, "pretrain_lr_grid": []}
+
+
 def upgraded(settings: dict) -> dict:
-    """Settings as saved by any version, in today's names."""
+    """Settings as saved by any version, in today's names, with ADDED_LATER's where they lack them."""
     config = settings.get("config")
     if settings.get("format") != FORMAT and isinstance(config, dict) and config.get("select") in EARLIER_SELECT:
         settings = {**settings, "config": {**config, "select": EARLIER_SELECT[config["select"]]}}
+    if isinstance(settings.get("config"), dict):
+        settings = {**settings, "config": {**ADDED_LATER, **settings["config"]}}
     return settings
 
 
@@ -281,10 +287,13 @@ PRETRAINING = ("source", "n_pretrain", "pretrain_epochs", "pretrain_lr")
 
 
 def pretraining_settings(config: dict, threads: int | None) -> dict:
-    """PRETRAINING's values, with the patience pretraining ran with and its torch threads."""
+    """PRETRAINING's values, with the patience pretraining ran with, its order of batches and its torch
+    threads."""
     patience = config.get("pretrain_patience")
     return {**{name: config.get(name) for name in PRETRAINING}, "threads": threads,
-            "pretraining patience": config.get("patience") if patience is None else patience}
+            "pretraining patience": config.get("patience") if patience is None else patience,
+            "shuffled batches": bool(config.get("shuffle")),  # settings saved before --shuffle: never
+            "pretraining rates": tuple(config.get("pretrain_lr_grid") or ())}
 
 
 def borrowed_backbones(cfg: argparse.Namespace, seeds: set[int], threads: int | None) -> Resumed:

@@ -13,10 +13,11 @@ import statistics
 import time
 import typing
 
+import lightning
 import torch
 
 import transfer_mnist as tm
-from sweeps.data import target_data
+from sweeps.data import pretraining_data, target_data
 from sweeps.files import replace
 from sweeps.settings import backbone_seed, seeds
 from sweeps.stop import StopSignal
@@ -64,15 +65,22 @@ def widened_runs(cfg: argparse.Namespace, widened: typing.Iterable[tuple]) -> li
             for seed in (seed or seeds(cfg))]
 
 
+def pretraining_rates(cfg: argparse.Namespace) -> tuple[float, ...]:
+    """The rates each backbone is pretrained at, to keep the one of the lowest validation loss:
+    --pretrain-lr-grid, else --pretrain-lr alone."""
+    return tuple(cfg.pretrain_lr_grid) or (cfg.pretrain_lr,)
+
+
 def pretraining_runs(cfg: argparse.Namespace) -> list[Run]:
-    """The pretraining runs: one for the invocation, or one per seed."""
-    return [Run(cfg.source, "pretrain", seed, cfg.n_pretrain, cfg.pretrain_lr)
-            for seed in dict.fromkeys(backbone_seed(cfg, seed) for seed in seeds(cfg))]
+    """The pretraining runs: for the invocation, or per seed; each at every pretraining rate."""
+    return [Run(cfg.source, "pretrain", seed, cfg.n_pretrain, rate)
+            for seed in dict.fromkeys(backbone_seed(cfg, seed) for seed in seeds(cfg)) for rate in pretraining_rates(cfg)]
 
 
-def pretrain_checkpoint(cfg: argparse.Namespace, seed: int) -> str:
-    """Where tm.pretrain() writes the backbone that the target runs (of this seed) start from."""
-    return os.path.join(run_folder(cfg, Run(cfg.source, "pretrain", seed, cfg.n_pretrain, cfg.pretrain_lr)),
+def pretrain_checkpoint(cfg: argparse.Namespace, seed: int, rate: float | None = None) -> str:
+    """Where tm.pretrain() writes the backbone of this seed (and rate: the first of the grid, for None)."""
+    rate = pretraining_rates(cfg)[0] if rate is None else rate
+    return os.path.join(run_folder(cfg, Run(cfg.source, "pretrain", seed, cfg.n_pretrain, rate)),
                         "checkpoints", "best.ckpt")
 
 
@@ -80,7 +88,10 @@ def sub_dir(cfg: argparse.Namespace, run: Run) -> str | None:
     """The run's folder inside its TensorBoard run (name and version): a backbone's per seed, and a target
     run's as the template's fit_best() names it."""
     if run.mode == "pretrain":
-        return f"seed{run.seed}" if cfg.backbone_per_seed else None
+        name = f"seed{run.seed}" if cfg.backbone_per_seed else ""
+        if cfg.pretrain_lr_grid:
+            name = f"{name}_lr{run.learning_rate:g}" if name else f"lr{run.learning_rate:g}"
+        return name or None
     return f"n{run.n_train}_seed{run.seed}_lr{run.learning_rate:g}"
 
 
@@ -97,19 +108,46 @@ def recorded(r: tm.RunResult, started: float) -> RunResult:
     return RunResult(**{**dataclasses.asdict(r), **six}, seconds=time.perf_counter() - started)
 
 
-def execute(cfg: argparse.Namespace, run: Run, backbone: dict | None) -> tuple[RunResult, dict | None]:
+def shuffled_pretrain(settings: argparse.Namespace, seed: int) -> tuple[str, tm.RunResult]:
+    """tm.pretrain()'s steps, on training batches in a new order every epoch (--shuffle)."""
+    data = pretraining_data(settings, seed)
+    lightning.seed_everything(seed, verbose=False)
+    module = tm.LitModule(tm.TARGETS[settings.source].label_names, settings.pretrain_lr, data.test.images.shape[1:])
+    trainer, result = tm.fit(module, data, "pretrain", seed, settings.pretrain_epochs, settings)
+    path = os.path.join(trainer.logger.log_dir, "checkpoints", "best.ckpt")
+    trainer.save_checkpoint(path, weights_only=True)
+    return path, result
+
+
+def pretrain_backbone(cfg: argparse.Namespace, seed: int) -> tuple[list[RunResult], dict]:
+    """Seed's backbone at every pretraining rate (pretraining_rates()), through the template's pretrain(), and
+    the one of the lowest validation loss (the lower rate on a tie; NaN, a diverged run, the worst): every
+    rate's row, the pick's selected, and the pick's backbone."""
+    results, paths = [], {}
+    for rate in pretraining_rates(cfg):
+        started = time.perf_counter()
+        # --min-delta is the target runs': pretraining's loss on 2,500 images stays far from 0
+        settings = argparse.Namespace(**{
+            **vars(cfg), "min_delta": 0.0, "pretrain_lr": rate,
+            "patience": cfg.patience if cfg.pretrain_patience is None else cfg.pretrain_patience,
+            "version": os.path.join(cfg.version, *filter(None, [sub_dir(cfg, Run(cfg.source, "pretrain", seed,
+                                                                                      cfg.n_pretrain, rate))]))})
+        paths[rate], result = (shuffled_pretrain if cfg.shuffle else tm.pretrain)(settings, seed)
+        results.append(recorded(result, started))
+    pick = min(results, key=lambda r: (not_nan(r.val_loss), r.learning_rate))
+    for r in results:
+        r.selected = r is pick
+    return results, tm.read_backbone(paths[pick.learning_rate])
+
+
+def execute(cfg: argparse.Namespace, run: Run, backbone: dict | None) -> tuple[RunResult | list, dict | None]:
     """One run, here, through the template's pretrain() and train(), with the template's settings for this
-    run: a pretraining returns the backbone it made too; a target run starts from `backbone`."""
+    run: a pretraining is seed's whole pretraining grid, its rows and the backbone it keeps; a target run
+    starts from `backbone`."""
     started = time.perf_counter()
     try:
         if run.mode == "pretrain":
-            # --min-delta is the target runs': pretraining's loss on 2,500 images stays far from 0
-            settings = argparse.Namespace(**{
-                **vars(cfg), "min_delta": 0.0, "pretrain_lr": run.learning_rate,
-                "patience": cfg.patience if cfg.pretrain_patience is None else cfg.pretrain_patience,
-                "version": os.path.join(cfg.version, *filter(None, [sub_dir(cfg, run)]))})
-            checkpoint_path, result = tm.pretrain(settings, run.seed)
-            return recorded(result, started), tm.read_backbone(checkpoint_path)
+            return pretrain_backbone(cfg, run.seed)
         settings = argparse.Namespace(**{**vars(cfg), "seed": run.seed, "lr": {**cfg.lr, run.mode: run.learning_rate}})
         data = target_data(cfg, run.target, run.n_train, run.seed)
         return recorded(tm.train(backbone, run.mode, data, settings), started), None

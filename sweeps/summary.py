@@ -158,10 +158,13 @@ def preregistered(results: list[RunResult]) -> tuple[list[str], list[list[str]],
                            f"no difference beyond ±{EQUIVALENCE_MARGIN:g} points" if tost < 0.05 else
                            "not shown either way")
     sds = [(sd, n) for sd, n in sds if n > 1 and not math.isnan(sd)]
-    power = (f"With {sds[0][1]} seeds and the primaries' paired sd of {min(sd for sd, _ in sds):.1f} to "
-             f"{max(sd for sd, _ in sds):.1f} points, the smallest difference a paired t-test detects at 5% with "
-             f"80% power is {min(detectable(sd, n) for sd, n in sds):.1f} to {max(detectable(sd, n) for sd, n in sds):.1f}"
-             " points.") if sds else ""
+
+    def span(values: list[float]) -> str:
+        return f"{min(values):.1f}" if f"{min(values):.1f}" == f"{max(values):.1f}" else \
+            f"{min(values):.1f} to {max(values):.1f}"
+    power = (f"With {sds[0][1]} seeds and the primaries' paired sd of {span([sd for sd, _ in sds])} points, the "
+             f"smallest difference a paired t-test detects at 5% with 80% power is "
+             f"{span([detectable(sd, n) for sd, n in sds])} points.") if sds else ""
     return PREREGISTERED_HEADER, rows, power
 
 
@@ -290,9 +293,10 @@ def budget_rows(results: list[RunResult]) -> list[list[str]]:
 def fragile(results: list[RunResult]) -> list[str]:
     """Where the answer is fragile, in words, each with what it counts against and what to do: for the end of
     the console and the Markdown."""
-    weak = [r for r in results if r.mode not in ARMS and still_improving(r)]
+    backbones = [r for r in results if r.mode not in ARMS and r.selected]  # a pretraining grid's pick each
+    weak = [r for r in backbones if still_improving(r)]
     epochs = "/".join(sorted({str(r.best_epoch) for r in weak}))
-    warnings = [f"{len(weak)} of {sum(r.mode not in ARMS for r in results)} backbones (seed"
+    warnings = [f"{len(weak)} of {len(backbones)} backbones (seed"
                 f"{'s' * (len(weak) > 1)} {', '.join(str(r.seed) for r in weak)}) were still improving when "
                 f"pretraining stopped: best validation loss at epoch {epochs} of {weak[0].max_epochs} (test accuracy {min(r.test_acc for r in weak):.4f}"
                 + (f"-{max(r.test_acc for r in weak):.4f}" if len(weak) > 1 else "")

@@ -8,7 +8,8 @@ from conftest import template_args
 
 import transfer_mnist as tm
 from sweeps import cli, resume, runs, summary
-from sweeps.augment import Augment, AugmentedLoader
+from sweeps.augment import Augment
+from sweeps.data import TrainingBatches
 
 
 def read_csv(path) -> list[dict[str, str]]:
@@ -51,7 +52,7 @@ def test_augmentation_touches_training_batches_only_and_keeps_labels(tiny_data, 
     monkeypatch.setattr(tm.LitModule, "step", recording)
     plain = tm.load_data("even-odd", 20, str(root), seed=0)
     data = tm.load_data("even-odd", 20, str(root), seed=0)
-    data.train = AugmentedLoader(data.train, Augment(0))
+    data.train = TrainingBatches(data.train, 0, shuffle=False, augment=True)
     module = tm.LitModule(("even", "odd"), learning_rate=1e-3)
     tm.fit(module, data, "from_scratch", 0, 2, template_args(tmp_path, "--patience", "0"))
     (train_images, train_labels), second_epoch = seen["train"][0], seen["train"][1]
@@ -193,3 +194,32 @@ def test_a_sweep_stopped_in_its_second_pretraining_resumes_elsewhere_with_anothe
                                 / "best.ckpt").resolve()
     assert checkpoints["1"]["sha256"] == resume.sha256(second.read_bytes())
     assert cli.main(["--resume", str(tmp_path / "r.csv")]) == 0  # and it resumes again, nothing left to run
+
+
+def test_shuffled_batches_keep_each_image_with_its_label_in_a_new_seeded_order_every_epoch(tiny_data):
+    root, _ = tiny_data
+    plain = tm.load_data("mnist", 200, str(root), seed=0).train
+    batches = TrainingBatches(plain, 3, shuffle=True, augment=False)
+    first, second = [list(batches) for _ in range(2)]
+    assert [len(y) for _, y in first] == [len(y) for _, y in plain] and len(batches) == len(plain)
+    order = torch.cat([y for _, y in first])
+    assert not torch.equal(order, plain.labels) and not torch.equal(order, torch.cat([y for _, y in second]))
+    # every image with its own label: the pairs are the fixed order's, permuted
+    pairs = {(float(x.sum()), int(y)) for images, labels in first for x, y in zip(images, labels)}
+    assert pairs == {(float(x.sum()), int(y)) for x, y in zip(plain.images, plain.labels)}
+    rerun = TrainingBatches(plain, 3, shuffle=True, augment=False)
+    again = [list(rerun) for _ in range(2)]
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(first + second, again[0] + again[1]))  # seeded
+    assert first[0][0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_shuffle_reorders_pretraining_and_target_runs_and_the_post_keeps_its_order(tiny_args, tmp_path):
+    # two batches a run (of 128): within a batch the order does not matter
+    common = tiny_args + ["--targets", "even-odd", "--modes", "finetuned", "--n-pretrain", "200", "--n-train", "160"]
+    assert cli.main(common + ["--results-csv", str(tmp_path / "post.csv")]) == 0
+    assert cli.main(common + ["--shuffle", "--results-csv", str(tmp_path / "s1.csv")]) == 0
+    assert cli.main(common + ["--shuffle", "--results-csv", str(tmp_path / "s2.csv")]) == 0
+    post, shuffled = read_csv(tmp_path / "post.csv"), read_csv(tmp_path / "s1.csv")
+    assert (tmp_path / "s1.csv").read_bytes() == (tmp_path / "s2.csv").read_bytes()  # the same seed, the same
+    assert post[0]["val_loss"] != shuffled[0]["val_loss"] and post[1]["val_loss"] != shuffled[1]["val_loss"]
+    assert json.loads((tmp_path / "s1.json").read_text())["config"]["shuffle"] is True
