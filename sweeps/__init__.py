@@ -10,7 +10,7 @@ engine) never a reporting one:
     stop        Ctrl-C and SIGTERM between and inside runs
     files       files replaced in one step, the lock beside a sweep's CSV
     augment     --augment
-    data        a run's images: sizes, --n-val, --stratify, --disjoint, --augment's batches
+    data        a run's images: sizes, --n-val, --stratify, --disjoint, the batches of --shuffle and --augment
     folders     image-folder targets
     runs        the Run record, the plan, one run executed, rate selection, the results CSV
     start       the checks before the first run, the outputs

@@ -19,12 +19,14 @@ def test_fair_sets_what_the_command_line_does_not_give():
     assert given == {"protocol", "seeds", "disjoint"}
     assert (cfg.seeds, cfg.disjoint) == (2, False)  # given: kept
     assert cfg.modes == tuple(tm.ARMS) and cfg.lr_grid == (1e-4, 3e-4, 1e-3, 3e-3, 1e-2) and cfg.widen
-    assert cfg.select == "pooled" and cfg.backbone_per_seed and cfg.stratify and not cfg.augment
+    assert cfg.select == "seed" and cfg.backbone_per_seed and cfg.stratify and not cfg.augment  # PROTOCOL.md
+    assert cfg.shuffle and cfg.pretrain_lr_grid == (3e-4, 1e-3, 3e-3)
     assert (cfg.pretrain_epochs, cfg.pretrain_patience, cfg.train_epochs) == (400, 10, 3000)
     post, given = settings.parse([])
     assert given == set() and (post.seeds, post.modes, post.lr_grid, post.select) == (1, ("finetuned", "from_scratch"), (), "seed")
     assert not post.backbone_per_seed and not post.disjoint and not post.stratify and not post.widen
     assert (post.pretrain_epochs, post.pretrain_patience, post.n_val) == (50, None, None)  # the template's defaults
+    assert not post.shuffle and post.pretrain_lr_grid == ()  # the post's order, the post's pretraining rate
     assert post.n_train == (200,) and post.train_epochs == 500 and post.lr == tm.parse_args([]).lr
 
 
@@ -34,11 +36,12 @@ def test_a_fair_run_saves_and_prints_the_resolved_settings(tiny_args, tmp_path, 
     with caplog.at_level(logging.INFO, logger="transfer_mnist"):
         assert cli.main(args) == 0
     saved = json.loads((tmp_path / "r.json").read_text())["config"]
-    assert saved["protocol"] == "fair" and saved["select"] == "pooled" and saved["disjoint"] is True
+    assert saved["protocol"] == "fair" and saved["select"] == "seed" and saved["disjoint"] is True
     assert saved["backbone_per_seed"] is True and saved["seeds"] == 2 and saved["lr_grid"] == [1e-3, 3e-3]
     settings = next(m for m in caplog.messages if m.startswith("Settings:"))
-    assert "protocol=fair" in settings and "select=pooled" in settings and "disjoint=True" in settings
-    assert [r["seed"] for r in read_csv(tmp_path / "r.csv") if r["mode"] == "pretrain"] == ["0", "1"]
+    assert "protocol=fair" in settings and "select=seed" in settings and "disjoint=True" in settings
+    pretraining = [(r["seed"], r["learning_rate"]) for r in read_csv(tmp_path / "r.csv") if r["mode"] == "pretrain"]
+    assert pretraining == [(seed, rate) for seed in "01" for rate in ("0.0003", "0.001", "0.003")]
     start = next(m for m in caplog.messages if m.startswith("even-odd: 20 training + 5 validation images a run"))
     assert "seeds 0-1; per class even " in start and start.endswith(
         "pretraining saw 0 of the training and 0 of the validation images")

@@ -2,9 +2,11 @@
 primaries alone, two one-sided tests of equivalence, the smallest detectable difference, and the count of
 collapsed and still-improving runs at every rate. On known numbers; no training."""
 
+import json
 import math
 
 import pytest
+import torch
 from scipy import stats as scipy_stats
 
 from sweeps import runs, stats, summary
@@ -79,3 +81,37 @@ def test_a_seed_selected_sweep_s_summary_names_wilcoxon_holm_and_the_equivalence
     assert all(word in text for word in ("Wilcoxon", "Holm", "equivalence", "primary", "Collapsed"))
     summary.write_summary(results, str(tmp_path / "pooled.md"), select="pooled")
     assert "pre-registered" not in (tmp_path / "pooled.md").read_text()  # earlier sweeps' reports as they were
+
+
+def test_each_backbone_is_pretrained_at_every_rate_of_its_grid_and_the_lowest_validation_loss_is_kept(
+        tiny_args, tmp_path, monkeypatch):
+    import csv as csv_module
+
+    import transfer_mnist as tm
+    from sweeps import cli
+
+    used = []
+    train = tm.train
+
+    def recording(backbone, mode, data, args):
+        used.append((args.seed, {k: v.clone() for k, v in backbone.items()}))
+        return train(backbone, mode, data, args)
+
+    monkeypatch.setattr(tm, "train", recording)
+    args = tiny_args + ["--targets", "even-odd", "--modes", "finetuned", "--seeds", "2", "--backbone-per-seed",
+                        "--pretrain-lr-grid", "1e-5", "1e-2", "--shuffle", "--results-csv", str(tmp_path / "r.csv")]
+    assert cli.main(args) == 0
+    with open(tmp_path / "r.csv", newline="") as f:
+        rows = list(csv_module.DictReader(f))
+    pretraining = [r for r in rows if r["mode"] == "pretrain"]
+    assert [(r["seed"], r["learning_rate"]) for r in pretraining] == [("0", "1e-05"), ("0", "0.01"), ("1", "1e-05"),
+                                                                       ("1", "0.01")]
+    for seed in ("0", "1"):
+        grid = [r for r in pretraining if r["seed"] == seed]
+        pick = min(grid, key=lambda r: float(r["val_loss"]))
+        assert [r["selected"] for r in grid] == ["true" if r is pick else "false" for r in grid]
+        checkpoint = tmp_path / "logs" / "pretrain" / "version_0" / f"seed{seed}_lr{float(pick['learning_rate']):g}"
+        kept = tm.read_backbone(str(checkpoint / "checkpoints" / "best.ckpt"))
+        assert all(torch.equal(backbone[k], kept[k]) for s, backbone in used if s == int(seed) for k in kept)
+    settings = json.loads((tmp_path / "r.json").read_text())
+    assert all("_lr" in entry["path"] and entry["sha256"] for entry in settings["checkpoints"].values())
