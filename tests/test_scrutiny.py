@@ -15,7 +15,9 @@ from sweeps import cli, data, engine, resume, runs, settings, start, stats, summ
 from sweeps.runs import RunResult
 from sweeps.stop import StopSignal
 
-WIDEN = ["--protocol", "fair", "--modes", "finetuned", "from_scratch", "--targets", "even-odd", "--seeds", "2",
+# the earlier fair protocol's pooled widening (results/PROTOCOL.md's per seed: test_each_seed_widens_its_own_grid)
+WIDEN = ["--protocol", "fair", "--select", "pooled", "--modes", "finetuned", "from_scratch", "--targets", "even-odd",
+         "--seeds", "2",
          "--lr-grid", "0.3", "1.0"]
 
 
