@@ -103,7 +103,7 @@ def plan_line(cfg: argparse.Namespace, pretraining: list[Run], todo: list[Run]) 
 
 
 def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resumed | None = None,
-                   on_pretrained: Callable[[int, str], None] | None = None,
+                   on_pretrained: Callable[[int, str, dict | None], None] | None = None,
                    on_node: Callable[[Run, dict], None] | None = None,
                    on_widened: Callable[[Run], None] | None = None,
                    borrowed: Resumed | None = None) -> list[RunResult]:
@@ -113,7 +113,8 @@ def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resume
     whatever order they finished in. A resumed sweep skips the runs, pretraining included, that its CSV holds
     already, and runs the rates its grids were widened by. `borrowed`: another sweep's backbones
     (--backbones-from), whose pretraining rows are copied instead of pretraining.
-    on_pretrained(seed, checkpoint) is called once seed's backbone is written (or borrowed), before its row; on
+    on_pretrained(seed, checkpoint, rates) is called once seed's backbone is written (or borrowed), with every
+    pretraining rate's validation loss (None for one rate), before its row; on
     a cluster, on_node(run, node) with the node that made each row (its address, libraries and CPU), before
     the row; on_widened(run) for the first seed's run of each rate that --widen adds, before it starts."""
     pretraining, runs = pretraining_runs(cfg), sweep_runs(cfg)
@@ -126,7 +127,7 @@ def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resume
     for r in borrowed.rows if borrowed else []:  # another sweep's backbones: their rows and digests, here first
         if run_key(r) in pretraining and run_key(r) not in earlier:
             if on_pretrained:
-                on_pretrained(r.seed, borrowed.checkpoints[r.seed])
+                on_pretrained(r.seed, borrowed.checkpoints[r.seed], None)
             csv_out.append(r)
             earlier[run_key(r)] = r
     done = {index: earlier[run] for index, run in enumerate(runs) if run in earlier}
@@ -185,17 +186,18 @@ def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resume
         return {index: (run, backbones[seed]) for index, run in waiting.pop(seed, {}).items()}
 
     def pretrained(seed: int, results: list[RunResult], backbone: dict, where: str) -> dict:
-        """Seed's pretraining grid is done: its rows, every rate's; its backbone, the pick's."""
+        """Seed's pretraining grid is done: its backbone and row are the pick's; every rate's validation loss
+        goes into the settings with the backbone."""
         pick = next(r for r in results if r.selected)
         checkpoint = pretrain_checkpoint(cfg, seed, pick.learning_rate)
         backbones[seed] = backbone
         if not os.path.isfile(checkpoint):  # pretrained on another node: keep it for --resume
             save_backbone(backbone, checkpoint)
-        if on_pretrained:  # before the rows: a resume that finds the rows finds the backbone's digest too
-            on_pretrained(seed, checkpoint)
-        for r in results:
-            earlier[run_key(r)] = r
-            csv_out.append(r)
+        if on_pretrained:  # before the row: a resume that finds the row finds the backbone's digest too
+            rates = {r.learning_rate: r.val_loss for r in results} if len(results) > 1 else None
+            on_pretrained(seed, checkpoint, rates)
+        earlier[run_key(pick)] = pick
+        csv_out.append(pick)
         logger.info(progress.line(run_key(pick), pick, where))
         StopSignal.check()
         return ready(seed)

@@ -178,13 +178,16 @@ def save_settings(cfg: argparse.Namespace, csv_path: str, checkpoints: dict[int,
                         for seed, path in checkpoints.items()}})
 
 
-def record_backbone(csv_path: str, seed: int, checkpoint_path: str) -> None:
+def record_backbone(csv_path: str, seed: int, checkpoint_path: str, rates: dict | None = None) -> None:
     """Record seed's freshly written backbone in the settings, where it was written (a resumed sweep may write
-    into another --log-dir) and with its digest, which --resume checks."""
+    into another --log-dir) and with its digest, which --resume checks; with --pretrain-lr-grid, the best
+    validation loss of every pretraining rate it was chosen from (`rates`)."""
     path = settings_path(csv_path)
     settings = json.loads(path.read_text())
     settings["checkpoints"][str(seed)] = {"path": os.path.relpath(checkpoint_path, Path(csv_path).parent),
                                           "sha256": sha256(Path(checkpoint_path).read_bytes())}
+    if rates:
+        settings["checkpoints"][str(seed)]["pretraining val_loss by rate"] = {f"{r:g}": v for r, v in rates.items()}
     write_settings(path, settings)
 
 

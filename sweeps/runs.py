@@ -122,7 +122,7 @@ def shuffled_pretrain(settings: argparse.Namespace, seed: int) -> tuple[str, tm.
 def pretrain_backbone(cfg: argparse.Namespace, seed: int) -> tuple[list[RunResult], dict]:
     """Seed's backbone at every pretraining rate (pretraining_rates()), through the template's pretrain(), and
     the one of the lowest validation loss (the lower rate on a tie; NaN, a diverged run, the worst): every
-    rate's row, the pick's selected, and the pick's backbone."""
+    rate's row, the pick's selected (the CSV keeps the pick's), and the pick's backbone."""
     results, paths = [], {}
     for rate in pretraining_rates(cfg):
         started = time.perf_counter()

@@ -238,9 +238,10 @@ def remove_unfinished(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed, cre
     if not finished and not resumed:
         remove(created)
     log_dir = Path(cfg.log_dir)
+    pretrained = {run.seed for run in finished if run.mode == "pretrain"}  # a grid's other rates are its too
     for run in pretraining_runs(cfg) + sweep_runs(cfg):
         folder = Path(run_folder(cfg, run))
-        if run not in finished and folder.is_dir():
+        if run not in finished and folder.is_dir() and not (run.mode == "pretrain" and run.seed in pretrained):
             shutil.rmtree(folder, ignore_errors=True)
             for parent in folder.parents:  # the folders that held only it
                 if parent == log_dir or not parent.is_relative_to(log_dir) or not parent.is_dir() \

@@ -103,15 +103,15 @@ def test_each_backbone_is_pretrained_at_every_rate_of_its_grid_and_the_lowest_va
     assert cli.main(args) == 0
     with open(tmp_path / "r.csv", newline="") as f:
         rows = list(csv_module.DictReader(f))
-    pretraining = [r for r in rows if r["mode"] == "pretrain"]
-    assert [(r["seed"], r["learning_rate"]) for r in pretraining] == [("0", "1e-05"), ("0", "0.01"), ("1", "1e-05"),
-                                                                       ("1", "0.01")]
-    for seed in ("0", "1"):
-        grid = [r for r in pretraining if r["seed"] == seed]
-        pick = min(grid, key=lambda r: float(r["val_loss"]))
-        assert [r["selected"] for r in grid] == ["true" if r is pick else "false" for r in grid]
-        checkpoint = tmp_path / "logs" / "pretrain" / "version_0" / f"seed{seed}_lr{float(pick['learning_rate']):g}"
-        kept = tm.read_backbone(str(checkpoint / "checkpoints" / "best.ckpt"))
-        assert all(torch.equal(backbone[k], kept[k]) for s, backbone in used if s == int(seed) for k in kept)
+    pretraining = [r for r in rows if r["mode"] == "pretrain"]  # a row per backbone: the pick's
     settings = json.loads((tmp_path / "r.json").read_text())
-    assert all("_lr" in entry["path"] and entry["sha256"] for entry in settings["checkpoints"].values())
+    assert [r["seed"] for r in pretraining] == ["0", "1"] and all(r["selected"] == "true" for r in pretraining)
+    for r in pretraining:
+        recorded = settings["checkpoints"][r["seed"]]
+        grid = recorded["pretraining val_loss by rate"]  # every rate's, saved with the backbone
+        assert set(grid) == {"1e-05", "0.01"} and r["learning_rate"] == min(grid, key=grid.get)
+        assert float(r["val_loss"]) == pytest.approx(grid[r["learning_rate"]], rel=1e-5)
+        checkpoint = tmp_path / "logs" / "pretrain" / "version_0" / f"seed{r['seed']}_lr{float(r['learning_rate']):g}"
+        assert recorded["path"].endswith(f"seed{r['seed']}_lr{float(r['learning_rate']):g}/checkpoints/best.ckpt")
+        kept = tm.read_backbone(str(checkpoint / "checkpoints" / "best.ckpt"))
+        assert all(torch.equal(backbone[k], kept[k]) for s, backbone in used if s == int(r["seed"]) for k in kept)
