@@ -138,6 +138,21 @@ def test_next_rate_steps_past_an_edge_on_the_grid_s_spacing_up_to_the_bounds():
     assert settings.next_rate([1e-3], 1e-3) is None  # one rate: no spacing to step by
 
 
+def stopped_at_a_widened_rate(n: int, argv: list[str], monkeypatch) -> None:
+    """Run the sweep of argv and stop it (Ctrl-C) as the n-th rate that --widen adds is recorded."""
+    original, recorded = resume.record_widened, []
+
+    def stop_at_the_nth(*args, **kwargs):
+        recorded.append(args)
+        original(*args, **kwargs)
+        if len(recorded) == n:
+            StopSignal.received = signal.SIGINT
+            raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "record_widened", stop_at_the_nth)
+    assert cli.main(argv) == 130
+    monkeypatch.setattr(cli, "record_widened", original)
+
+
 def test_a_grid_at_an_edge_widens_for_every_seed_resumes_and_reports_so(tiny_args, tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(engine, "execute", valley(calls))
@@ -154,18 +169,9 @@ def test_a_grid_at_an_edge_widens_for_every_seed_resumes_and_reports_so(tiny_arg
     assert "learning rates run" in whole.with_suffix(".md").read_text()
 
     # stopped as the fourth widened rate is recorded: --resume runs what was recorded and widens on
-    original, recorded = resume.record_widened, []
-
-    def stop_at_the_fourth(*args, **kwargs):
-        recorded.append(args)
-        original(*args, **kwargs)
-        if len(recorded) == 4:
-            StopSignal.received = signal.SIGINT
-            raise KeyboardInterrupt
-    monkeypatch.setattr(cli, "record_widened", stop_at_the_fourth)
     part = tmp_path / "part.csv"
-    assert cli.main(tiny_args + WIDEN + ["--log-dir", str(tmp_path / "logs2"), "--results-csv", str(part)]) == 130
-    monkeypatch.setattr(cli, "record_widened", original)
+    stopped_at_a_widened_rate(4, tiny_args + WIDEN + ["--log-dir", str(tmp_path / "logs2"), "--results-csv",
+                                                       str(part)], monkeypatch)
     assert cli.main(["--resume", str(part)]) == 0
     assert part.read_bytes() == whole.read_bytes()
     # --report knows the widened rates: the same selection from the rows and the saved settings
@@ -200,17 +206,8 @@ def test_each_seed_widens_its_own_grid_with_select_seed_resumes_and_reports_so(t
     saved = json.loads(whole.with_suffix(".json").read_text())
     assert [entry[4] for entry in saved["widened"]].count(1) == 2  # seed 1's two rates, recorded for it alone
     part = tmp_path / "part.csv"
-    original, recorded = resume.record_widened, []
-
-    def stop_at_the_third(*args, **kwargs):
-        recorded.append(args)
-        original(*args, **kwargs)
-        if len(recorded) == 3:
-            StopSignal.received = signal.SIGINT
-            raise KeyboardInterrupt
-    monkeypatch.setattr(cli, "record_widened", stop_at_the_third)
-    assert cli.main(args + ["--log-dir", str(tmp_path / "logs2"), "--results-csv", str(part)]) == 130
-    monkeypatch.setattr(cli, "record_widened", original)
+    stopped_at_a_widened_rate(3, args + ["--log-dir", str(tmp_path / "logs2"), "--results-csv", str(part)],
+                              monkeypatch)
     assert cli.main(["--resume", str(part)]) == 0
     assert part.read_bytes() == whole.read_bytes()
     assert cli.main(["--report", str(whole), "--results-csv", str(tmp_path / "again.csv")]) == 0
