@@ -184,6 +184,15 @@ def collapses(results: list[RunResult]) -> tuple[list[str], list[list[str]]]:
     return COLLAPSE_HEADER, rows
 
 
+def collapsed_lines(results: list[RunResult]) -> str:
+    """The console's count of collapsed runs: one line per arm and rate where any run collapsed, or ''."""
+    lines = [f"{mode} on {target} at {n_train} labels, rate {rate}: {collapsed} collapsed"
+             for target, n_train, mode, rate, _, collapsed, *_ in collapses(results)[1]
+             if not collapsed.startswith("0 of")]
+    heading = f"Collapsed runs (best validation loss within {1 - NEAR_CHANCE:.0%} of guessing's), over all runs:"
+    return "\n  ".join([heading, *lines]) if lines else ""
+
+
 def head_stage_runs(runs: typing.Iterable[RunResult]) -> list[RunResult]:
     """LP-FT runs whose best epoch lies within their head stage: the fine-tuning stage never improved on the
     head trained on the frozen backbone, so they were tested as a frozen run would be."""
@@ -380,9 +389,10 @@ def write_summary(results: list[RunResult], path: str, select: str = "seed",
                  "rates instead of the one validation chose, paired by seed; the last column picks the baseline's "
                  "rate on the test set, so it is a bound on how much a luckier choice could take away, not a "
                  f"result.\n\n{markdown(*sensitivity)}\n\n") if sensitivity else ""
-    prereg = ""
+    prereg, console = "", []
     if select == "seed":
         header, rows, power = preregistered(results)
+        console = [f"{aligned(header, rows)}\n{power}", collapsed_lines(results)]
         prereg = ("## The pre-registered comparisons (results/PROTOCOL.md)\n\nEach pretrained arm minus "
                   f"{baseline_arm()} in test accuracy points, paired by seed, each seed at the rate its own "
                   "validation loss chose. The primaries: Wilcoxon's signed-rank test, Holm's adjustment over the "
@@ -390,15 +400,16 @@ def write_summary(results: list[RunResult], path: str, select: str = "seed",
                   f"tests at 5%. The other rows are exploratory: intervals, no claims. {power}\n\n"
                   f"{markdown(header, rows)}\n\n## Collapsed and still-improving runs, at every rate\n\n"
                   f"{markdown(*collapses(results))}\n\n")
+    reading = ("exploratory beside the pre-registered comparisons above." if prereg else
+               f"the ones to state as findings where below 0.05. Primary, named before any run: {PRIMARY}.")
     replace_text(path, f"# Test results over seeds\n\n{markdown(ARM_HEADER, arms)}\n\n{caution}{prereg}"
                        "Paired by seed: both arms of a seed share the training subset and the head's initial weights. "
                        "p: the paired t-test of no difference in test accuracy; Holm p: adjusted by Holm's method over "
-                       f"the {len(differences)} comparisons of this table, the ones to state as findings where below "
-                       f"0.05. Primary, named before any run: {PRIMARY}."
+                       f"the {len(differences)} comparisons of this table, {reading}"
                        f"\n\n{markdown(DIFF_HEADER, differences)}\n\n"
                        "In percent: mean test accuracy, and the paired difference in points with its 95% interval."
                        f"\n\n{markdown(*percent_table(results))}\n\n{sensitive}{closing}")
-    return "\n\n".join([aligned(ARM_HEADER, arms)] + [caution.strip()] * bool(caution)
+    return "\n\n".join([aligned(ARM_HEADER, arms)] + [caution.strip()] * bool(caution) + [*filter(None, console)]
                          + [aligned(*table) for table in ((DIFF_HEADER, differences), (BUDGET_HEADER, budget))])
 
 

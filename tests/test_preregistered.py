@@ -75,12 +75,19 @@ def test_collapsed_and_still_improving_runs_are_counted_at_every_rate_not_only_t
 def test_a_seed_selected_sweep_s_summary_names_wilcoxon_holm_and_the_equivalence_test(tmp_path):
     results = [row("even-odd", mode, seed, acc) for seed in range(200, 203)
                for mode, acc in (("from_scratch", 0.8), ("finetuned", 0.85 + 0.01 * seed % 3))]
-    summary.write_summary(results, str(tmp_path / "r.md"), select="seed")
+    results += [row("even-odd", "from_scratch", 200, 0.5, rate=3e-2, val_loss=0.69, selected=False)]
+    console = summary.write_summary(results, str(tmp_path / "r.md"), select="seed")
     text = (tmp_path / "r.md").read_text()
     assert "## The pre-registered comparisons (results/PROTOCOL.md)" in text
     assert all(word in text for word in ("Wilcoxon", "Holm", "equivalence", "primary", "Collapsed"))
-    summary.write_summary(results, str(tmp_path / "pooled.md"), select="pooled")
-    assert "pre-registered" not in (tmp_path / "pooled.md").read_text()  # earlier sweeps' reports as they were
+    # the paired-t table claims nothing beside the pre-registered test; the console shows that test and the collapse
+    assert "the ones to state as findings" not in text and "exploratory beside the pre-registered" in text
+    assert "Wilcoxon p" in console and "finetuned − from_scratch (primary)" in console
+    assert "  from_scratch on even-odd at 200 labels, rate 0.03: 1 of 1 collapsed" in console.splitlines()
+    assert "0 of" not in console.partition("Collapsed runs")[2].partition("\n\n")[0]  # only arms and rates that did
+    pooled = summary.write_summary(results, str(tmp_path / "pooled.md"), select="pooled")
+    text = (tmp_path / "pooled.md").read_text()  # earlier sweeps' reports as they were
+    assert "pre-registered" not in text and "the ones to state as findings" in text and "Wilcoxon" not in pooled
 
 
 def test_each_backbone_is_pretrained_at_every_rate_of_its_grid_and_the_lowest_validation_loss_is_kept(
