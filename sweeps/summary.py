@@ -138,7 +138,8 @@ def preregistered(results: list[RunResult]) -> tuple[list[str], list[list[str]],
         if not ARMS[mode].pretrained or other is None or not by_seed.keys() & other.keys():
             continue
         seeds = sorted(by_seed.keys() & other.keys())
-        diffs = [100 * (by_seed[s].test_acc - other[s].test_acc) for s in seeds]
+        # in points, rounded so that equal differences tie, as Wilcoxon's ranks need (not 1.12 and 1.1199...)
+        diffs = [round(100 * (by_seed[s].test_acc - other[s].test_acc), 6) for s in seeds]
         ci, ordered = MeanCI.of(diffs), sorted(diffs)
         median = (ordered[(len(diffs) - 1) // 2] + ordered[len(diffs) // 2]) / 2
         at = PRIMARY_N_TRAIN if (target, PRIMARY_N_TRAIN, PRIMARY_ARM) in groups else largest[target]

@@ -61,6 +61,18 @@ def test_holm_runs_over_the_primaries_alone_and_each_primary_gets_a_reading():
     assert power.startswith("With 10 seeds and the primaries' paired sd of ")
 
 
+def test_equal_differences_tie_in_wilcoxon_s_ranks_whatever_the_floats_say():
+    # 0.9612 - 0.95 and 0.9712 - 0.96 are both 1.12 points, but not as floats (1.12000000000001, 1.11999999999999)
+    pairs = [(0.9612, 0.95), (0.9712, 0.96), (0.98, 0.97), (0.9701, 0.96), (0.95, 0.94), (0.9655, 0.955),
+             (0.9733, 0.96), (0.9588, 0.95), (0.93, 0.94), (0.969, 0.96)]
+    results = [r for seed, (tuned, scratch) in enumerate(pairs, start=200)
+               for r in (row("even-odd", "finetuned", seed, tuned), row("even-odd", "from_scratch", seed, scratch))]
+    (primary,) = summary.preregistered(results)[1]
+    exact = [1.12, 1.12, 1.0, 1.01, 1.0, 1.05, 1.33, 0.88, -1.0, 0.9]
+    assert len(set(exact)) < len(exact)  # ties, which change the ranks and the test
+    assert primary[8] == summary.p_text(scipy_stats.wilcoxon(exact).pvalue)
+
+
 def test_collapsed_and_still_improving_runs_are_counted_at_every_rate_not_only_the_selected():
     results = [row("even-odd", "from_scratch", seed, 0.5, rate=3e-2, val_loss=0.69, selected=False)
                for seed in range(9)]  # 9 of 10 at chance (ln 2 = 0.693): collapsed
