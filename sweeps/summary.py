@@ -16,7 +16,7 @@ import lightning
 import transfer_mnist as tm
 from sweeps.files import replace_text
 from sweeps.runs import NEAR_CHANCE, RunResult, chance_loss, still_improving
-from sweeps.settings import EQUIVALENCE_MARGIN, PRIMARY, PRIMARY_ARM, PRIMARY_N_TRAIN
+from sweeps.settings import EQUIVALENCE_MARGIN, LR_BOUNDS, PRIMARY, PRIMARY_ARM, PRIMARY_N_TRAIN
 from sweeps.stats import MeanCI, detectable, holm, t_975, tost_p, wilcoxon_p
 
 ARMS = tm.ARMS
@@ -272,11 +272,16 @@ def rate_choices(results: list[RunResult]) -> dict[tuple[str, str], list[tuple[R
 
 
 def at_an_edge(choices: list[tuple[RunResult, list[float]]]) -> int | None:
-    """How many choices sat at the lowest or highest rate of their grid (a sign it is too narrow); None
-    under 3 rates, where every choice is at an edge."""
+    """How many choices sat at the lowest or highest rate of their grid (a sign it is too narrow), but at
+    LR_BOUNDS, where --widen stops (at_a_bound); None under 3 rates, where every choice is at an edge."""
     if min(len(grid) for _, grid in choices) < 3:
         return None
-    return sum(r.learning_rate in (min(grid), max(grid)) for r, grid in choices)
+    return sum(r.learning_rate in (min(grid), max(grid)) for r, grid in choices) - at_a_bound(choices)
+
+
+def at_a_bound(choices: list[tuple[RunResult, list[float]]]) -> int:
+    """How many choices sat at an edge of their grid that is one of LR_BOUNDS, beyond which --widen goes not."""
+    return sum(r.learning_rate in LR_BOUNDS and r.learning_rate in (min(grid), max(grid)) for r, grid in choices)
 
 
 def budget_rows(results: list[RunResult]) -> list[list[str]]:
@@ -338,6 +343,9 @@ def fragile(results: list[RunResult]) -> list[str]:
                             f"best rate may lie beyond; widen --lr-grid (or --widen)")
         elif edge is None:
             warnings.append("a grid of fewer than 3 rates cannot tell whether the best rate lies outside it")
+        if bound := at_a_bound(choices):
+            warnings.append(f"{bound} of {len(choices)} selected runs have their rate at {LR_BOUNDS[0]:g} or "
+                            f"{LR_BOUNDS[1]:g}, where --widen stops: the rates beyond were not tried")
     elif choices:
         warnings.append("every arm ran at one fixed learning rate, not its best: --protocol fair gives each arm "
                         "its best of a grid, over 5 seeds, on images that pretraining did not see")
