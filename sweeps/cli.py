@@ -44,7 +44,8 @@ from sweeps.runs import (
     sweep_runs,
     widened_runs,
 )
-from sweeps.settings import PRIMARY, ExperimentFailure, complete, one_line, parse, quiet_libraries, run_threads
+from sweeps.settings import (PRIMARY, PRIMARY_ARM, ExperimentFailure, complete, one_line, parse, quiet_libraries,
+                             run_threads)
 from sweeps.start import check_inputs, prepare_outputs, remove, remove_unfinished, warn_if_busy
 from sweeps.stop import StopSignal
 from sweeps.summary import (
@@ -177,14 +178,15 @@ def compare(cfg: argparse.Namespace, given: set[str]) -> int:
         save_figure(draw_figure(sweeps[label]), name.with_suffix(".png"))
     table = comparison_table(sweeps)
     modes = [mode for mode in ARMS if any(r.mode == mode for results in sweeps.values() for r in results)]
-    header = ["sweep", *percent_table([], modes)[0]]
-    means = [[label, *row] for label, results in sweeps.items() for row in percent_table(results, modes)[1]]
+    primary = [PRIMARY_ARM]  # the other differences are in the table below it
+    header = ["sweep", *percent_table([], modes, primary)[0]]
+    means = [[label, *row] for label, results in sweeps.items() for row in percent_table(results, modes, primary)[1]]
     change = change_table(sweeps)
     changed = ("How each lead changes from one sweep to a later one, paired by the seeds they share (what else "
                "differs between the two sweeps, their images and rate choices, comes with the change):\n\n"
                f"{markdown(*change)}\n\n" if change else "")
     replace_text(out.with_suffix(".md"),
-        f"# Sweeps compared\n\nMean test accuracy in %, and each pretrained arm minus {baseline_arm()} in points "
+        f"# Sweeps compared\n\nMean test accuracy in %, and {PRIMARY_ARM} minus {baseline_arm()} in points "
         f"with its 95% interval:\n\n{markdown(header, means)}\n\nThe paired differences side by side:\n\n"
         f"{markdown(*table)}\n\n{changed}Sweeps: " + "; ".join(f"{label}: {', '.join(c)}" for label, c in paths.items())
         + ".\n")

@@ -243,13 +243,15 @@ def difference_text(groups: dict, target: str, n_train: int, mode: str) -> str:
     return points(difference[0]) if difference else "–"
 
 
-def percent_table(results: list[RunResult], modes: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+def percent_table(results: list[RunResult], modes: list[str] | None = None,
+                  differences: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
     """Per (target, n_train): each arm's mean test accuracy in %, and each pretrained arm minus the baseline
-    in points with its 95% interval: the compact table that README.md quotes. Columns: `modes`, or the
-    arms that ran."""
+    in points with its 95% interval. Columns: `modes`, or the arms that ran; the differences of `differences`
+    among them, or of every pretrained one."""
     groups = group_by_arm(results)
     modes = modes or [mode for mode in ARMS if any(key[2] == mode for key in groups)]
-    pretrained = [mode for mode in modes if ARMS[mode].pretrained and baseline_arm() in modes]
+    pretrained = [mode for mode in modes if ARMS[mode].pretrained and baseline_arm() in modes
+                  and mode in (differences or modes)]
     rows = []
     for target, n_train in dict.fromkeys((key[0], key[1]) for key in sorted(groups, key=lambda k: (k[0], k[1]))):
         rows.append([target, str(n_train)]

@@ -24,7 +24,7 @@ def test_the_percent_table_gives_means_and_paired_differences_in_points():
 
 
 def test_report_compares_sweeps_side_by_side(tiny_args, tmp_path, capsys):
-    args = tiny_args + ["--targets", "even-odd", "--seeds", "2"]
+    args = tiny_args + ["--targets", "even-odd", "--seeds", "2", "--modes", "finetuned", "from_scratch", "frozen"]
     assert cli.main(args + ["--results-csv", str(tmp_path / "a.csv")]) == 0
     assert cli.main(args + ["--augment", "--results-csv", str(tmp_path / "b.csv")]) == 0
     out = tmp_path / "cmp" / "both.csv"
@@ -32,8 +32,10 @@ def test_report_compares_sweeps_side_by_side(tiny_args, tmp_path, capsys):
                     "--results-csv", str(out)]) == 0
     compared = out.with_suffix(".md").read_text()
     a = runs.read_results([str(tmp_path / "a.csv")])
-    (row,) = summary.percent_table(a)[1]
+    (row,) = summary.percent_table(a, differences=["finetuned"])[1]
     assert "| plain | " + " | ".join(row) + " |" in compared  # each sweep's own numbers, labelled
+    means, _, side_by_side = compared.partition("The paired differences")  # the means with the primary's alone
+    assert "frozen − from_scratch" not in means and "| even-odd | 20 | frozen − from_scratch |" in side_by_side
     difference = row[-1]
     assert f"| even-odd | 20 | finetuned − from_scratch | {difference} | " in compared
     for label in ("plain", "augmented"):  # and each sweep's own summary and figure beside it
@@ -62,7 +64,9 @@ def test_every_results_table_in_the_readme_is_what_the_script_makes_of_results(t
     made = "\n".join(path.read_text() for path in tmp_path.glob("readme*.md"))
     targets = {*tm.TARGETS, "mnist"}
     quoted = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| ")
-              and targets & {cell.strip() for cell in line.strip("|").split("|")[:2]}]
-    assert len(quoted) >= 10, quoted  # the README's results tables are there
+              and targets & {cell.strip() for cell in line.strip("|").split("|")[:3]}]
     missing = [line for line in quoted if line not in made]
     assert not missing, missing
+    # the first table is the comparison's table of means, whole: a row per sweep, target and n_train
+    means = (tmp_path / "readme.md").read_text().partition("| sweep |")[2].partition("\n\n")[0].splitlines()[2:]
+    assert means and set(means) <= set(quoted), set(means) - set(quoted)
