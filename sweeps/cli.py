@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 import tempfile
+import typing
 from pathlib import Path
 
 import torch
@@ -87,7 +88,14 @@ def report_output(cfg: argparse.Namespace, given: set[str]) -> Path:
     return first.with_name(".".join([first.stem, *parts, "csv"])) if parts else first
 
 
-def load_sweep(paths: list[str], cfg: argparse.Namespace, given: set[str]) -> tuple[list[RunResult], str, list[str]]:
+class LoadedSweep(typing.NamedTuple):
+    results: list[RunResult]
+    select: str
+    warnings: list[str]
+    augmented: bool  # with --augment: no primaries (results/PROTOCOL.md)
+
+
+def load_sweep(paths: list[str], cfg: argparse.Namespace, given: set[str]) -> LoadedSweep:
     """The rows of results CSVs, merged, their rates selected as --select says, else as the first sweep did,
     in each (target, arm, n_train) that holds every run its sweep's saved settings plan; and the warnings:
     groups left out as incomplete, CSVs without settings, sweeps made on different machines."""
@@ -106,7 +114,8 @@ def load_sweep(paths: list[str], cfg: argparse.Namespace, given: set[str]) -> tu
     warnings = [f"{path} has no settings beside it ({settings_path(path).name}): its planned seeds, sizes and rates "
                 f"are taken from its rows, and {SELECTIONS[select]}" for path, settings in saved.items()
                 if "config" not in settings]
-    return results, select, incomplete + warnings + machines_differ(saved)
+    return LoadedSweep(results, select, incomplete + warnings + machines_differ(saved),
+                       any(c.get("augment") for c in configs))
 
 
 def machines_differ(saved: dict[str, dict]) -> list[str]:
@@ -137,7 +146,7 @@ def report(cfg: argparse.Namespace, given: set[str]) -> int:
             raise tm.ExperimentError("--report takes CSVs, or LABEL=CSV for each to compare sweeps; not both")
         if all(labelled):  # comparing sweeps
             return compare(cfg, given)
-        results, cfg.select, warnings = load_sweep(list(cfg.report), cfg, given)
+        results, cfg.select, warnings, augmented = load_sweep(list(cfg.report), cfg, given)
         out = report_output(cfg, given)
         if cfg.results_csv:
             try:
@@ -145,7 +154,7 @@ def report(cfg: argparse.Namespace, given: set[str]) -> int:
                 ResultsCsv(cfg.results_csv).rewrite(results)
             except OSError as err:
                 raise tm.ExperimentError(f"--results-csv {out} cannot be written ({err.strerror or err})") from None
-        summary = write_summary(results, str(out.with_suffix(".md")), cfg.select, warnings)
+        summary = write_summary(results, str(out.with_suffix(".md")), cfg.select, warnings, augmented)
         save_figure(draw_figure(results), out.with_suffix(".png"))
     except tm.ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -170,11 +179,11 @@ def compare(cfg: argparse.Namespace, given: set[str]) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     sweeps = {}
     for label, csvs in paths.items():
-        sweeps[label], select, warnings = load_sweep(csvs, cfg, given)
+        sweeps[label], select, warnings, augmented = load_sweep(csvs, cfg, given)
         for warning in warnings:
             print(f"Warning: {label}: {warning}")
         name = out.with_name(f"{out.stem}.{''.join(c if c.isalnum() or c in '-_' else '_' for c in label)}.md")
-        write_summary(sweeps[label], str(name), select, warnings)
+        write_summary(sweeps[label], str(name), select, warnings, augmented)
         save_figure(draw_figure(sweeps[label]), name.with_suffix(".png"))
     table = comparison_table(sweeps)
     modes = [mode for mode in ARMS if any(r.mode == mode for results in sweeps.values() for r in results)]
@@ -254,7 +263,8 @@ def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack)
         raise
     logger.info(f"Settings: {', '.join(f'{key}={value}' for key, value in vars(cfg).items())}")
     if cfg.protocol == "fair":  # named before any run: the summary marks it, the other comparisons are exploratory
-        logger.info(f"Primary comparison: {PRIMARY} ({max(cfg.n_train)}); the others are exploratory")
+        logger.info("No primary comparison: with --augment every comparison is exploratory" if cfg.augment else
+                    f"Primary comparison: {PRIMARY} ({max(cfg.n_train)}); the others are exploratory")
     if not cfg.cluster:  # every worker's threads on this machine's cores
         warn_if_busy(run_threads(cfg) or torch.get_num_threads(), cfg.workers)
     summary_path, figure_path = (Path(csv_out.path).with_suffix(suffix) for suffix in (".md", ".png"))
@@ -263,7 +273,7 @@ def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack)
                                  on_node=NodeRecords(csv_out.path), borrowed=borrowed,  # resume
                                  on_widened=functools.partial(record_widened, csv_out.path,
                                                               per_seed=cfg.select == "seed"))
-        summary = write_summary(results, str(summary_path), cfg.select)
+        summary = write_summary(results, str(summary_path), cfg.select, augmented=cfg.augment)
         log_learning_curves(results, cfg)
         figure = draw_figure(results)
         save_figure(figure, figure_path)

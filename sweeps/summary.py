@@ -102,10 +102,10 @@ def p_text(p: float) -> str:
     return "n/a" if math.isnan(p) else f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
 
 
-def summarize(results: list[RunResult]) -> tuple[list[list[str]], list[list[str]]]:
+def summarize(results: list[RunResult], primaries: bool = True) -> tuple[list[list[str]], list[list[str]]]:
     """Rows of two tables: each (target, n_train, mode) over seeds, and each pretrained arm minus the
     baseline, paired by seed, with its paired-t p-value and that value Holm-adjusted over every comparison
-    of the table; the primary comparison (PRIMARY) is marked."""
+    of the table; the primary comparison (PRIMARY) is marked, where the sweep has `primaries`."""
     groups = group_by_arm(results)
     largest = largest_sizes(groups)
     arms, differences, p_values = [], [], []
@@ -115,7 +115,7 @@ def summarize(results: list[RunResult]) -> tuple[list[list[str]], list[list[str]
         shown = f"{mode} ({len(head)} of {len(by_seed)} tested on the head stage)" if head else mode
         arms.append([target, str(n_train), shown, str(acc.n), *acc.text(), *loss.text()])
         if difference := paired(groups, target, n_train, mode):
-            primary = " (primary)" if mode == PRIMARY_ARM and n_train == largest[target] else ""
+            primary = " (primary)" if primaries and mode == PRIMARY_ARM and n_train == largest[target] else ""
             differences.append([target, str(n_train), f"{mode} - {baseline_arm()}{primary}", str(acc.n),
                                 *difference[0].text(), p_text(difference[0].p), "", *difference[1].text()])
             p_values.append(difference[0].p)
@@ -124,12 +124,13 @@ def summarize(results: list[RunResult]) -> tuple[list[list[str]], list[list[str]
     return arms, differences
 
 
-def preregistered(results: list[RunResult]) -> tuple[list[str], list[list[str]], str]:
+def preregistered(results: list[RunResult], primaries: bool = True) -> tuple[list[str], list[list[str]], str]:
     """The comparisons as results/PROTOCOL.md tests them: each pretrained arm minus the baseline in test
     accuracy points, paired by seed, with the mean and median, the 95% t interval, how many seeds favour
     each side, Wilcoxon's signed-rank p-value, Holm's adjustment over the primaries alone (PRIMARY_ARM at
     PRIMARY_N_TRAIN, else each target's largest n_train), the equivalence test at ±EQUIVALENCE_MARGIN points
-    and what a primary's numbers allow one to say; and a line on the smallest difference the seeds detect."""
+    and what a primary's numbers allow one to say; and a line on the smallest difference the seeds detect.
+    Without `primaries` (a sweep with --augment) every row is exploratory."""
     groups = group_by_arm(results)
     largest, rows, primary_p, sds = largest_sizes(groups), [], [], []
     base = baseline_arm()
@@ -143,7 +144,7 @@ def preregistered(results: list[RunResult]) -> tuple[list[str], list[list[str]],
         ci, ordered = MeanCI.of(diffs), sorted(diffs)
         median = (ordered[(len(diffs) - 1) // 2] + ordered[len(diffs) // 2]) / 2
         at = PRIMARY_N_TRAIN if (target, PRIMARY_N_TRAIN, PRIMARY_ARM) in groups else largest[target]
-        primary = mode == PRIMARY_ARM and n_train == at
+        primary = primaries and mode == PRIMARY_ARM and n_train == at
         wilcoxon, tost = wilcoxon_p(diffs), tost_p(diffs, EQUIVALENCE_MARGIN)
         favour = f"{sum(d > 0 for d in diffs)} / {sum(d < 0 for d in diffs)} / {sum(d == 0 for d in diffs)}"
         interval = f"[{ci.low:+.1f}, {ci.high:+.1f}]" if ci.n > 1 else "n/a"
@@ -376,7 +377,7 @@ SELECTIONS = {"seed": "each seed's own validation loss picks its rate (--select 
 
 
 def write_summary(results: list[RunResult], path: str, select: str = "seed",
-                  warnings: typing.Sequence[str] = ()) -> str:
+                  warnings: typing.Sequence[str] = (), augmented: bool = False) -> str:
     """Markdown at `path`: the summary over seeds (the run table when every arm ran one seed) with paired
     differences, their p-values and Holm's adjustment, the sensitivity to the baseline's rate, then the
     learning rates run and chosen and the runs still improving at the end of their budget, and the warnings
@@ -391,7 +392,7 @@ def write_summary(results: list[RunResult], path: str, select: str = "seed",
     if all(len(by_seed) < 2 for by_seed in group_by_arm(results).values()):
         replace_text(path, f"# Test results\n\n{markdown(*run_rows(results))}\n\n{closing}")
         return ""
-    arms, differences = summarize(results)
+    arms, differences = summarize(results, primaries=not augmented)  # with --augment, none: results/PROTOCOL.md
     fewest = min(int(row[3]) for row in arms)
     caution = (f"Intervals from {fewest} seeds are wide (t(0.975) is {t_975(fewest - 1):.3f} with {fewest} seeds, "
                f"{t_975(4):.3f} with 5); they are cut to what the metric can reach.\n\n" if fewest in (2, 3) else "")
@@ -402,13 +403,16 @@ def write_summary(results: list[RunResult], path: str, select: str = "seed",
                  f"result.\n\n{markdown(*sensitivity)}\n\n") if sensitivity else ""
     prereg, console = "", []
     if select == "seed":
-        header, rows, power = preregistered(results)
+        header, rows, power = preregistered(results, primaries=not augmented)
         console = [f"{aligned(header, rows)}\n{power}", collapsed_lines(results)]
+        primaries = ("A sweep with --augment has no primaries: every row is exploratory, intervals and no claims."
+                     if augmented else
+                     "The primaries: Wilcoxon's signed-rank test, Holm's adjustment over the primaries alone, and a "
+                     f"difference within ±{EQUIVALENCE_MARGIN:g} points shown by two one-sided tests at 5%. The "
+                     "other rows are exploratory: intervals, no claims.")
         prereg = ("## The pre-registered comparisons (results/PROTOCOL.md)\n\nEach pretrained arm minus "
                   f"{baseline_arm()} in test accuracy points, paired by seed, each seed at the rate its own "
-                  "validation loss chose. The primaries: Wilcoxon's signed-rank test, Holm's adjustment over the "
-                  f"primaries alone, and a difference within ±{EQUIVALENCE_MARGIN:g} points shown by two one-sided "
-                  f"tests at 5%. The other rows are exploratory: intervals, no claims. {power}\n\n"
+                  f"validation loss chose. {' '.join(filter(None, [primaries, power]))}\n\n"
                   f"{markdown(header, rows)}\n\n## Collapsed and still-improving runs, at every rate\n\n"
                   f"{markdown(*collapses(results))}\n\n")
     reading = ("exploratory beside the pre-registered comparisons above." if prereg else
