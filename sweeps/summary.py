@@ -392,7 +392,9 @@ def write_summary(results: list[RunResult], path: str, select: str = "seed",
     if all(len(by_seed) < 2 for by_seed in group_by_arm(results).values()):
         replace_text(path, f"# Test results\n\n{markdown(*run_rows(results))}\n\n{closing}")
         return ""
-    arms, differences = summarize(results, primaries=not augmented)  # with --augment, none: results/PROTOCOL.md
+    # results/PROTOCOL.md (--select seed) names no primary with --augment; earlier sweeps report as they did
+    augmented = augmented and select == "seed"
+    arms, differences = summarize(results, primaries=not augmented)
     fewest = min(int(row[3]) for row in arms)
     caution = (f"Intervals from {fewest} seeds are wide (t(0.975) is {t_975(fewest - 1):.3f} with {fewest} seeds, "
                f"{t_975(4):.3f} with 5); they are cut to what the metric can reach.\n\n" if fewest in (2, 3) else "")
