@@ -79,10 +79,12 @@ def is_own(title: str, roots: list[int], pid: str) -> bool:
 def watch() -> int:
     """Reads the driver's messages on stdin, one JSON object a line: {"roots", "seen", "ending"} as the driver
     looks, {"done": true} when it has stopped the instance. Checks the instance's own processes ten times a
-    second, so that the first to die is known when the driver goes."""
+    second, so that the first to die is known when the driver goes: a death counts once the driver is seen
+    alive after it, as the driver's own end takes the raylet with it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the driver's to handle; this waits for its end
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     driver, roots, seen, ending, gone, received = os.getppid(), [], {}, "", [], b""
+    driver_start = process_start(driver)
     while True:
         if select.select([0], [], [], 0.1)[0]:
             chunk = os.read(0, 1 << 16)
@@ -94,9 +96,14 @@ def watch() -> int:
                     return 0
                 roots, ending = message["roots"], message["ending"]
                 seen.update(message["seen"])
-        gone += [title for pid, (start, title) in seen.items()
-                 if is_own(title, roots, pid) and title not in gone and process_start(int(pid)) != start]
-    # the driver ended without stopping its instance
+        dead = [title for pid, (start, title) in seen.items()
+                if is_own(title, roots, pid) and title not in gone and process_start(int(pid)) != start]
+        if process_start(driver) == driver_start:  # the driver outlived them: their deaths came first
+            gone += dead
+    # the driver ended without stopping its instance; its end kills the raylet and gcs_server within
+    # milliseconds (they share its fate), its agents only seconds later. So an agent dead now died first.
+    gone += [title for pid, (start, title) in seen.items()
+             if is_agent(title) and title not in gone and process_start(int(pid)) != start]
     time.sleep(0.2)  # what its end takes with it ends too
     family([int(pid) for pid in seen], seen)  # workers started since the driver last looked
     end(seen)
