@@ -90,24 +90,39 @@ def paired(groups: dict, target: str, n_train: int, mode: str) -> tuple[MeanCI, 
             MeanCI.of([by_seed[s].test_loss - base[s].test_loss for s in seeds]))
 
 
-def largest_sizes(groups: dict) -> dict[str, int]:
-    """Each target's largest n_train: where the primary comparison is made."""
-    largest: dict[str, int] = {}
+def primary_sizes(sizes: dict[str, set[int]], select: str, augmented: bool = False) -> dict[str, int]:
+    """The n_train at which each target's primary comparison is made, from the sizes a sweep ran. Earlier
+    sweeps (--select pooled, mean) make it at their largest, as they were reported. results/PROTOCOL.md's
+    (--select seed) make it at PRIMARY_N_TRAIN, or in a sweep without it at its largest size below (a
+    smaller run of the same question); with --augment or with larger sizes only (its 500 labels) they
+    have none: every comparison there is exploratory."""
+    if select != "seed":
+        return {target: max(ns) for target, ns in sizes.items()}
+    if augmented:
+        return {}
+    below = {target: [n for n in ns if n <= PRIMARY_N_TRAIN] for target, ns in sizes.items()}
+    return {target: max(ns) for target, ns in below.items() if ns}
+
+
+def sizes_run(groups: dict) -> dict[str, set[int]]:
+    """Each target's n_train sizes in the groups of group_by_arm."""
+    sizes: dict[str, set[int]] = {}
     for target, n_train, _ in groups:
-        largest[target] = max(largest.get(target, n_train), n_train)
-    return largest
+        sizes.setdefault(target, set()).add(n_train)
+    return sizes
 
 
 def p_text(p: float) -> str:
     return "n/a" if math.isnan(p) else f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
 
 
-def summarize(results: list[RunResult], primaries: bool = True) -> tuple[list[list[str]], list[list[str]]]:
+def summarize(results: list[RunResult], select: str = "seed",
+              augmented: bool = False) -> tuple[list[list[str]], list[list[str]]]:
     """Rows of two tables: each (target, n_train, mode) over seeds, and each pretrained arm minus the
     baseline, paired by seed, with its paired-t p-value and that value Holm-adjusted over every comparison
-    of the table; the primary comparison (PRIMARY) is marked, where the sweep has `primaries`."""
+    of the table; the primary comparisons are marked where primary_sizes puts them."""
     groups = group_by_arm(results)
-    largest = largest_sizes(groups)
+    at = primary_sizes(sizes_run(groups), select, augmented)
     arms, differences, p_values = [], [], []
     for (target, n_train, mode), by_seed in groups.items():
         acc, loss = accuracy_ci(by_seed.values()), MeanCI.of([r.test_loss for r in by_seed.values()], LOSS_RANGE)
@@ -115,7 +130,7 @@ def summarize(results: list[RunResult], primaries: bool = True) -> tuple[list[li
         shown = f"{mode} ({len(head)} of {len(by_seed)} tested on the head stage)" if head else mode
         arms.append([target, str(n_train), shown, str(acc.n), *acc.text(), *loss.text()])
         if difference := paired(groups, target, n_train, mode):
-            primary = " (primary)" if primaries and mode == PRIMARY_ARM and n_train == largest[target] else ""
+            primary = " (primary)" if mode == PRIMARY_ARM and n_train == at.get(target) else ""
             differences.append([target, str(n_train), f"{mode} - {baseline_arm()}{primary}", str(acc.n),
                                 *difference[0].text(), p_text(difference[0].p), "", *difference[1].text()])
             p_values.append(difference[0].p)
@@ -124,15 +139,14 @@ def summarize(results: list[RunResult], primaries: bool = True) -> tuple[list[li
     return arms, differences
 
 
-def preregistered(results: list[RunResult], primaries: bool = True) -> tuple[list[str], list[list[str]], str]:
+def preregistered(results: list[RunResult], augmented: bool = False) -> tuple[list[str], list[list[str]], str]:
     """The comparisons as results/PROTOCOL.md tests them: each pretrained arm minus the baseline in test
     accuracy points, paired by seed, with the mean and median, the 95% t interval, how many seeds favour
-    each side, Wilcoxon's signed-rank p-value, Holm's adjustment over the primaries alone (PRIMARY_ARM at
-    PRIMARY_N_TRAIN, else each target's largest n_train), the equivalence test at ±EQUIVALENCE_MARGIN points
-    and what a primary's numbers allow one to say; and a line on the smallest difference the seeds detect.
-    Without `primaries` (a sweep with --augment) every row is exploratory."""
+    each side, Wilcoxon's signed-rank p-value, Holm's adjustment over the primaries alone (PRIMARY_ARM where
+    primary_sizes puts them; none with --augment), the equivalence test at ±EQUIVALENCE_MARGIN points and
+    what a primary's numbers allow one to say; and a line on the smallest difference the seeds detect."""
     groups = group_by_arm(results)
-    largest, rows, primary_p, sds = largest_sizes(groups), [], [], []
+    at, rows, primary_p, sds = primary_sizes(sizes_run(groups), "seed", augmented), [], [], []
     base = baseline_arm()
     for (target, n_train, mode), by_seed in groups.items():
         other = groups.get((target, n_train, base))
@@ -143,8 +157,7 @@ def preregistered(results: list[RunResult], primaries: bool = True) -> tuple[lis
         diffs = [round(100 * (by_seed[s].test_acc - other[s].test_acc), 6) for s in seeds]
         ci, ordered = MeanCI.of(diffs), sorted(diffs)
         median = (ordered[(len(diffs) - 1) // 2] + ordered[len(diffs) // 2]) / 2
-        at = PRIMARY_N_TRAIN if (target, PRIMARY_N_TRAIN, PRIMARY_ARM) in groups else largest[target]
-        primary = primaries and mode == PRIMARY_ARM and n_train == at
+        primary = mode == PRIMARY_ARM and n_train == at.get(target)
         wilcoxon, tost = wilcoxon_p(diffs), tost_p(diffs, EQUIVALENCE_MARGIN)
         favour = f"{sum(d > 0 for d in diffs)} / {sum(d < 0 for d in diffs)} / {sum(d == 0 for d in diffs)}"
         interval = f"[{ci.low:+.1f}, {ci.high:+.1f}]" if ci.n > 1 else "n/a"
@@ -392,9 +405,7 @@ def write_summary(results: list[RunResult], path: str, select: str = "seed",
     if all(len(by_seed) < 2 for by_seed in group_by_arm(results).values()):
         replace_text(path, f"# Test results\n\n{markdown(*run_rows(results))}\n\n{closing}")
         return ""
-    # results/PROTOCOL.md (--select seed) names no primary with --augment; earlier sweeps report as they did
-    augmented = augmented and select == "seed"
-    arms, differences = summarize(results, primaries=not augmented)
+    arms, differences = summarize(results, select, augmented)
     fewest = min(int(row[3]) for row in arms)
     caution = (f"Intervals from {fewest} seeds are wide (t(0.975) is {t_975(fewest - 1):.3f} with {fewest} seeds, "
                f"{t_975(4):.3f} with 5); they are cut to what the metric can reach.\n\n" if fewest in (2, 3) else "")
@@ -405,10 +416,11 @@ def write_summary(results: list[RunResult], path: str, select: str = "seed",
                  f"result.\n\n{markdown(*sensitivity)}\n\n") if sensitivity else ""
     prereg, console = "", []
     if select == "seed":
-        header, rows, power = preregistered(results, primaries=not augmented)
+        header, rows, power = preregistered(results, augmented)
         console = [f"{aligned(header, rows)}\n{power}", collapsed_lines(results)]
-        primaries = ("A sweep with --augment has no primaries: every row is exploratory, intervals and no claims."
-                     if augmented else
+        none = ("A sweep with --augment" if augmented else "" if primary_sizes(sizes_run(group_by_arm(results)), select)
+                else f"A sweep of more than {PRIMARY_N_TRAIN} labels only")
+        primaries = (f"{none} has no primaries: every row is exploratory, intervals and no claims." if none else
                      "The primaries: Wilcoxon's signed-rank test, Holm's adjustment over the primaries alone, and a "
                      f"difference within ±{EQUIVALENCE_MARGIN:g} points shown by two one-sided tests at 5%. The "
                      "other rows are exploratory: intervals, no claims.")

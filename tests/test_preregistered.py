@@ -102,6 +102,28 @@ def test_a_seed_selected_sweep_s_summary_names_wilcoxon_holm_and_the_equivalence
     assert "pre-registered" not in text and "the ones to state as findings" in text and "Wilcoxon" not in pooled
 
 
+def test_the_primaries_sit_at_200_labels_and_a_sweep_of_500_labels_alone_has_none(tmp_path):
+    def sweep(*sizes):
+        return [row("even-odd", mode, seed, acc + 0.01 * (seed % 3), n_train)
+                for n_train in sizes for seed in range(200, 205)
+                for mode, acc in (("from_scratch", 0.8), ("finetuned", 0.86))]
+
+    def marked(results, select="seed"):
+        summary.write_summary(results, str(tmp_path / "s.md"), select=select)
+        text = (tmp_path / "s.md").read_text()
+        return ([r[1] for r in summary.preregistered(results)[1] if "(primary)" in r[2]],
+                [r[1] for r in summary.summarize(results, select)[1] if "(primary)" in r[2]], text)
+
+    # results/PROTOCOL.md: 200 labels, also beside 500; both tables mark the same row
+    assert marked(sweep(50, 200, 500))[:2] == (["200"], ["200"])
+    # its 500-label sweeps are exploratory: no primary, no Holm p, no claim word
+    pre, paired, text = marked(sweep(500))
+    assert pre == paired == [] and "A sweep of more than 200 labels only has no primaries" in text
+    assert "a finding" not in text and "(primary)" not in text
+    assert marked(sweep(20))[:2] == (["20"], ["20"])  # a small run of the same question: its largest size
+    assert marked(sweep(200, 500), select="pooled")[1] == ["500"]  # earlier sweeps' reports as they were
+
+
 def test_each_backbone_is_pretrained_at_every_rate_of_its_grid_and_the_lowest_validation_loss_is_kept(
         tiny_args, tmp_path, monkeypatch):
     import csv as csv_module
