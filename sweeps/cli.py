@@ -45,7 +45,7 @@ from sweeps.runs import (
     sweep_runs,
     widened_runs,
 )
-from sweeps.settings import (PRIMARY_ARM, PRIMARY_N_TRAIN, ExperimentFailure, complete, one_line, parse,
+from sweeps.settings import (PRIMARY_ARM, ExperimentFailure, complete, one_line, parse,
                              quiet_libraries, run_threads)
 from sweeps.start import check_inputs, prepare_outputs, remove, remove_unfinished, warn_if_busy
 from sweeps.stop import StopSignal
@@ -60,6 +60,7 @@ from sweeps.summary import (
     fragile,
     log_learning_curves,
     markdown,
+    no_primaries,
     percent_table,
     primary_sizes,
     write_summary,
@@ -264,11 +265,11 @@ def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack)
         raise
     logger.info(f"Settings: {', '.join(f'{key}={value}' for key, value in vars(cfg).items())}")
     if cfg.protocol == "fair":  # named before any run: the summary marks it, the other comparisons are exploratory
-        at = primary_sizes({target: set(cfg.n_train) for target in cfg.targets}, cfg.select, cfg.augment)
-        why = "with --augment" if cfg.augment else f"with more than {PRIMARY_N_TRAIN} labels only"
-        logger.info(f"Primary comparison: {PRIMARY_ARM} − {baseline_arm()} on each target at "
-                    f"{max(at.values())} labels; the others are exploratory" if at else
-                    f"No primary comparison: {why}, every comparison is exploratory")
+        sizes = {target: set(cfg.n_train) for target in cfg.targets}
+        at, none = primary_sizes(sizes, cfg.select, cfg.augment), no_primaries(sizes, cfg.select, cfg.augment)
+        logger.info(f"{none} has no primary comparison: every comparison is exploratory" if none else
+                    f"Primary comparison: {PRIMARY_ARM} − {baseline_arm()} on each target at "
+                    f"{max(at.values())} labels; the others are exploratory")
     if not cfg.cluster:  # every worker's threads on this machine's cores
         warn_if_busy(run_threads(cfg) or torch.get_num_threads(), cfg.workers)
     summary_path, figure_path = (Path(csv_out.path).with_suffix(suffix) for suffix in (".md", ".png"))

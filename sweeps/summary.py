@@ -104,6 +104,13 @@ def primary_sizes(sizes: dict[str, set[int]], select: str, augmented: bool = Fal
     return {target: max(ns) for target, ns in below.items() if ns}
 
 
+def no_primaries(sizes: dict[str, set[int]], select: str, augmented: bool = False) -> str:
+    """Why a sweep of these sizes has no primary comparison ('' where it has one): for its summary and start line."""
+    if primary_sizes(sizes, select, augmented):
+        return ""
+    return "A sweep with --augment" if augmented else f"A sweep of more than {PRIMARY_N_TRAIN} labels only"
+
+
 def sizes_run(groups: dict) -> dict[str, set[int]]:
     """Each target's n_train sizes in the groups of group_by_arm."""
     sizes: dict[str, set[int]] = {}
@@ -418,8 +425,7 @@ def write_summary(results: list[RunResult], path: str, select: str = "seed",
     if select == "seed":
         header, rows, power = preregistered(results, augmented)
         console = [f"{aligned(header, rows)}\n{power}", collapsed_lines(results)]
-        none = ("A sweep with --augment" if augmented else "" if primary_sizes(sizes_run(group_by_arm(results)), select)
-                else f"A sweep of more than {PRIMARY_N_TRAIN} labels only")
+        none = no_primaries(sizes_run(group_by_arm(results)), select, augmented)
         primaries = (f"{none} has no primaries: every row is exploratory, intervals and no claims." if none else
                      "The primaries: Wilcoxon's signed-rank test, Holm's adjustment over the primaries alone, and a "
                      f"difference within ±{EQUIVALENCE_MARGIN:g} points shown by two one-sided tests at 5%. The "
