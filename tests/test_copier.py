@@ -144,14 +144,6 @@ def test_a_run_still_improving_at_its_last_epoch_says_so(tiny_args, tmp_path, ca
     assert "pretrain: its best epoch was its last: still improving" in said
 
 
-def test_the_busy_warning_says_what_it_sees_without_advising_one_thread(tiny_args, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(tm.os, "cpu_count", lambda: 0)  # every core taken
-    caplog.set_level("WARNING", logger="transfer_mnist")
-    assert tm.main(tiny_args + ["--threads", "1", "--dry-run", "--results-csv", str(tmp_path / "r.csv")]) == 0
-    (warning,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Warning:")]
-    assert "other processes are running: runs may be slower" in warning and "--threads" not in warning
-
-
 def test_an_image_folder_or_a_harness_flag_points_to_the_harness_in_one_line(image_folder, capsys):
     for argv in (["--targets", str(image_folder)], ["--seeds", "5"], ["--targets", "cifar"]):
         with pytest.raises(SystemExit) as exit_info:

@@ -330,7 +330,8 @@ def test_missing_data_exits_2_with_one_clear_line(tmp_path, monkeypatch, capsys)
     assert code == 2
     err = captured.err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in captured.out + captured.err
-    assert err.startswith(f"error: cannot read even-odd in {tmp_path / 'empty'}: Error downloading")
+    # the source first: lenet takes its channels and size
+    assert err.startswith(f"error: cannot read mnist in {tmp_path / 'empty'}: Error downloading")
     assert not list((tmp_path / "logs").glob("**/version_*"))
 
 
@@ -404,7 +405,7 @@ def test_paired_difference_is_taken_seed_by_seed():
     (row,) = differences
     mean, sd = 0.2 / 3, (0.05**2 / 3) ** 0.5
     half_width = 4.302653 * sd / 3**0.5  # t(0.975, 2)
-    assert row[2:6] == ["finetuned - from_scratch (primary)", "3", f"{mean:.4f} ± {sd:.4f}",
+    assert row[2:6] == ["finetuned - from_scratch", "3", f"{mean:.4f} ± {sd:.4f}",
                         f"[{mean - half_width:.4f}, {mean + half_width:.4f}]"]
     assert row[5] == "[-0.0050, 0.1384]"
     assert row[6:8] == ["0.057", "0.057"]  # t = 4.0 on 2 df; Holm over one comparison leaves it
@@ -428,7 +429,8 @@ def test_frozen_arm_trains_the_head_only(tiny_data, tmp_path):
     run = tmp_path / "fashion-mnist" / "frozen" / "version_0" / "n40_seed0_lr0.001"
     assert yaml.safe_load((run / "hparams.yaml").read_text())["train_backbone"] is False
     plugin = b"".join(events(run).PluginTagToContent("hparams").values())
-    assert b"Sequential(Conv2d, ReLU, MaxPool2d, Flatten)" in plugin
+    # the backbone, its weights (none: pretrained here) and the input it takes
+    assert b"lenet" in plugin and b"1x28x28" in plugin and b"weights" in plugin
 
 
 def test_seeds_sizes_and_arms(tiny_args, tmp_path, monkeypatch):
@@ -455,7 +457,7 @@ def test_seeds_sizes_and_arms(tiny_args, tmp_path, monkeypatch):
         assert not torch.equal(firsts[0], firsts[1]) and not torch.equal(firsts[1], firsts[2])  # seeds differ
 
     summary = (logs / "results_version_0.md").read_text()
-    assert "| even-odd | 20 | frozen | 3 |" in summary and "| even-odd | 8 | frozen - from_scratch | 3 |" in summary
+    assert "| even-odd | 20 | frozen | 3 |" in summary and "| even-odd | 8 | frozen − from_scratch | 3 |" in summary
     for mode in ("finetuned", "from_scratch", "frozen"):
         curve = events(logs / "learning_curve" / mode / "version_0")
         points = curve.Scalars("even-odd/test_accuracy")
