@@ -45,8 +45,8 @@ from sweeps.runs import (
     sweep_runs,
     widened_runs,
 )
-from sweeps.settings import (PRIMARY_ARM, ExperimentFailure, complete, one_line, parse,
-                             quiet_libraries, run_threads)
+from sweeps.settings import (PRIMARY_ARM, ExperimentFailure, check_weights, complete, one_line, parse,
+                             protocol_sweep, quiet_libraries, run_threads)
 from sweeps.start import check_inputs, prepare_outputs, remove, remove_unfinished, warn_if_busy
 from sweeps.stop import StopSignal
 from sweeps.summary import (
@@ -95,6 +95,7 @@ class LoadedSweep(typing.NamedTuple):
     select: str
     warnings: list[str]
     augmented: bool  # with --augment: no primaries (results/PROTOCOL.md)
+    protocol: bool  # a sweep of results/PROTOCOL.md's commands: its primaries were named before its runs
 
 
 def load_sweep(paths: list[str], cfg: argparse.Namespace, given: set[str]) -> LoadedSweep:
@@ -117,7 +118,7 @@ def load_sweep(paths: list[str], cfg: argparse.Namespace, given: set[str]) -> Lo
                 f"are taken from its rows, and {SELECTIONS[select]}" for path, settings in saved.items()
                 if "config" not in settings]
     return LoadedSweep(results, select, incomplete + warnings + machines_differ(saved),
-                       any(c.get("augment") for c in configs))
+                       any(c.get("augment") for c in configs), all(map(protocol_sweep, configs)))
 
 
 def machines_differ(saved: dict[str, dict]) -> list[str]:
@@ -148,7 +149,7 @@ def report(cfg: argparse.Namespace, given: set[str]) -> int:
             raise tm.ExperimentError("--report takes CSVs, or LABEL=CSV for each to compare sweeps; not both")
         if all(labelled):  # comparing sweeps
             return compare(cfg, given)
-        results, cfg.select, warnings, augmented = load_sweep(list(cfg.report), cfg, given)
+        results, cfg.select, warnings, augmented, protocol = load_sweep(list(cfg.report), cfg, given)
         out = report_output(cfg, given)
         if cfg.results_csv:
             try:
@@ -156,7 +157,7 @@ def report(cfg: argparse.Namespace, given: set[str]) -> int:
                 ResultsCsv(cfg.results_csv).rewrite(results)
             except OSError as err:
                 raise tm.ExperimentError(f"--results-csv {out} cannot be written ({err.strerror or err})") from None
-        summary = write_summary(results, str(out.with_suffix(".md")), cfg.select, warnings, augmented)
+        summary = write_summary(results, str(out.with_suffix(".md")), cfg.select, warnings, augmented, protocol)
         save_figure(draw_figure(results), out.with_suffix(".png"))
     except tm.ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -181,11 +182,11 @@ def compare(cfg: argparse.Namespace, given: set[str]) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     sweeps = {}
     for label, csvs in paths.items():
-        sweeps[label], select, warnings, augmented = load_sweep(csvs, cfg, given)
+        sweeps[label], select, warnings, augmented, protocol = load_sweep(csvs, cfg, given)
         for warning in warnings:
             print(f"Warning: {label}: {warning}")
         name = out.with_name(f"{out.stem}.{''.join(c if c.isalnum() or c in '-_' else '_' for c in label)}.md")
-        write_summary(sweeps[label], str(name), select, warnings, augmented)
+        write_summary(sweeps[label], str(name), select, warnings, augmented, protocol)
         save_figure(draw_figure(sweeps[label]), name.with_suffix(".png"))
     table = comparison_table(sweeps)
     modes = [mode for mode in ARMS if any(r.mode == mode for results in sweeps.values() for r in results)]
@@ -240,6 +241,7 @@ def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack)
             lock.acquire()
             stack.callback(lock.release)
             cfg, resumed = resume_settings(cfg, given)
+        check_weights(cfg, given)
         as_given = argparse.Namespace(**vars(cfg))  # before image folders become target names
         accelerator = check_inputs(cfg, created)
         made = made_by(run_threads(cfg) or torch.get_num_threads(), accelerator)
@@ -264,9 +266,13 @@ def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack)
         remove(created)
         raise
     logger.info(f"Settings: {', '.join(f'{key}={value}' for key, value in vars(cfg).items())}")
-    if cfg.protocol == "fair":  # named before any run: the summary marks it, the other comparisons are exploratory
+    protocol = protocol_sweep(vars(cfg))
+    if cfg.protocol == "fair" and not protocol:
+        logger.info("Not a sweep of results/PROTOCOL.md: its rules apply, with no primary comparison; Holm's "
+                    "adjustment runs over every comparison")
+    elif cfg.protocol == "fair":  # named before any run: the summary marks it, the other comparisons are exploratory
         sizes = {target: set(cfg.n_train) for target in cfg.targets}
-        at, none = primary_sizes(sizes, cfg.select, cfg.augment), no_primaries(sizes, cfg.select, cfg.augment)
+        at, none = primary_sizes(sizes, cfg.augment), no_primaries(sizes, cfg.augment)
         logger.info(f"{none} has no primary comparison: every comparison is exploratory" if none else
                     f"Primary comparison: {PRIMARY_ARM} − {baseline_arm()} on each target at "
                     f"{max(at.values())} labels; the others are exploratory")
@@ -278,7 +284,7 @@ def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack)
                                  on_node=NodeRecords(csv_out.path), borrowed=borrowed,  # resume
                                  on_widened=functools.partial(record_widened, csv_out.path,
                                                               per_seed=cfg.select == "seed"))
-        summary = write_summary(results, str(summary_path), cfg.select, augmented=cfg.augment)
+        summary = write_summary(results, str(summary_path), cfg.select, augmented=cfg.augment, protocol=protocol)
         log_learning_curves(results, cfg)
         figure = draw_figure(results)
         save_figure(figure, figure_path)

@@ -31,8 +31,14 @@ def kept_positions(spec: tm.Target, data_dir: str) -> torch.Tensor:
 
 
 def same_files(cfg: argparse.Namespace, target: str) -> bool:
-    """Whether a target reads the source's files (even-odd and mnist: MNIST's training split)."""
-    return tm.TARGETS[cfg.source].dataset == tm.TARGETS[target].dataset
+    """Whether a target reads the files that pretraining read (even-odd and mnist: MNIST's training split);
+    with --weights nothing was pretrained here."""
+    return not cfg.weights and tm.TARGETS[cfg.source].dataset == tm.TARGETS[target].dataset
+
+
+def view(cfg: argparse.Namespace, target: str) -> tm.View:
+    """How the backbone of --backbone, --weights and --image-size sees the target's images."""
+    return tm.input_view(tm.resolve_network(cfg), target)
 
 
 def pretraining_images(cfg: argparse.Namespace, pretrain_seed: int) -> torch.Tensor:
@@ -110,7 +116,7 @@ class TrainingBatches(tm.TensorLoader):
     for every arm of a seed. Validation and test images stay as they are."""
 
     def __init__(self, loader: tm.TensorLoader, seed: int, shuffle: bool, augment: bool):
-        super().__init__(loader.images, loader.labels, loader.batch_size)
+        super().__init__(loader.images, loader.labels, loader.batch_size, loader.view)
         self.order = torch.Generator().manual_seed(zlib.crc32(f"shuffle/{seed}".encode())) if shuffle else None
         self.augment = Augment(seed) if augment else None
 
@@ -118,15 +124,19 @@ class TrainingBatches(tm.TensorLoader):
         images, labels = self.images, self.labels
         if self.order is not None:
             order = torch.randperm(len(labels), generator=self.order)
-            images, labels = images[order].contiguous(memory_format=torch.channels_last), labels[order]
+            images, labels = images[order], labels[order]
+            if self.view is None:  # floats, prepared once: channels-last again
+                images = images.contiguous(memory_format=torch.channels_last)
         for batch, batch_labels in zip(images.split(self.batch_size), labels.split(self.batch_size)):
+            batch = tm.prepare(batch, self.view) if self.view else batch
             yield (batch if self.augment is None else self.augment(batch)), batch_labels
 
 
 def target_data(cfg: argparse.Namespace, target: str, n_train: int, seed: int) -> tm.TargetData:
     """A target run's images, as the sweep's settings draw them and batch them for training."""
     available, where = available_images(cfg, target, backbone_seed(cfg, seed))
-    data = tm.make_data(target, cfg.data_dir, *subset_draw(cfg, target)(target, n_train, available, seed, where))
+    drawn = subset_draw(cfg, target)(target, n_train, available, seed, where)
+    data = tm.make_data(target, cfg.data_dir, *drawn, view(cfg, target))
     if cfg.shuffle or cfg.augment:
         data.train = TrainingBatches(data.train, seed, cfg.shuffle, cfg.augment)
     return data
@@ -135,7 +145,7 @@ def target_data(cfg: argparse.Namespace, target: str, n_train: int, seed: int) -
 def pretraining_data(cfg: argparse.Namespace, seed: int) -> tm.TargetData:
     """Pretraining's images, as the template draws them (tm.load_data), batched for training as --shuffle says;
     never augmented."""
-    data = tm.load_data(cfg.source, cfg.n_pretrain, cfg.data_dir, seed)
+    data = tm.load_data(cfg.source, cfg.n_pretrain, cfg.data_dir, seed, view(cfg, cfg.source))
     if cfg.shuffle:
         data.train = TrainingBatches(data.train, seed, shuffle=True, augment=False)
     return data

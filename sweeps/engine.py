@@ -21,6 +21,7 @@ from sweeps.runs import (
     RunResult,
     execute,
     learned,
+    read_weights,
     pretrain_checkpoint,
     pretraining_rates,
     pretraining_runs,
@@ -33,7 +34,7 @@ from sweeps.runs import (
     sweep_runs,
     widened_runs,
 )
-from sweeps.settings import backbone_seed, next_rate, run_threads
+from sweeps.settings import backbone_seed, next_rate, run_threads, seeds
 from sweeps.stop import StopSignal
 
 logger = tm.logger  # the experiment's console, as the template's
@@ -95,8 +96,10 @@ def plan_line(cfg: argparse.Namespace, pretraining: list[Run], todo: list[Run]) 
         else f"on the Ray cluster at {cfg.cluster}"
     seed_list = sorted({run.seed for run in todo}) or [cfg.seed]
     patience = "" if cfg.pretrain_patience is None else f", ending {cfg.pretrain_patience} after the best"
-    return (f"Running {len(pretraining)} pretraining{'s' * (len(pretraining) != 1)} ({cfg.source}, {cfg.n_pretrain} "
-            f"images, up to {cfg.pretrain_epochs} epochs{patience}) and {len(todo)} target runs "
+    start = (f"{len(pretraining)} pretraining{'s' * (len(pretraining) != 1)} ({cfg.source}, {cfg.n_pretrain} "
+             f"images, up to {cfg.pretrain_epochs} epochs{patience}) and" if not cfg.weights else
+             f"from {cfg.backbone} with --weights {cfg.weights}, nothing pretrained:")
+    return (f"Running {start} {len(todo)} target runs "
             f"({', '.join(cfg.targets)}; n_train {', '.join(map(str, cfg.n_train))}; {', '.join(cfg.modes)}; "
             + (f"seeds {seed_list[0]}-{seed_list[-1]}; " if len(seed_list) > 1 else "")
             + f"{rates}; up to {cfg.train_epochs} epochs) {where}; target runs start as their backbone is ready")
@@ -133,6 +136,9 @@ def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resume
     done = {index: earlier[run] for index, run in enumerate(runs) if run in earlier}
     checkpoints = {**(borrowed.checkpoints if borrowed else {}), **(resumed.checkpoints if resumed else {})}
     backbones = {run.seed: tm.read_backbone(checkpoints[run.seed]) for run in pretraining if run in earlier}
+    if cfg.weights:  # every pretrained arm starts from them, whatever its seed
+        state = read_weights(cfg.backbone, cfg.weights, tm.resolve_network(cfg).channels)
+        backbones = {backbone_seed(cfg, seed): state for seed in seeds(cfg)}
     block = {}  # a run's (target, n_train, seed, arm): the rows of its grid stay together, widened rates last
     for index, run in enumerate(runs):
         block.setdefault((run.target, run.n_train, run.seed, run.mode), index)

@@ -206,7 +206,9 @@ class RaySweep:
         # absolute paths: a worker process does not start in this folder
         cfg = argparse.Namespace(**{**vars(self.cfg), "data_dir": os.path.abspath(self.cfg.data_dir),
                                     "log_dir": os.path.abspath(self.cfg.log_dir)})
-        registry = [ray.put(({name: tm.TARGETS[name] for name in (cfg.source, *cfg.targets)},
+        if cfg.weights and os.path.isfile(cfg.weights):  # a file's: lenet reads its channels there
+            cfg.weights = os.path.abspath(cfg.weights)
+        registry = [ray.put(({name: tm.TARGETS[name] for name in (cfg.source, *cfg.targets) if name in tm.TARGETS},
                              {name: tm.ARMS[name] for name in cfg.modes}))]  # a list: Ray passes the id, not the value
         task = ray.remote(run_remote).options(num_cpus=self.threads, num_gpus=self.gpus, max_retries=RETRIES,
                                               retry_exceptions=False)

@@ -123,7 +123,7 @@ EARLIER_SELECT = {"pooled": "mean", "median": "pooled"}
 
 
 # Settings added after sweeps were saved without them, with what those sweeps did
-ADDED_LATER = {"shuffle": False, "pretrain_lr_grid": []}
+ADDED_LATER = {"shuffle": False, "pretrain_lr_grid": [], "backbone": "lenet", "weights": None, "image_size": None}
 
 
 def upgraded(settings: dict) -> dict:
@@ -161,6 +161,9 @@ def relative_paths(config: dict, folder: Path, to_csv: bool) -> dict:
         return path(name) if to_csv or os.path.isdir(path(name)) else name
 
     changed = {name: path(config[name]) for name in PATHS if config.get(name) is not None}
+    weights = config.get("weights")  # a file's path, or the name of published weights
+    if weights and os.path.isfile(weights if to_csv else path(weights)):
+        changed["weights"] = path(weights)
     if "source" in config:
         changed["source"] = folder_target(config["source"])
     if "targets" in config:
@@ -174,8 +177,32 @@ def save_settings(cfg: argparse.Namespace, csv_path: str, checkpoints: dict[int,
     each backbone's checkpoint (relative to the CSV too) with a digest once it is written."""
     write_settings(settings_path(csv_path), {
         "format": FORMAT, "config": relative_paths(vars(cfg), Path(csv_path).parent, to_csv=True), "made_by": made,
+        "weights": weights_record(cfg),
         "checkpoints": {seed: {"path": os.path.relpath(path, Path(csv_path).parent), "sha256": None}
                         for seed, path in checkpoints.items()}})
+
+
+def weights_record(cfg: argparse.Namespace) -> dict | None:
+    """--weights as the sweep began with them: the backbone, the name or file given, the file read (a published
+    one in torch's cache) and its SHA-256, which --resume checks."""
+    if not cfg.weights:
+        return None
+    path = tm.weights_path(cfg)
+    return {"backbone": cfg.backbone, "weights": cfg.weights, "path": os.path.abspath(path),
+            "sha256": sha256(Path(path).read_bytes())}
+
+
+def check_weights_unchanged(resume: str, saved: dict | None, cfg: argparse.Namespace) -> None:
+    """--resume continues with the weights the sweep began with, byte for byte."""
+    if not saved:
+        return
+    path = tm.weights_path(cfg)
+    now = sha256(Path(path).read_bytes()) if os.path.isfile(path) else None
+    if now != saved["sha256"]:
+        found = f"SHA-256 {now[:12]}" if now else "missing"
+        raise tm.ExperimentError(f"--resume {resume}: --weights {cfg.weights} are not those the sweep began with "
+                                 f"({path}: {found}, the sweep's {saved['sha256'][:12]}); put them back, or start "
+                                 f"a new sweep")
 
 
 def record_backbone(csv_path: str, seed: int, checkpoint_path: str, rates: dict | None = None) -> None:
@@ -268,6 +295,7 @@ def resume_settings(cfg: argparse.Namespace, given: set[str]) -> tuple[argparse.
     except OSError as err:
         raise tm.ExperimentError(f"--resume {cfg.resume} cannot be read ({one_line(err)})") from None
     check_backbones(f"--resume {cfg.resume}", {r.seed for r in rows if r.mode not in tm.ARMS}, checkpoints, digests)
+    check_weights_unchanged(cfg.resume, saved.get("weights"), settings)
     settings.resume, settings.results_csv = cfg.resume, cfg.resume
     widened = [tuple(entry) for entry in saved.get("widened", [])]
     return settings, Resumed(rows, {seed: str(path) for seed, path in checkpoints.items()}, made, widened)

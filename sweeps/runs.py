@@ -6,6 +6,7 @@ it imports settings, stop, augment and the template, never a reporting module.""
 import argparse
 import csv
 import dataclasses
+import functools
 import io
 import math
 import os
@@ -72,7 +73,10 @@ def pretraining_rates(cfg: argparse.Namespace) -> tuple[float, ...]:
 
 
 def pretraining_runs(cfg: argparse.Namespace) -> list[Run]:
-    """The pretraining runs: for the invocation, or per seed; each at every pretraining rate."""
+    """The pretraining runs: for the invocation, or per seed; each at every pretraining rate. None with
+    --weights: every pretrained arm starts from them."""
+    if cfg.weights:
+        return []
     return [Run(cfg.source, "pretrain", seed, cfg.n_pretrain, rate)
             for seed in dict.fromkeys(backbone_seed(cfg, seed) for seed in seeds(cfg)) for rate in pretraining_rates(cfg)]
 
@@ -112,7 +116,8 @@ def shuffled_pretrain(settings: argparse.Namespace, seed: int) -> tuple[str, tm.
     """tm.pretrain()'s steps, on training batches in a new order every epoch (--shuffle)."""
     data = pretraining_data(settings, seed)
     lightning.seed_everything(seed, verbose=False)
-    module = tm.LitModule(tm.TARGETS[settings.source].label_names, settings.pretrain_lr, data.test.images.shape[1:])
+    module = tm.LitModule(tm.TARGETS[settings.source].label_names, settings.pretrain_lr, data.shape,
+                          backbone=settings.backbone)
     trainer, result = tm.fit(module, data, "pretrain", seed, settings.pretrain_epochs, settings)
     path = os.path.join(trainer.logger.log_dir, "checkpoints", "best.ckpt")
     trainer.save_checkpoint(path, weights_only=True)
@@ -138,6 +143,14 @@ def pretrain_backbone(cfg: argparse.Namespace, seed: int) -> tuple[list[RunResul
     for r in results:
         r.selected = r is pick
     return results, tm.read_backbone(paths[pick.learning_rate])
+
+
+@functools.cache
+def read_weights(backbone: str, weights: str, channels: int) -> dict[str, torch.Tensor]:
+    """--weights' tensors (tm.read_weights), read once per process: the driver checks them before any run
+    and hands them to the runs; each Ray worker gets them once, from the object store."""
+    settings = argparse.Namespace(backbone=backbone, weights=weights)
+    return tm.read_weights(settings, channels)
 
 
 def execute(cfg: argparse.Namespace, run: Run, backbone: dict | None) -> tuple[RunResult | list, dict | None]:

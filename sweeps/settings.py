@@ -45,9 +45,8 @@ FAIR = {
     "min_delta": 1e-3,
 }
 PROTOCOLS = {"post": POST, "fair": FAIR}
-# The comparison a fair sweep answers first, named before any run: the others are exploratory beside it
+# The comparison results/PROTOCOL.md's sweeps answer first, named before any run: the others are exploratory
 PRIMARY_ARM = "finetuned"
-PRIMARY = f"{PRIMARY_ARM} − from_scratch on each target at the sweep's largest n_train"
 # results/PROTOCOL.md: the primaries at 200 labels (each target's largest n_train where a sweep has no 200),
 # tested by Wilcoxon's signed-rank test with Holm over them; "no difference" only within this many points
 PRIMARY_N_TRAIN = 200
@@ -203,7 +202,7 @@ def make_parser() -> argparse.ArgumentParser:
         "with the same pretraining settings and seeds (checked with their digests), instead of pretraining")
     add("--shuffle", action=argparse.BooleanOptionalAction, **by_protocol, help="train every run, pretraining "
         "too, on its training images in a new order every epoch, drawn from the run's seed (post: off, the post's "
-        "fixed order; fair: off)")
+        "fixed order; fair: on)")
     add("--augment", action="store_true", help="train the target runs on randomly shifted, rotated and scaled images "
         "(a new transform per image and epoch, drawn from the run's seed); never validation or test")
     add("--overwrite", action="store_true", help="delete the log folder first, instead of adding a new version "
@@ -239,7 +238,36 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
             setattr(cfg, name, value)
     parser.set_defaults(**dict.fromkeys(vars(cfg)))
     given = {name for name, value in vars(parser.parse_args(argv)).items() if value is not None}
+    if cfg.weights:  # nothing is pretrained: the protocol's pretraining settings fall away
+        cfg.backbone_per_seed, cfg.pretrain_lr_grid = False, ()
     return complete(cfg), given
+
+
+# What pretrains a backbone here: with --weights, nothing is pretrained, and these are refused
+PRETRAINING_FLAGS = ("backbones_from", "backbone_per_seed", "pretrain_lr_grid")
+
+
+def check_weights(cfg: argparse.Namespace, given: set[str]) -> None:
+    """--weights with a flag of pretraining on the command line: one of them is a mistake."""
+    clash = [name for name in PRETRAINING_FLAGS if name in given]
+    if cfg.weights and clash:
+        flag = clash[0].replace("_", "-")
+        raise tm.ExperimentError(f"--weights {cfg.weights} starts every pretrained arm from those weights: "
+                                 f"nothing is pretrained, so --{flag} has no use; drop one of them")
+
+
+# results/PROTOCOL.md's sweeps, as its commands make them: only these have pre-registered primaries
+PROTOCOL_SETTINGS = {"protocol": "fair", "seed": 200, "seeds": 10, "select": "seed", "backbone": "lenet",
+                     "weights": None}
+PROTOCOL_TARGETS = {"mnist": {"even-odd", "fashion-mnist"}, "digits-0-4": {"digits-5-9"}}
+
+
+def protocol_sweep(config: dict) -> bool:
+    """Whether a sweep's settings are those of one of results/PROTOCOL.md's commands."""
+    config = {"backbone": "lenet", "weights": None, **config}  # settings saved before --backbone
+    targets = set(config.get("targets") or ())
+    return all(config.get(name) == value for name, value in PROTOCOL_SETTINGS.items()) \
+        and bool(targets) and targets <= PROTOCOL_TARGETS.get(config.get("source"), set())
 
 
 def complete(cfg: argparse.Namespace) -> argparse.Namespace:

@@ -17,28 +17,33 @@ import transfer_mnist as tm
 from sweeps.data import available_images, file_positions, draw_subset, n_images, pretraining_images, same_files, subset_draw
 from sweeps.files import SweepLock
 from sweeps.folders import folder_of, folder_shape, register_image_folder
-from sweeps.runs import ResultsCsv, pretraining_runs, read_results, run_folder, run_key, sweep_runs
+from sweeps.runs import ResultsCsv, pretraining_runs, read_results, read_weights, run_folder, run_key, sweep_runs
 from sweeps.settings import backbone_seed, seeds
 
 logger = tm.logger  # the experiment's console, as the template's
 
 
-def resolve_targets(cfg: argparse.Namespace) -> None:
+def resolve_targets(cfg: argparse.Namespace) -> tm.View:
     """Replace image folders in --source and --targets by the names they are registered under: a source
-    folder at its first image's channels and size, target folders at the source's."""
+    folder (unless --weights: nothing is pretrained) at its first image's channels and size, target folders
+    as the backbone takes them (tm.resolve_network: a torchvision model's RGB at --image-size, lenet's the
+    source's channels and size). Returns the backbone's view of images."""
     folders = {}
-    if cfg.source not in tm.TARGETS:
+    if cfg.source not in tm.TARGETS and not cfg.weights:
         folders[cfg.source] = register_image_folder(cfg.source, *folder_shape(cfg.source))
     source = folders.get(cfg.source, cfg.source)
+    if not cfg.weights:  # lenet reads its channels and size there
+        read_checked(cfg, source, True)
+    network = tm.resolve_network(argparse.Namespace(**{**vars(cfg), "source": source}))
     for arg in cfg.targets:
         if arg not in tm.TARGETS and arg not in folders:
-            height, width, channels = read_checked(cfg, source, True)[0].shape[1:]
-            folders[arg] = register_image_folder(arg, channels, (height, width))
+            folders[arg] = register_image_folder(arg, network.channels, network.size)
     names = list(folders.values())
     if len(set(names)) < len(names):
         raise tm.ExperimentError(f"two image folders share a name ({', '.join(folders)}); rename one")
     cfg.source = source
     cfg.targets = tuple(folders.get(arg, arg) for arg in cfg.targets)
+    return network
 
 
 def read_checked(cfg: argparse.Namespace, name: str, train: bool):
@@ -63,11 +68,12 @@ def read_checked(cfg: argparse.Namespace, name: str, train: bool):
 def check_data(cfg: argparse.Namespace) -> None:
     """Fail before pretraining, not half an hour later, when a dataset, its labels or a size is wrong: each
     split is read and every subset of the sweep drawn once."""
-    for name in dict.fromkeys((cfg.source, *cfg.targets)):
+    for name in dict.fromkeys(cfg.targets if cfg.weights else (cfg.source, *cfg.targets)):
         for train in (True, False):
             read_checked(cfg, name, train)
-    draw_subset(cfg.source, cfg.n_pretrain, torch.arange(n_images(cfg.source, cfg.data_dir)), cfg.seed,
-                folder_of(tm.TARGETS[cfg.source]) or cfg.source, "--n-pretrain")
+    if not cfg.weights:  # with --weights no source is read
+        draw_subset(cfg.source, cfg.n_pretrain, torch.arange(n_images(cfg.source, cfg.data_dir)), cfg.seed,
+                    folder_of(tm.TARGETS[cfg.source]) or cfg.source, "--n-pretrain")
     for name in cfg.targets:
         for seed in seeds(cfg):
             available, where = available_images(cfg, name, backbone_seed(cfg, seed))
@@ -98,7 +104,8 @@ def describe_subsets(cfg: argparse.Namespace) -> tuple[list[str], list[str]]:
                                   for k, label in enumerate(names))
             overlap = (f"pretraining saw {span([s[0] for s in seen])} of the training and {span([s[1] for s in seen])} "
                        f"of the validation images" + ("" if cfg.disjoint else " (--disjoint keeps them apart)")
-                       if same_files(cfg, name) else f"pretraining ({cfg.source}) saw none of them")
+                       if same_files(cfg, name) else "nothing was pretrained here" if cfg.weights
+                       else f"pretraining ({cfg.source}) saw none of them")
             lines.append(f"{name}: {n_train} training + {len(subsets[1])} validation images a run"
                          f"{f', seeds {seed_range[0]}-{seed_range[-1]}' if len(seed_range) > 1 else ''}; per class "
                          f"{per_class}; {overlap}")
@@ -204,22 +211,26 @@ def prepare_outputs(cfg: argparse.Namespace, created: list[Path], stack: context
 def check_inputs(cfg: argparse.Namespace, created: list[Path]) -> str:
     """Everything that can be checked before training: targets, devices, the data, its labels and sizes.
     Data folders that a failed download leaves are added to `created`. Returns the resolved accelerator."""
-    resolve_targets(cfg)
-    if cfg.backbone_per_seed and cfg.pretrain_seed is not None:
-        raise tm.ExperimentError("--backbone-per-seed pretrains each seed's backbone with that seed; "
-                                 "drop --pretrain-seed")
-    accelerator = check_devices(cfg)
-    for name in (cfg.source, *cfg.targets):
-        if folder_of(tm.TARGETS[name]) is None:
+    for name in cfg.targets if cfg.weights else (cfg.source, *cfg.targets):  # before anything is read
+        if name in tm.TARGETS and folder_of(tm.TARGETS[name]) is None:
             raw = Path(cfg.data_dir, tm.TARGETS[name].dataset.__name__, "raw")
             missing = [p for p in (raw, *raw.parents) if not p.exists()]
             if missing and missing[-1] not in created:
                 created.append(missing[-1])
+    network = resolve_targets(cfg)
+    if cfg.weights:  # weights that do not fit, or cannot be had, fail here, before any run
+        read_weights(cfg.backbone, cfg.weights, network.channels)
+    if cfg.backbone_per_seed and cfg.pretrain_seed is not None:
+        raise tm.ExperimentError("--backbone-per-seed pretrains each seed's backbone with that seed; "
+                                 "drop --pretrain-seed")
+    accelerator = check_devices(cfg)
     check_data(cfg)
-    for name in dict.fromkeys((cfg.source, *cfg.targets)):
+    for name in dict.fromkeys(cfg.targets if cfg.weights else (cfg.source, *cfg.targets)):
         target = tm.TARGETS[name]
         logger.info(f"{name}: {folder_of(target) or target.dataset.__name__}, {len(target.label_names)} classes "
                     f"({', '.join(target.label_names)})")
+    for name in cfg.targets:  # what the model sees, once per target
+        logger.info(tm.describe(name, tm.input_view(network, name)))
     lines, warnings = describe_subsets(cfg)
     for line in lines:
         logger.info(line)

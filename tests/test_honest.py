@@ -40,8 +40,9 @@ def test_a_fair_run_saves_and_prints_the_resolved_settings(tiny_args, tmp_path, 
     assert saved["backbone_per_seed"] is True and saved["seeds"] == 2 and saved["lr_grid"] == [1e-3, 3e-3]
     settings = next(m for m in caplog.messages if m.startswith("Settings:"))
     assert "protocol=fair" in settings and "select=seed" in settings and "disjoint=True" in settings
-    assert "Primary comparison: finetuned − from_scratch on each target at 20 labels; the others are exploratory" \
-        in caplog.messages  # named before any run, where the summary marks it
+    # the protocol's rules, but not one of results/PROTOCOL.md's sweeps: nothing was named before it
+    assert ("Not a sweep of results/PROTOCOL.md: its rules apply, with no primary comparison; Holm's adjustment "
+            "runs over every comparison") in caplog.messages
     assert [r["seed"] for r in read_csv(tmp_path / "r.csv") if r["mode"] == "pretrain"] == ["0", "1"]
     grids = json.loads((tmp_path / "r.json").read_text())["checkpoints"]  # each backbone of the best of 3 rates
     assert all(set(grids[seed]["pretraining val_loss by rate"]) == {"0.0003", "0.001", "0.003"} for seed in "01")
