@@ -16,7 +16,7 @@ import lightning
 import transfer_mnist as tm
 from sweeps.files import replace_text
 from sweeps.runs import NEAR_CHANCE, RunResult, chance_loss, still_improving
-from sweeps.settings import EQUIVALENCE_MARGIN, LR_BOUNDS, PRIMARY, PRIMARY_ARM, PRIMARY_N_TRAIN
+from sweeps.settings import EQUIVALENCE_MARGIN, LR_BOUNDS, PRIMARY_ARM, PRIMARY_N_TRAIN
 from sweeps.stats import MeanCI, detectable, holm, t_975, tost_p, wilcoxon_p
 
 ARMS = tm.ARMS
@@ -56,6 +56,7 @@ def format_table(results: list[RunResult]) -> str:
 
 
 ACCURACY_RANGE, LOSS_RANGE = (0.0, 1.0), (0.0, math.inf)  # where a mean's interval can lie
+POINTS_RANGE = (-100.0, 100.0)  # a difference of two accuracies, in points
 
 
 def accuracy_ci(runs: typing.Iterable[RunResult]) -> MeanCI:
@@ -90,23 +91,21 @@ def paired(groups: dict, target: str, n_train: int, mode: str) -> tuple[MeanCI, 
             MeanCI.of([by_seed[s].test_loss - base[s].test_loss for s in seeds]))
 
 
-def primary_sizes(sizes: dict[str, set[int]], select: str, augmented: bool = False) -> dict[str, int]:
-    """The n_train at which each target's primary comparison is made, from the sizes a sweep ran. Earlier
-    sweeps (--select pooled, mean) make it at their largest, as they were reported. results/PROTOCOL.md's
-    (--select seed) make it at PRIMARY_N_TRAIN, or in a sweep without it at its largest size below (a
-    smaller run of the same question); with --augment or with larger sizes only (its 500 labels) they
-    have none: every comparison there is exploratory."""
-    if select != "seed":
-        return {target: max(ns) for target, ns in sizes.items()}
+def primary_sizes(sizes: dict[str, set[int]], augmented: bool = False) -> dict[str, int]:
+    """The n_train at which each target's primary comparison is made in a sweep of results/PROTOCOL.md,
+    from the sizes it ran: PRIMARY_N_TRAIN, or in a sweep without it its largest size below (a smaller run
+    of the same question); with --augment or with larger sizes only (its 500 labels) none: every
+    comparison there is exploratory."""
     if augmented:
         return {}
     below = {target: [n for n in ns if n <= PRIMARY_N_TRAIN] for target, ns in sizes.items()}
     return {target: max(ns) for target, ns in below.items() if ns}
 
 
-def no_primaries(sizes: dict[str, set[int]], select: str, augmented: bool = False) -> str:
-    """Why a sweep of these sizes has no primary comparison ('' where it has one): for its summary and start line."""
-    if primary_sizes(sizes, select, augmented):
+def no_primaries(sizes: dict[str, set[int]], augmented: bool = False) -> str:
+    """Why a sweep of results/PROTOCOL.md of these sizes has no primary comparison ('' where it has one): for
+    its summary and start line."""
+    if primary_sizes(sizes, augmented):
         return ""
     return "A sweep with --augment" if augmented else f"A sweep of more than {PRIMARY_N_TRAIN} labels only"
 
@@ -123,13 +122,14 @@ def p_text(p: float) -> str:
     return "n/a" if math.isnan(p) else f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
 
 
-def summarize(results: list[RunResult], select: str = "seed",
-              augmented: bool = False) -> tuple[list[list[str]], list[list[str]]]:
+def summarize(results: list[RunResult], augmented: bool = False,
+              protocol: bool = False) -> tuple[list[list[str]], list[list[str]]]:
     """Rows of two tables: each (target, n_train, mode) over seeds, and each pretrained arm minus the
     baseline, paired by seed, with its paired-t p-value and that value Holm-adjusted over every comparison
-    of the table; the primary comparisons are marked where primary_sizes puts them."""
+    of the table; in a sweep of results/PROTOCOL.md (`protocol`), the primary comparisons are marked where
+    primary_sizes puts them."""
     groups = group_by_arm(results)
-    at = primary_sizes(sizes_run(groups), select, augmented)
+    at = primary_sizes(sizes_run(groups), augmented) if protocol else {}
     arms, differences, p_values = [], [], []
     for (target, n_train, mode), by_seed in groups.items():
         acc, loss = accuracy_ci(by_seed.values()), MeanCI.of([r.test_loss for r in by_seed.values()], LOSS_RANGE)
@@ -146,14 +146,18 @@ def summarize(results: list[RunResult], select: str = "seed",
     return arms, differences
 
 
-def preregistered(results: list[RunResult], augmented: bool = False) -> tuple[list[str], list[list[str]], str]:
+def preregistered(results: list[RunResult], augmented: bool = False,
+                  protocol: bool = True) -> tuple[list[str], list[list[str]], str]:
     """The comparisons as results/PROTOCOL.md tests them: each pretrained arm minus the baseline in test
     accuracy points, paired by seed, with the mean and median, the 95% t interval, how many seeds favour
-    each side, Wilcoxon's signed-rank p-value, Holm's adjustment over the primaries alone (PRIMARY_ARM where
-    primary_sizes puts them; none with --augment), the equivalence test at ±EQUIVALENCE_MARGIN points and
-    what a primary's numbers allow one to say; and a line on the smallest difference the seeds detect."""
+    each side, Wilcoxon's signed-rank p-value, Holm's adjustment, the equivalence test at
+    ±EQUIVALENCE_MARGIN points and what the numbers allow one to say; and a line on the smallest difference
+    the seeds detect. In a sweep of results/PROTOCOL.md (`protocol`), Holm runs over its primaries alone
+    (PRIMARY_ARM where primary_sizes puts them; none with --augment), and only they are read; in any other
+    sweep nothing was named before the runs, so Holm runs over every comparison, and each is read."""
     groups = group_by_arm(results)
-    at, rows, primary_p, sds = primary_sizes(sizes_run(groups), "seed", augmented), [], [], []
+    at = primary_sizes(sizes_run(groups), augmented) if protocol else None
+    rows, primary_p, sds = [], [], []
     base = baseline_arm()
     for (target, n_train, mode), by_seed in groups.items():
         other = groups.get((target, n_train, base))
@@ -162,21 +166,24 @@ def preregistered(results: list[RunResult], augmented: bool = False) -> tuple[li
         seeds = sorted(by_seed.keys() & other.keys())
         # in points, rounded so that equal differences tie, as Wilcoxon's ranks need (not 1.12 and 1.1199...)
         diffs = [round(100 * (by_seed[s].test_acc - other[s].test_acc), 6) for s in seeds]
-        ci, ordered = MeanCI.of(diffs), sorted(diffs)
+        ci, ordered = MeanCI.of(diffs, POINTS_RANGE), sorted(diffs)
         median = (ordered[(len(diffs) - 1) // 2] + ordered[len(diffs) // 2]) / 2
-        primary = mode == PRIMARY_ARM and n_train == at.get(target)
+        primary = at is not None and mode == PRIMARY_ARM and n_train == at.get(target)
+        tested = primary or at is None
         wilcoxon, tost = wilcoxon_p(diffs), tost_p(diffs, EQUIVALENCE_MARGIN)
         favour = f"{sum(d > 0 for d in diffs)} / {sum(d < 0 for d in diffs)} / {sum(d == 0 for d in diffs)}"
         interval = f"[{ci.low:+.1f}, {ci.high:+.1f}]" if ci.n > 1 else "n/a"
         rows.append([target, str(n_train), f"{mode} − {base}" + " (primary)" * primary, str(len(diffs)),
                      f"{ci.mean:+.1f}", f"{median:+.1f}", interval, favour, p_text(wilcoxon),
                      "", p_text(tost), "exploratory"])
-        if primary:
+        if tested:
             primary_p.append((len(rows) - 1, wilcoxon, tost, ci.mean))
+        if primary or (at is None and mode == PRIMARY_ARM):
             sds.append((ci.sd, ci.n))
     for (index, _, tost, mean), adjusted in zip(primary_p, holm([p for _, p, _, _ in primary_p])):
         rows[index][9] = p_text(adjusted)
-        rows[index][11] = (f"a finding: {mean:+.1f} points" if adjusted < 0.05 else
+        found = "a finding" if protocol else "a difference"
+        rows[index][11] = (f"{found}: {mean:+.1f} points" if adjusted < 0.05 else
                            f"no difference beyond ±{EQUIVALENCE_MARGIN:g} points" if tost < 0.05 else
                            "not shown either way")
     sds = [(sd, n) for sd, n in sds if n > 1 and not math.isnan(sd)]
@@ -184,10 +191,14 @@ def preregistered(results: list[RunResult], augmented: bool = False) -> tuple[li
     def span(values: list[float]) -> str:
         return f"{min(values):.1f}" if f"{min(values):.1f}" == f"{max(values):.1f}" else \
             f"{min(values):.1f} to {max(values):.1f}"
-    power = (f"With {sds[0][1]} seeds and the primaries' paired sd of {span([sd for sd, _ in sds])} points, the "
+    whose = "the primaries'" if protocol else f"{PRIMARY_ARM} − {base}'s"
+    # beyond 100 points no accuracy can go: cut there, as the intervals are
+    power = (f"With {sds[0][1]} seeds and {whose} paired sd of {span([sd for sd, _ in sds])} points, the "
              f"smallest difference a paired t-test detects at 5% with 80% power is "
-             f"{span([detectable(sd, n) for sd, n in sds])} points.") if sds else ""
-    return PREREGISTERED_HEADER, rows, power
+             f"{span([min(100.0, detectable(sd, n)) for sd, n in sds])} points.") if sds else ""
+    header = PREREGISTERED_HEADER if protocol else \
+        [*PREREGISTERED_HEADER[:9], f"Holm p (all {len(rows)})", *PREREGISTERED_HEADER[10:]]
+    return header, rows, power
 
 
 def collapses(results: list[RunResult]) -> tuple[list[str], list[list[str]]]:
@@ -243,7 +254,8 @@ def sensitivity_table(results: list[RunResult]) -> tuple[list[str], list[list[st
 
         def against(base_runs: dict[int, RunResult]) -> str:
             seeds = sorted(by_seed.keys() & base_runs.keys())
-            return points(MeanCI.of([by_seed[s].test_acc - base_runs[s].test_acc for s in seeds])) if seeds else "–"
+            diffs = [by_seed[s].test_acc - base_runs[s].test_acc for s in seeds]
+            return points(MeanCI.of(diffs, (-1.0, 1.0))) if seeds else "–"
 
         best = max(by_rate, key=lambda rate: (sum(r.test_acc for r in by_rate[rate].values()) / len(by_rate[rate])))
         rows.append([target, str(n_train), f"{mode} − {base}",
@@ -272,7 +284,7 @@ def percent_table(results: list[RunResult], modes: list[str] | None = None,
     groups = group_by_arm(results)
     modes = modes or [mode for mode in ARMS if any(key[2] == mode for key in groups)]
     pretrained = [mode for mode in modes if ARMS[mode].pretrained and baseline_arm() in modes
-                  and mode in (differences or modes)]
+                  and mode in (modes if differences is None else differences)]
     rows = []
     for target, n_train in dict.fromkeys((key[0], key[1]) for key in sorted(groups, key=lambda k: (k[0], k[1]))):
         rows.append([target, str(n_train)]
@@ -397,12 +409,13 @@ SELECTIONS = {"seed": "each seed's own validation loss picks its rate (--select 
 
 
 def write_summary(results: list[RunResult], path: str, select: str = "seed",
-                  warnings: typing.Sequence[str] = (), augmented: bool = False) -> str:
-    """Markdown at `path`: the summary over seeds (the run table when every arm ran one seed) with paired
-    differences, their p-values and Holm's adjustment, the sensitivity to the baseline's rate, then the
-    learning rates run and chosen and the runs still improving at the end of their budget, and the warnings
-    (these `warnings` first: a report's incomplete groups, say). Returns the summary as aligned text for the
-    console: '' for one seed, where the run table says it all."""
+                  warnings: typing.Sequence[str] = (), augmented: bool = False, protocol: bool = False) -> str:
+    """Markdown at `path`: the summary over seeds (the run table when every arm ran one seed), each
+    comparison once: seed-selected sweeps by results/PROTOCOL.md's rules (pre-registered primaries only in
+    its own sweeps, `protocol`), earlier ones by paired t-tests with Holm's adjustment; the sensitivity to the
+    baseline's rate, then the learning rates run and chosen and the runs still improving at the end of
+    their budget, and the warnings (these `warnings` first: a report's incomplete groups, say). Returns the
+    summary as aligned text for the console: '' for one seed, where the run table says it all."""
     budget = budget_rows(results)
     grid = any(not r.selected for r in results)
     closing = ("## Learning rates and epoch budget\n\n" + (f"Rate selection: {SELECTIONS[select]}.\n\n" if grid else "")
@@ -412,7 +425,7 @@ def write_summary(results: list[RunResult], path: str, select: str = "seed",
     if all(len(by_seed) < 2 for by_seed in group_by_arm(results).values()):
         replace_text(path, f"# Test results\n\n{markdown(*run_rows(results))}\n\n{closing}")
         return ""
-    arms, differences = summarize(results, select, augmented)
+    arms, differences = summarize(results, augmented, protocol)
     fewest = min(int(row[3]) for row in arms)
     caution = (f"Intervals from {fewest} seeds are wide (t(0.975) is {t_975(fewest - 1):.3f} with {fewest} seeds, "
                f"{t_975(4):.3f} with 5); they are cut to what the metric can reach.\n\n" if fewest in (2, 3) else "")
@@ -421,31 +434,44 @@ def write_summary(results: list[RunResult], path: str, select: str = "seed",
                  "rates instead of the one validation chose, paired by seed; the last column picks the baseline's "
                  "rate on the test set, so it is a bound on how much a luckier choice could take away, not a "
                  f"result.\n\n{markdown(*sensitivity)}\n\n") if sensitivity else ""
-    prereg, console = "", []
-    if select == "seed":
-        header, rows, power = preregistered(results, augmented)
-        console = [f"{aligned(header, rows)}\n{power}", collapsed_lines(results)]
-        none = no_primaries(sizes_run(group_by_arm(results)), select, augmented)
-        primaries = (f"{none} has no primaries: every row is exploratory, intervals and no claims." if none else
-                     "The primaries: Wilcoxon's signed-rank test, Holm's adjustment over the primaries alone, and a "
-                     f"difference within ±{EQUIVALENCE_MARGIN:g} points shown by two one-sided tests at 5%. The "
-                     "other rows are exploratory: intervals, no claims.")
-        prereg = ("## The pre-registered comparisons (results/PROTOCOL.md)\n\nEach pretrained arm minus "
-                  f"{baseline_arm()} in test accuracy points, paired by seed, each seed at the rate its own "
-                  f"validation loss chose. {' '.join(filter(None, [primaries, power]))}\n\n"
-                  f"{markdown(header, rows)}\n\n## Collapsed and still-improving runs, at every rate\n\n"
-                  f"{markdown(*collapses(results))}\n\n")
-    reading = ("exploratory beside the pre-registered comparisons above." if prereg else
-               f"the ones to state as findings where below 0.05. Primary, named before any run: {PRIMARY}.")
-    replace_text(path, f"# Test results over seeds\n\n{markdown(ARM_HEADER, arms)}\n\n{caution}{prereg}"
-                       "Paired by seed: both arms of a seed share the training subset and the head's initial weights. "
-                       "p: the paired t-test of no difference in test accuracy; Holm p: adjusted by Holm's method over "
-                       f"the {len(differences)} comparisons of this table, {reading}"
-                       f"\n\n{markdown(DIFF_HEADER, differences)}\n\n"
-                       "In percent: mean test accuracy, and the paired difference in points with its 95% interval."
-                       f"\n\n{markdown(*percent_table(results))}\n\n{sensitive}{closing}")
+    if select == "seed":  # each comparison once, in points: the paired-t table would repeat it
+        compared, console = seed_comparisons(results, augmented, protocol)
+        tables = [compared, "In percent: mean test accuracy.\n\n", markdown(*percent_table(results, differences=()))]
+    else:
+        reading = "the ones to state as findings where below 0.05."
+        console = [aligned(DIFF_HEADER, differences)]
+        tables = ["Paired by seed: both arms of a seed share the training subset and the head's initial weights. "
+                  "p: the paired t-test of no difference in test accuracy; Holm p: adjusted by Holm's method over "
+                  f"the {len(differences)} comparisons of this table, {reading}\n\n{markdown(DIFF_HEADER, differences)}"
+                  "\n\nIn percent: mean test accuracy, and the paired difference in points with its 95% interval."
+                  f"\n\n", markdown(*percent_table(results))]
+    replace_text(path, f"# Test results over seeds\n\n{markdown(ARM_HEADER, arms)}\n\n{caution}{''.join(tables)}"
+                       f"\n\n{sensitive}{closing}")
     return "\n\n".join([aligned(ARM_HEADER, arms)] + [caution.strip()] * bool(caution) + [*filter(None, console)]
-                         + [aligned(*table) for table in ((DIFF_HEADER, differences), (BUDGET_HEADER, budget))])
+                         + [aligned(BUDGET_HEADER, budget)])
+
+
+def seed_comparisons(results: list[RunResult], augmented: bool, protocol: bool) -> tuple[str, list[str]]:
+    """The comparisons of a seed-selected sweep as results/PROTOCOL.md tests them (preregistered()), as
+    Markdown and as the console's lines: pre-registered in its own sweeps, its rules applied elsewhere."""
+    header, rows, power = preregistered(results, augmented, protocol)
+    if protocol:
+        none = no_primaries(sizes_run(group_by_arm(results)), augmented)
+        title = "The pre-registered comparisons (results/PROTOCOL.md)"
+        rules = (f"{none} has no primaries: every row is exploratory, intervals and no claims." if none else
+                 "The primaries: Wilcoxon's signed-rank test, Holm's adjustment over the primaries alone, and a "
+                 f"difference within ±{EQUIVALENCE_MARGIN:g} points shown by two one-sided tests at 5%. The "
+                 "other rows are exploratory: intervals, no claims.")
+    else:
+        title = "The comparisons, by results/PROTOCOL.md's rules"
+        rules = ("No comparison was named before these runs, so none is primary: Wilcoxon's signed-rank test with "
+                 f"Holm's adjustment over all {len(rows)} comparisons, and a difference within "
+                 f"±{EQUIVALENCE_MARGIN:g} points shown by two one-sided tests at 5%.")
+    text = (f"## {title}\n\nEach pretrained arm minus {baseline_arm()} in test accuracy points, paired by seed, "
+            f"each seed at the rate its own validation loss chose. {' '.join(filter(None, [rules, power]))}\n\n"
+            f"{markdown(header, rows)}\n\n## Collapsed and still-improving runs, at every rate\n\n"
+            f"{markdown(*collapses(results))}\n\n")
+    return text, [f"{aligned(header, rows)}\n{power}", collapsed_lines(results)]
 
 
 def log_learning_curves(results: list[RunResult], cfg: argparse.Namespace) -> None:
@@ -498,7 +524,7 @@ def change_table(sweeps: dict[str, list[RunResult]]) -> tuple[list[str], list[li
                 before, after = (lead(groups[label], target, n_train, mode) for label in (earlier, later))
                 seeds = sorted(before.keys() & after.keys())
                 if len(seeds) > 1:
-                    change = MeanCI.of([after[s] - before[s] for s in seeds])
+                    change = MeanCI.of([after[s] - before[s] for s in seeds], (-2.0, 2.0))
                     rows.append([target, str(n_train), f"{mode} − {base}", f"{later} − {earlier}", str(len(seeds)),
                                  points(change), p_text(change.p)])
     return (["target", "n_train", "difference", "change", "seeds", "change in points", "p (paired t)"], rows) \

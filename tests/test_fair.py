@@ -114,8 +114,9 @@ def test_lp_ft_is_paired_with_from_scratch(tiny_args, tmp_path):
                         "--results-csv", str(tmp_path / "r.csv")]
     assert cli.main(args) == 0
     summary = (tmp_path / "r.md").read_text()
-    assert "| even-odd | 20 | lp_ft - from_scratch | 2 |" in summary
-    assert "| even-odd | 20 | finetuned - from_scratch (primary) | 2 |" in summary
+    assert "| even-odd | 20 | lp_ft − from_scratch | 2 |" in summary
+    # not a sweep of results/PROTOCOL.md: nothing is primary
+    assert "| even-odd | 20 | finetuned − from_scratch | 2 |" in summary and "(primary)" not in summary
 
 
 # ---- --report and the figure --------------------------------------------------------------

@@ -88,12 +88,13 @@ def test_a_seed_selected_sweep_s_summary_names_wilcoxon_holm_and_the_equivalence
     results = [row("even-odd", mode, seed, acc) for seed in range(200, 203)
                for mode, acc in (("from_scratch", 0.8), ("finetuned", 0.85 + 0.01 * seed % 3))]
     results += [row("even-odd", "from_scratch", 200, 0.5, rate=3e-2, val_loss=0.69, selected=False)]
-    console = summary.write_summary(results, str(tmp_path / "r.md"), select="seed")
+    console = summary.write_summary(results, str(tmp_path / "r.md"), select="seed", protocol=True)
     text = (tmp_path / "r.md").read_text()
     assert "## The pre-registered comparisons (results/PROTOCOL.md)" in text
     assert all(word in text for word in ("Wilcoxon", "Holm", "equivalence", "primary", "Collapsed"))
-    # the paired-t table claims nothing beside the pre-registered test; the console shows that test and the collapse
-    assert "the ones to state as findings" not in text and "exploratory beside the pre-registered" in text
+    # each comparison once: no paired-t table in fractions beside the pre-registered one; the console shows
+    # that test and the collapses
+    assert "p (paired t)" not in text + console and "the ones to state as findings" not in text
     assert "Wilcoxon p" in console and "finetuned − from_scratch (primary)" in console
     assert "  from_scratch on even-odd at 200 labels, rate 0.03: 1 of 1 collapsed" in console.splitlines()
     assert "0 of" not in console.partition("Collapsed runs")[2].partition("\n\n")[0]  # only arms and rates that did
@@ -108,11 +109,11 @@ def test_the_primaries_sit_at_200_labels_and_a_sweep_of_500_labels_alone_has_non
                 for n_train in sizes for seed in range(200, 205)
                 for mode, acc in (("from_scratch", 0.8), ("finetuned", 0.86))]
 
-    def marked(results, select="seed"):
-        summary.write_summary(results, str(tmp_path / "s.md"), select=select)
+    def marked(results, select="seed", protocol=True):
+        summary.write_summary(results, str(tmp_path / "s.md"), select=select, protocol=protocol)
         text = (tmp_path / "s.md").read_text()
-        return ([r[1] for r in summary.preregistered(results)[1] if "(primary)" in r[2]],
-                [r[1] for r in summary.summarize(results, select)[1] if "(primary)" in r[2]], text)
+        return ([r[1] for r in summary.preregistered(results, protocol=protocol)[1] if "(primary)" in r[2]],
+                [r[1] for r in summary.summarize(results, protocol=protocol)[1] if "(primary)" in r[2]], text)
 
     # results/PROTOCOL.md: 200 labels, also beside 500; both tables mark the same row
     assert marked(sweep(50, 200, 500))[:2] == (["200"], ["200"])
@@ -121,7 +122,10 @@ def test_the_primaries_sit_at_200_labels_and_a_sweep_of_500_labels_alone_has_non
     assert pre == paired == [] and "A sweep of more than 200 labels only has no primaries" in text
     assert "a finding" not in text and "(primary)" not in text
     assert marked(sweep(20))[:2] == (["20"], ["20"])  # a small run of the same question: its largest size
-    assert marked(sweep(200, 500), select="pooled")[1] == ["500"]  # earlier sweeps' reports as they were
+    # only results/PROTOCOL.md's own sweeps have primaries: not earlier sweeps, nor a user's
+    for select in ("pooled", "seed"):
+        pre, paired, text = marked(sweep(200, 500), select=select, protocol=False)
+        assert pre == paired == [] and "(primary)" not in text and "pre-registered" not in text
 
 
 def test_each_backbone_is_pretrained_at_every_rate_of_its_grid_and_the_lowest_validation_loss_is_kept(

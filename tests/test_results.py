@@ -40,10 +40,10 @@ def test_report_compares_sweeps_side_by_side(tiny_args, tmp_path, capsys):
     assert f"| even-odd | 20 | finetuned − from_scratch | {difference} | " in compared
     for label in ("plain", "augmented"):  # and each sweep's own summary and figure beside it
         assert out.with_name(f"both.{label}.md").is_file() and out.with_name(f"both.{label}.png").is_file()
-    # a sweep with --augment has no primary comparison (results/PROTOCOL.md): every row is exploratory
+    # sweeps of a user's: results/PROTOCOL.md's rules, Holm over all their comparisons, nothing primary
     plain, augmented = (out.with_name(f"both.{label}.md").read_text() for label in ("plain", "augmented"))
-    assert "(primary)" in plain and "Holm's adjustment over the primaries alone" in plain
-    assert "(primary)" not in augmented and "A sweep with --augment has no primaries" in augmented
+    assert "(primary)" not in plain and "Holm's adjustment over all 2 comparisons" in plain
+    assert "(primary)" not in augmented and "pre-registered" not in plain + augmented
     assert "(primary)" not in (tmp_path / "b.md").read_text()  # as the sweep itself wrote it
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
