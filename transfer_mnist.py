@@ -189,14 +189,16 @@ def prepare(images, view):
     return images.contiguous(memory_format=torch.channels_last)
 
 
+@dataclasses.dataclass(eq=False)
 class TensorLoader:
     """Batches sliced from tensors in memory, in the post's fixed order.
     With a view, the images are uint8 (N, H, W, C), prepared a batch at
     a time (loader())."""
 
-    def __init__(self, images, labels, batch_size, view=None):
-        self.images, self.labels = images, labels
-        self.batch_size, self.view = batch_size, view
+    images: torch.Tensor
+    labels: torch.Tensor
+    batch_size: int
+    view: View | None = None
 
     def __len__(self):
         return math.ceil(len(self.labels) / self.batch_size)
@@ -441,7 +443,7 @@ class LitModule(lightning.LightningModule):
         try:
             with torch.no_grad():
                 return self.convnet.eval()(torch.zeros(1, *shape)).shape[1]
-        except RuntimeError as err:
+        except RuntimeError:
             raise ExperimentError(f"{shape} images are too small for "
                                   f"{self.hparams.backbone}") from None
 
@@ -486,8 +488,8 @@ class LitModule(lightning.LightningModule):
         if stage == "train" and time.time() > self.said + PROGRESS:
             self.said = time.time()
             end = self.epochs_before + self.trainer.max_epochs
-            logger.info(f"{self.logger.name}: epoch {epoch} of {end}, "
-                        f"best val loss {self.best_loss:.4f}")
+            logger.info(f"{getattr(self.logger, 'name', 'fit')}: epoch "
+                        f"{epoch} of {end}, best val loss {self.best_loss:.4f}")
 
     def training_step(self, batch, batch_idx):
         return self.step(batch, "train")

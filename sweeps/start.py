@@ -218,7 +218,10 @@ def check_inputs(cfg: argparse.Namespace, created: list[Path]) -> str:
             if missing and missing[-1] not in created:
                 created.append(missing[-1])
     network = resolve_targets(cfg)
-    if cfg.weights:  # weights that do not fit, or cannot be had, fail here, before any run
+    # a backbone without a classifier to cut, too small an --image-size, weights that do not fit or
+    # cannot be had: each fails here, before any run
+    tm.LitModule(["?"], 1.0, network.shape, backbone=cfg.backbone)
+    if cfg.weights:
         read_weights(cfg.backbone, cfg.weights, network.channels)
     if cfg.backbone_per_seed and cfg.pretrain_seed is not None:
         raise tm.ExperimentError("--backbone-per-seed pretrains each seed's backbone with that seed; "
