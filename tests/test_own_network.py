@@ -1,7 +1,9 @@
-"""Your network, your images: --backbone, --weights and --image-size on the real loading paths, offline:
-torchvision's own loader reading published weights from torch's cache (a file of random weights under the
-published file name, in tmp_path), a plain state_dict, this project's own pretraining checkpoint; the
-classifier cut off; images as the backbone takes them; weights that do not fit refused in one line."""
+"""Your network, your images: --backbone, --weights and --image-size on the real loading paths,
+offline: torchvision's own loader reading published weights from torch's cache (a file of random
+weights under the published file name, in tmp_path), a plain state_dict, this project's own
+pretraining checkpoint; the classifier cut off; images as the backbone takes them; weights that do
+not fit refused in one line.
+"""
 
 import argparse
 import json
@@ -17,12 +19,21 @@ from sweeps.summary import POINTS_RANGE, preregistered, write_summary
 
 
 def network_args(**given) -> argparse.Namespace:
-    return argparse.Namespace(**{"backbone": "resnet18", "weights": None, "image_size": None,
-                                 "source": "mnist", "data_dir": "unused", **given})
+    return argparse.Namespace(
+        **{
+            "backbone": "resnet18",
+            "weights": None,
+            "image_size": None,
+            "source": "mnist",
+            "data_dir": "unused",
+            **given,
+        }
+    )
 
 
 def trained_looking(seed: int) -> dict[str, torch.Tensor]:
-    """A ResNet-18 state_dict whose every tensor differs from a fresh network's, BatchNorm statistics too."""
+    """A ResNet-18 state_dict whose every tensor differs from a fresh network's, BatchNorm's
+    statistics too."""
     torch.manual_seed(seed)
     state = torchvision.models.resnet18(weights=None).state_dict()
     for key, value in state.items():
@@ -46,7 +57,9 @@ def torch_cache(tmp_path, monkeypatch):
     return state
 
 
-def test_published_weights_load_through_torchvision_from_torch_s_cache_without_the_classifier(torch_cache, caplog):
+def test_published_weights_load_through_torchvision_from_torch_s_cache_without_the_classifier(
+    torch_cache, caplog
+):
     caplog.set_level("INFO", logger="transfer_mnist")
     args = network_args(weights="IMAGENET1K_V1")
     assert tm.weights_path(args).endswith("hub/checkpoints/resnet18-f37072fd.pth")
@@ -60,17 +73,24 @@ def test_published_weights_load_through_torchvision_from_torch_s_cache_without_t
     assert "--weights IMAGENET1K_V1: 120 tensors, not its classifier's" in caplog.text
 
 
-def test_default_names_the_published_weights_and_an_unknown_name_or_backbone_is_one_line(torch_cache,
-                                                                                         tiny_data):
+def test_default_names_the_published_weights_and_an_unknown_name_or_backbone_is_one_line(
+    torch_cache, tiny_data
+):
     assert tm.resolve_network(network_args(weights="DEFAULT")).stats == "resnet18 IMAGENET1K_V1's"
-    with pytest.raises(tm.ExperimentError, match=r"--weights IMAGENET9K: no such file nor weights of resnet18"):
+    with pytest.raises(
+        tm.ExperimentError, match=r"--weights IMAGENET9K: no such file nor weights of resnet18"
+    ):
         tm.resolve_network(network_args(weights="IMAGENET9K"))
-    with pytest.raises(tm.ExperimentError, match=r"--backbone resnet19: not lenet nor torchvision's; add it to "
-                                                 r"make_backbone\(\)"):
+    with pytest.raises(
+        tm.ExperimentError,
+        match=r"--backbone resnet19: not lenet nor torchvision's; add it to " r"make_backbone\(\)",
+    ):
         tm.resolve_network(network_args(backbone="resnet19", data_dir=str(tiny_data[0])))
 
 
-def test_published_weights_missing_offline_name_where_torch_s_cache_expects_them(tmp_path, monkeypatch):
+def test_published_weights_missing_offline_name_where_torch_s_cache_expects_them(
+    tmp_path, monkeypatch
+):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
 
     def offline(*args, **kwargs):
@@ -85,7 +105,9 @@ def test_published_weights_missing_offline_name_where_torch_s_cache_expects_them
 
 
 @pytest.mark.parametrize("prefix", ["", "module.", "model.", "backbone."])
-def test_a_state_dict_file_loads_under_one_prefix_and_the_image_size_follows_the_architecture(tmp_path, prefix):
+def test_a_state_dict_file_loads_under_one_prefix_and_the_image_size_follows_the_architecture(
+    tmp_path, prefix
+):
     state = trained_looking(2)
     torch.save({prefix + key: value for key, value in state.items()}, tmp_path / "mine.pt")
     args = network_args(weights=str(tmp_path / "mine.pt"), image_size=64)
@@ -99,13 +121,18 @@ def test_a_state_dict_file_loads_under_one_prefix_and_the_image_size_follows_the
 
 def test_weights_of_another_architecture_or_channel_count_are_refused_naming_the_file(tmp_path):
     torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "other.pt")
-    with pytest.raises(tm.ExperimentError, match=r"other\.pt does not fit resnet18 with 3 channels: 0 tensors "
-                                                 r"missing or other, 96 extra"):
+    with pytest.raises(
+        tm.ExperimentError,
+        match=r"other\.pt does not fit resnet18 with 3 channels: 0 tensors "
+        r"missing or other, 96 extra",
+    ):
         tm.read_weights(network_args(weights=str(tmp_path / "other.pt")), 3)
     grey = trained_looking(3)
     grey["conv1.weight"] = grey["conv1.weight"][:, :1]
     torch.save(grey, tmp_path / "grey.pt")
-    with pytest.raises(tm.ExperimentError, match=r"grey\.pt does not fit resnet18 with 3 channels: 1 tensors"):
+    with pytest.raises(
+        tm.ExperimentError, match=r"grey\.pt does not fit resnet18 with 3 channels: 1 tensors"
+    ):
         tm.read_weights(network_args(weights=str(tmp_path / "grey.pt")), 3)
     (tmp_path / "text.pt").write_text("not weights")
     with pytest.raises(tm.ExperimentError, match=r"--weights .*text\.pt: "):
@@ -124,8 +151,14 @@ def test_this_project_s_pretraining_checkpoint_is_a_weights_file_for_lenet(tmp_p
     assert all(torch.equal(loaded[k], v) for k, v in pretrained.convnet.state_dict().items())
 
 
-@pytest.mark.parametrize("name, cut", [("resnet18", "fc"), ("mobilenet_v3_small", "classifier.3"),
-                                       ("efficientnet_b0", "classifier.1")])
+@pytest.mark.parametrize(
+    "name, cut",
+    [
+        ("resnet18", "fc"),
+        ("mobilenet_v3_small", "classifier.3"),
+        ("efficientnet_b0", "classifier.1"),
+    ],
+)
 def test_the_backbone_s_final_linear_is_cut_and_the_head_s_width_measured(name, cut):
     module = tm.LitModule(["a", "b", "c"], 1e-3, image_shape=(3, 32, 32), backbone=name)
     assert isinstance(module.convnet.get_submodule(cut), nn.Flatten)
@@ -135,7 +168,9 @@ def test_the_backbone_s_final_linear_is_cut_and_the_head_s_width_measured(name, 
 
 
 def test_a_backbone_without_a_final_linear_stops_in_one_line():
-    with pytest.raises(tm.ExperimentError, match=r"--backbone squeezenet1_0: no Linear classifier to cut"):
+    with pytest.raises(
+        tm.ExperimentError, match=r"--backbone squeezenet1_0: no Linear classifier to cut"
+    ):
         tm.make_backbone("squeezenet1_0", 3)
 
 
@@ -148,14 +183,18 @@ def test_images_take_the_backbone_s_channels_size_and_stats():
     colour = torch.zeros(1, 2, 2, 3, dtype=torch.uint8)
     colour[..., 1] = 255  # pure green: 0.587 of white in grey
     out = tm.prepare(colour, tm.View(1, (2, 2), (0.0,), (1.0,), ""))
-    assert out.shape == (1, 1, 2, 2) and torch.allclose(out, torch.full_like(out, 0.587), atol=1 / 255)
+    assert out.shape == (1, 1, 2, 2) and torch.allclose(
+        out, torch.full_like(out, 0.587), atol=1 / 255
+    )
     # the post's images as they were: 1x28x28, (x / 255 - mean) / std
     mnist = torch.randint(0, 256, (3, 28, 28, 1), dtype=torch.uint8)
     out = tm.prepare(mnist, tm.View(1, (28, 28), (0.1307,), (0.3081,), ""))
     assert torch.equal(out, (mnist.permute(0, 3, 1, 2).float() / 255 - 0.1307) / 0.3081)
 
 
-def test_a_split_too_large_as_floats_is_held_as_uint8_and_prepared_a_batch_at_a_time(tiny_data, monkeypatch):
+def test_a_split_too_large_as_floats_is_held_as_uint8_and_prepared_a_batch_at_a_time(
+    tiny_data, monkeypatch
+):
     view = tm.View(3, (224, 224), (0.5,) * 3, (0.5,) * 3, "")
     # the 60 test images would take 36 MB as floats: more than this FLOAT_BYTES; the 25 to train and
     # validate fit
@@ -169,11 +208,17 @@ def test_a_split_too_large_as_floats_is_held_as_uint8_and_prepared_a_batch_at_a_
 
 
 def test_lenet_turns_a_registered_rgb_target_grey_with_its_stats_averaged(monkeypatch):
-    monkeypatch.setitem(tm.TARGETS, "colours", tm.Target(None, ("a", "b"), mean=(0.2, 0.4, 0.6),
-                                                         std=(0.1, 0.2, 0.3)))
+    monkeypatch.setitem(
+        tm.TARGETS,
+        "colours",
+        tm.Target(None, ("a", "b"), mean=(0.2, 0.4, 0.6), std=(0.1, 0.2, 0.3)),
+    )
     view = tm.input_view(tm.View(1, (28, 28), None, None, ""), "colours")
     assert view.mean == pytest.approx((0.4,)) and view.std == pytest.approx((0.2,))
-    assert tm.describe("colours", view) == "colours: 1x28x28 grey, normalised with colours's registered mean and std"
+    assert (
+        tm.describe("colours", view)
+        == "colours: 1x28x28 grey, normalised with colours's registered mean and std"
+    )
 
 
 def test_resume_refuses_other_weights_under_the_same_name(torch_cache, tmp_path):
@@ -182,18 +227,29 @@ def test_resume_refuses_other_weights_under_the_same_name(torch_cache, tmp_path)
     assert record["weights"] == "IMAGENET1K_V1" and len(record["sha256"]) == 64
     resume.check_weights_unchanged("r.csv", record, cfg)  # the same file: goes on
     torch.save(trained_looking(9), tm.weights_path(cfg))
-    with pytest.raises(tm.ExperimentError, match=r"--resume r\.csv: --weights IMAGENET1K_V1 are not those the "
-                                                 r"sweep began with .*SHA-256"):
+    with pytest.raises(
+        tm.ExperimentError,
+        match=r"--resume r\.csv: --weights IMAGENET1K_V1 are not those the "
+        r"sweep began with .*SHA-256",
+    ):
         resume.check_weights_unchanged("r.csv", record, cfg)
 
 
 def test_weights_with_a_pretraining_flag_on_the_command_line_is_refused_and_fair_drops_its_grid():
-    cfg, given = settings.parse(["--protocol", "fair", "--weights", "DEFAULT", "--backbone", "resnet18"])
+    cfg, given = settings.parse(
+        ["--protocol", "fair", "--weights", "DEFAULT", "--backbone", "resnet18"]
+    )
     assert cfg.backbone_per_seed is False and cfg.pretrain_lr_grid == ()
     settings.check_weights(cfg, given)  # the protocol's pretraining falls away
-    for flag in (["--backbones-from", "x.csv"], ["--backbone-per-seed"], ["--pretrain-lr-grid", "1e-3"]):
+    for flag in (
+        ["--backbones-from", "x.csv"],
+        ["--backbone-per-seed"],
+        ["--pretrain-lr-grid", "1e-3"],
+    ):
         cfg, given = settings.parse(["--weights", "DEFAULT", "--backbone", "resnet18", *flag])
-        with pytest.raises(tm.ExperimentError, match=f"nothing is pretrained, so {flag[0]} has no use"):
+        with pytest.raises(
+            tm.ExperimentError, match=f"nothing is pretrained, so {flag[0]} has no use"
+        ):
             settings.check_weights(cfg, given)
 
 
@@ -209,6 +265,7 @@ def test_only_the_protocol_s_own_sweeps_are_pre_registered():
 
 def rows_of_a_sweep(differences: list[float]) -> list:
     from sweeps.runs import RunResult
+
     rows = []
     for seed, difference in enumerate(differences):
         for mode, acc in (("finetuned", 0.5 + difference), ("from_scratch", 0.5)):
@@ -227,12 +284,17 @@ def test_a_user_s_sweep_names_nothing_primary_and_holm_runs_over_all_its_compari
     text = write_summary(results, str(tmp_path / "s.md"), "seed", protocol=False)
     markdown = (tmp_path / "s.md").read_text()
     for shown in (text, markdown):
-        assert "pre-registered" not in shown and "(primary)" not in shown and "p (paired t)" not in shown
+        assert (
+            "pre-registered" not in shown
+            and "(primary)" not in shown
+            and "p (paired t)" not in shown
+        )
     assert "## The comparisons, by results/PROTOCOL.md's rules" in markdown
 
 
 def test_the_template_alone_starts_each_pretrained_arm_from_the_weights_and_from_scratch_from_none(
-        tiny_args, tmp_path, monkeypatch, caplog):
+    tiny_args, tmp_path, monkeypatch, caplog
+):
     state = trained_looking(5)
     torch.save(state, tmp_path / "mine.pt")
     weights = {k: v for k, v in state.items() if not k.startswith("fc.")}
@@ -240,41 +302,78 @@ def test_the_template_alone_starts_each_pretrained_arm_from_the_weights_and_from
 
     def watched(module, data, mode, *args, **kwargs):
         start = module.convnet.state_dict()
-        starts.append((mode, sum(torch.equal(start[k], v) for k, v in weights.items()), data.shape,
-                       {k: v.clone() for k, v in start.items()}))
+        starts.append(
+            (
+                mode,
+                sum(torch.equal(start[k], v) for k, v in weights.items()),
+                data.shape,
+                {k: v.clone() for k, v in start.items()},
+            )
+        )
         trainer, result = fit(module, data, mode, *args, **kwargs)
         starts[-1] += (module.convnet.state_dict(),)
         return trainer, result
 
     monkeypatch.setattr(tm, "fit", watched)
     caplog.set_level("INFO", logger="transfer_mnist")
-    argv = tiny_args + ["--backbone", "resnet18", "--weights", str(tmp_path / "mine.pt"), "--image-size", "32",
-                        "--targets", "even-odd", "--modes", "finetuned", "from_scratch", "frozen",
-                        "--results-csv", str(tmp_path / "r.csv")]
+    argv = tiny_args + [
+        "--backbone",
+        "resnet18",
+        "--weights",
+        str(tmp_path / "mine.pt"),
+        "--image-size",
+        "32",
+        "--targets",
+        "even-odd",
+        "--modes",
+        "finetuned",
+        "from_scratch",
+        "frozen",
+        "--results-csv",
+        str(tmp_path / "r.csv"),
+    ]
     assert tm.main(argv) == 0
     # no pretraining: three fits, one per arm, on 3x32x32 images (grey repeated)
     assert [(mode, equal, shape) for mode, equal, shape, *_ in starts] == [
-        ("finetuned", len(weights), (3, 32, 32)), ("from_scratch", 0, (3, 32, 32)),
-        ("frozen", len(weights), (3, 32, 32))]
+        ("finetuned", len(weights), (3, 32, 32)),
+        ("from_scratch", 0, (3, 32, 32)),
+        ("frozen", len(weights), (3, 32, 32)),
+    ]
     frozen_before, frozen_after = starts[2][3], starts[2][4]
-    assert all(torch.equal(frozen_before[k], frozen_after[k]) for k in frozen_before)  # BatchNorm's too
+    assert all(
+        torch.equal(frozen_before[k], frozen_after[k]) for k in frozen_before
+    )  # BatchNorm's too
     tuned_before, tuned_after = starts[0][3], starts[0][4]
     assert not torch.equal(tuned_before["conv1.weight"], tuned_after["conv1.weight"])
-    assert "even-odd: 3x32x32 RGB, normalised with resnet18 IMAGENET1K_V1's mean and std" in caplog.messages
+    assert (
+        "even-odd: 3x32x32 RGB, normalised with resnet18 IMAGENET1K_V1's mean and std"
+        in caplog.messages
+    )
     rows = (tmp_path / "r.csv").read_text().splitlines()[1:]
     assert [row.split(",")[1] for row in rows] == ["finetuned", "from_scratch", "frozen"]
 
 
-def test_a_copier_s_own_architecture_is_one_branch_in_make_backbone(tiny_args, tmp_path, monkeypatch):
+def test_a_copier_s_own_architecture_is_one_branch_in_make_backbone(
+    tiny_args, tmp_path, monkeypatch
+):
     make_backbone = tm.make_backbone
 
     def with_mine(name, channels):
         if name == "mynet":
-            return nn.Sequential(nn.Conv2d(channels, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            return nn.Sequential(
+                nn.Conv2d(channels, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+            )
         return make_backbone(name, channels)
 
     monkeypatch.setattr(tm, "make_backbone", with_mine)
-    argv = tiny_args + ["--backbone", "mynet", "--targets", "even-odd", "--results-csv", str(tmp_path / "r.csv")]
+    argv = tiny_args + [
+        "--backbone",
+        "mynet",
+        "--targets",
+        "even-odd",
+        "--results-csv",
+        str(tmp_path / "r.csv"),
+    ]
     assert tm.main(argv) == 0
     checkpoint = next((tmp_path / "logs" / "pretrain").glob("version_0/checkpoints/best.ckpt"))
     # its own pretraining checkpoint is a weights file for it, as for lenet
