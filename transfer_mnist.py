@@ -15,10 +15,11 @@ Your own network, with nothing pretrained here:
     python transfer_mnist.py --backbone resnet18 --weights mine.pt
 
 Adapt TARGETS, ARMS or make_backbone(). python -m sweeps imports the
-registries, ExperimentError, logger, read_split, draw_subset, View,
-input_view, describe, load_data, make_data, TensorLoader, TargetData,
-resolve_network, weights_path, read_weights, LitModule, fit, pretrain,
-train, read_backbone, RunResult, RESULT_COLUMNS and make_parser.
+registries (Target, TARGETS, ARMS), ExperimentError, logger, VAL_SHARE,
+LIBRARY_WARNINGS, read_split, draw_subset, View, prepare, input_view,
+describe, load_data, make_data, TensorLoader, TargetData,
+resolve_network, weights_path, read_weights, read_backbone, LitModule,
+fit, pretrain, train, RunResult, RESULT_COLUMNS and make_parser.
 """
 
 import argparse
@@ -322,6 +323,7 @@ def resolve_network(args):
         mean, std = tuple(preset.mean), tuple(preset.std)
         return View(3, (side, side), mean, std,
                     f"{args.backbone} {record.name}'s")
+    make_backbone(args.backbone, 1)  # an unknown one fails first
     if args.weights is None:
         images = read_split(args.source, args.data_dir, True)[0]
         channels = images.shape[3]
@@ -330,7 +332,6 @@ def resolve_network(args):
         state = read_file(args.weights).values()
         channels = ([v.shape[1] for v in state if v.dim() == 4] or [1])[0]
         size = (side or 28,) * 2
-    make_backbone(args.backbone, channels)  # an unknown one fails here
     return View(channels, size, None, None, "")
 
 
@@ -665,7 +666,7 @@ def make_parser():
     add("--image-size", type=count, help="None: the weights' for "
         "torchvision's, the source's for lenet")
     add("--source", choices=TARGETS, default="mnist", help="to pretrain")
-    add("--n-pretrain", type=count, default=10_000, help="+25%% more")
+    add("--n-pretrain", type=count, default=10_000, help="+25%% to validate")
     add("--pretrain-epochs", type=count, default=50, help="at most")
     add("--pretrain-lr", type=rate, default=1e-4, help="Adam's")
     add("--targets", nargs="+", default=["even-odd", "fashion-mnist"],

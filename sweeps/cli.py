@@ -45,8 +45,8 @@ from sweeps.runs import (
     sweep_runs,
     widened_runs,
 )
-from sweeps.settings import (PRIMARY_ARM, ExperimentFailure, check_weights, complete, one_line, parse,
-                             protocol_sweep, quiet_libraries, run_threads)
+from sweeps.settings import (PRETRAINING_SETTINGS, PRIMARY_ARM, ExperimentFailure, check_weights, complete,
+                             one_line, parse, protocol_sweep, quiet_libraries, run_threads)
 from sweeps.start import check_inputs, prepare_outputs, remove, remove_unfinished, warn_if_busy
 from sweeps.stop import StopSignal
 from sweeps.summary import (
@@ -60,6 +60,7 @@ from sweeps.summary import (
     fragile,
     log_learning_curves,
     markdown,
+    network_line,
     no_primaries,
     percent_table,
     primary_sizes,
@@ -96,6 +97,7 @@ class LoadedSweep(typing.NamedTuple):
     warnings: list[str]
     augmented: bool  # with --augment: no primaries (results/PROTOCOL.md)
     protocol: bool  # a sweep of results/PROTOCOL.md's commands: its primaries were named before its runs
+    network: str  # the backbone its runs trained (network_line())
 
 
 def load_sweep(paths: list[str], cfg: argparse.Namespace, given: set[str]) -> LoadedSweep:
@@ -118,7 +120,8 @@ def load_sweep(paths: list[str], cfg: argparse.Namespace, given: set[str]) -> Lo
                 f"are taken from its rows, and {SELECTIONS[select]}" for path, settings in saved.items()
                 if "config" not in settings]
     return LoadedSweep(results, select, incomplete + warnings + machines_differ(saved),
-                       any(c.get("augment") for c in configs), all(map(protocol_sweep, configs)))
+                       any(c.get("augment") for c in configs), all(map(protocol_sweep, configs)),
+                       network_line(c for c in configs if c))
 
 
 def machines_differ(saved: dict[str, dict]) -> list[str]:
@@ -149,7 +152,7 @@ def report(cfg: argparse.Namespace, given: set[str]) -> int:
             raise tm.ExperimentError("--report takes CSVs, or LABEL=CSV for each to compare sweeps; not both")
         if all(labelled):  # comparing sweeps
             return compare(cfg, given)
-        results, cfg.select, warnings, augmented, protocol = load_sweep(list(cfg.report), cfg, given)
+        results, cfg.select, warnings, augmented, protocol, network = load_sweep(list(cfg.report), cfg, given)
         out = report_output(cfg, given)
         if cfg.results_csv:
             try:
@@ -157,7 +160,8 @@ def report(cfg: argparse.Namespace, given: set[str]) -> int:
                 ResultsCsv(cfg.results_csv).rewrite(results)
             except OSError as err:
                 raise tm.ExperimentError(f"--results-csv {out} cannot be written ({err.strerror or err})") from None
-        summary = write_summary(results, str(out.with_suffix(".md")), cfg.select, warnings, augmented, protocol)
+        summary = write_summary(results, str(out.with_suffix(".md")), cfg.select, warnings, augmented, protocol,
+                                network)
         save_figure(draw_figure(results), out.with_suffix(".png"))
     except tm.ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -182,11 +186,11 @@ def compare(cfg: argparse.Namespace, given: set[str]) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     sweeps = {}
     for label, csvs in paths.items():
-        sweeps[label], select, warnings, augmented, protocol = load_sweep(csvs, cfg, given)
+        sweeps[label], select, warnings, augmented, protocol, network = load_sweep(csvs, cfg, given)
         for warning in warnings:
             print(f"Warning: {label}: {warning}")
         name = out.with_name(f"{out.stem}.{''.join(c if c.isalnum() or c in '-_' else '_' for c in label)}.md")
-        write_summary(sweeps[label], str(name), select, warnings, augmented, protocol)
+        write_summary(sweeps[label], str(name), select, warnings, augmented, protocol, network)
         save_figure(draw_figure(sweeps[label]), name.with_suffix(".png"))
     table = comparison_table(sweeps)
     modes = [mode for mode in ARMS if any(r.mode == mode for results in sweeps.values() for r in results)]
@@ -265,7 +269,8 @@ def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack)
     except KeyboardInterrupt:
         remove(created)
         raise
-    logger.info(f"Settings: {', '.join(f'{key}={value}' for key, value in vars(cfg).items())}")
+    unused = PRETRAINING_SETTINGS if cfg.weights else ()  # nothing is pretrained: they do not apply
+    logger.info(f"Settings: {', '.join(f'{key}={value}' for key, value in vars(cfg).items() if key not in unused)}")
     protocol = protocol_sweep(vars(cfg))
     if cfg.protocol == "fair" and not protocol:
         logger.info("Not a sweep of results/PROTOCOL.md: its rules apply, with no primary comparison; Holm's "
@@ -284,7 +289,8 @@ def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack)
                                  on_node=NodeRecords(csv_out.path), borrowed=borrowed,  # resume
                                  on_widened=functools.partial(record_widened, csv_out.path,
                                                               per_seed=cfg.select == "seed"))
-        summary = write_summary(results, str(summary_path), cfg.select, augmented=cfg.augment, protocol=protocol)
+        summary = write_summary(results, str(summary_path), cfg.select, augmented=cfg.augment, protocol=protocol,
+                                network=network_line([vars(cfg)]))
         log_learning_curves(results, cfg)
         figure = draw_figure(results)
         save_figure(figure, figure_path)

@@ -245,6 +245,9 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
 
 # What pretrains a backbone here: with --weights, nothing is pretrained, and these are refused
 PRETRAINING_FLAGS = ("backbones_from", "backbone_per_seed", "pretrain_lr_grid")
+# ... and these, which the post's protocol sets, do not apply (the start's Settings line leaves them out)
+PRETRAINING_SETTINGS = (*PRETRAINING_FLAGS, "source", "n_pretrain", "pretrain_epochs", "pretrain_lr",
+                        "pretrain_patience", "pretrain_seed")
 
 
 def check_weights(cfg: argparse.Namespace, given: set[str]) -> None:

@@ -383,7 +383,7 @@ def fragile(results: list[RunResult]) -> list[str]:
                             f"{LR_BOUNDS[1]:g}, where --widen stops: the rates beyond were not tried")
     elif choices:
         warnings.append("every arm ran at one fixed learning rate, not its best: --protocol fair gives each arm "
-                        "its best of a grid, over 5 seeds, on images that pretraining did not see")
+                        "its best of a grid, over 5 seeds")
     return warnings
 
 
@@ -408,14 +408,26 @@ SELECTIONS = {"seed": "each seed's own validation loss picks its rate (--select 
                       "(--select mean)"}
 
 
-def write_summary(results: list[RunResult], path: str, select: str = "seed",
-                  warnings: typing.Sequence[str] = (), augmented: bool = False, protocol: bool = False) -> str:
+def network_line(configs: typing.Iterable[dict]) -> str:
+    """The backbone the runs of sweeps with these saved settings trained, for their summary's first line."""
+    lines = []
+    for config in configs:
+        start = f"from --weights {config['weights']}" if config.get("weights") else \
+            f"pretrained here on {config.get('source')}"
+        size = f", images resized to {config['image_size']} pixels" if config.get("image_size") else ""
+        lines.append(f"{config.get('backbone', 'lenet')} {start}{size}")
+    return f"Backbone: {'; '.join(dict.fromkeys(lines))}.\n\n" if lines else ""
+
+
+def write_summary(results: list[RunResult], path: str, select: str = "seed", warnings: typing.Sequence[str] = (),
+                  augmented: bool = False, protocol: bool = False, network: str = "") -> str:
     """Markdown at `path`: the summary over seeds (the run table when every arm ran one seed), each
     comparison once: seed-selected sweeps by results/PROTOCOL.md's rules (pre-registered primaries only in
     its own sweeps, `protocol`), earlier ones by paired t-tests with Holm's adjustment; the sensitivity to the
     baseline's rate, then the learning rates run and chosen and the runs still improving at the end of
     their budget, and the warnings (these `warnings` first: a report's incomplete groups, say). Returns the
-    summary as aligned text for the console: '' for one seed, where the run table says it all."""
+    summary as aligned text for the console: '' for one seed, where the run table says it all. `network`
+    (network_line()) opens the Markdown."""
     budget = budget_rows(results)
     grid = any(not r.selected for r in results)
     closing = ("## Learning rates and epoch budget\n\n" + (f"Rate selection: {SELECTIONS[select]}.\n\n" if grid else "")
@@ -423,7 +435,7 @@ def write_summary(results: list[RunResult], path: str, select: str = "seed",
     if [*warnings, *fragile(results)]:
         closing += "\n## Warnings\n\n" + "".join(f"- {warning}\n" for warning in [*warnings, *fragile(results)])
     if all(len(by_seed) < 2 for by_seed in group_by_arm(results).values()):
-        replace_text(path, f"# Test results\n\n{markdown(*run_rows(results))}\n\n{closing}")
+        replace_text(path, f"# Test results\n\n{network}{markdown(*run_rows(results))}\n\n{closing}")
         return ""
     arms, differences = summarize(results, augmented, protocol)
     fewest = min(int(row[3]) for row in arms)
@@ -445,7 +457,7 @@ def write_summary(results: list[RunResult], path: str, select: str = "seed",
                   f"the {len(differences)} comparisons of this table, {reading}\n\n{markdown(DIFF_HEADER, differences)}"
                   "\n\nIn percent: mean test accuracy, and the paired difference in points with its 95% interval."
                   f"\n\n", markdown(*percent_table(results))]
-    replace_text(path, f"# Test results over seeds\n\n{markdown(ARM_HEADER, arms)}\n\n{caution}{''.join(tables)}"
+    replace_text(path, f"# Test results over seeds\n\n{network}{markdown(ARM_HEADER, arms)}\n\n{caution}{''.join(tables)}"
                        f"\n\n{sensitive}{closing}")
     return "\n\n".join([aligned(ARM_HEADER, arms)] + [caution.strip()] * bool(caution) + [*filter(None, console)]
                          + [aligned(BUDGET_HEADER, budget)])
@@ -463,7 +475,7 @@ def seed_comparisons(results: list[RunResult], augmented: bool, protocol: bool) 
                  f"difference within ±{EQUIVALENCE_MARGIN:g} points shown by two one-sided tests at 5%. The "
                  "other rows are exploratory: intervals, no claims.")
     else:
-        title = "The comparisons, by results/PROTOCOL.md's rules"
+        title = "The comparisons, each seed at its own rate"
         rules = ("No comparison was named before these runs, so none is primary: Wilcoxon's signed-rank test with "
                  f"Holm's adjustment over all {len(rows)} comparisons, and a difference within "
                  f"±{EQUIVALENCE_MARGIN:g} points shown by two one-sided tests at 5%.")

@@ -289,7 +289,7 @@ def test_a_user_s_sweep_names_nothing_primary_and_holm_runs_over_all_its_compari
             and "(primary)" not in shown
             and "p (paired t)" not in shown
         )
-    assert "## The comparisons, by results/PROTOCOL.md's rules" in markdown
+    assert "## The comparisons, each seed at its own rate" in markdown
 
 
 def test_the_template_alone_starts_each_pretrained_arm_from_the_weights_and_from_scratch_from_none(
@@ -379,3 +379,20 @@ def test_a_copier_s_own_architecture_is_one_branch_in_make_backbone(
     # its own pretraining checkpoint is a weights file for it, as for lenet
     loaded = tm.read_weights(network_args(backbone="mynet", weights=str(checkpoint)), 1)
     assert list(loaded) == ["0.weight", "0.bias"]
+
+
+def test_a_sweep_with_weights_gives_the_same_rows_on_local_workers_as_in_one_process(tiny_args, tmp_path):
+    from sweeps import cli
+
+    torch.save(trained_looking(7), tmp_path / "mine.pt")
+    argv = tiny_args + ["--backbone", "resnet18", "--weights", str(tmp_path / "mine.pt"),
+                        "--image-size", "32", "--targets", "even-odd", "--seeds", "2", "--threads", "1"]
+    assert cli.main(argv + ["--results-csv", str(tmp_path / "one.csv")]) == 0
+    assert cli.main(argv + ["--workers", "2", "--log-dir", str(tmp_path / "workers"),
+                            "--results-csv", str(tmp_path / "two.csv")]) == 0
+    assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "two.csv").read_bytes()
+    rows = (tmp_path / "one.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[1] for row in rows] == ["finetuned", "from_scratch"] * 2  # nothing pretrained
+    settings = json.loads((tmp_path / "two.json").read_text())
+    assert settings["weights"]["sha256"] == resume.sha256((tmp_path / "mine.pt").read_bytes())
+    assert "Backbone: resnet18 from --weights" in (tmp_path / "two.md").read_text()
