@@ -381,18 +381,47 @@ def test_a_copier_s_own_architecture_is_one_branch_in_make_backbone(
     assert list(loaded) == ["0.weight", "0.bias"]
 
 
-def test_a_sweep_with_weights_gives_the_same_rows_on_local_workers_as_in_one_process(tiny_args, tmp_path):
+def test_a_sweep_with_weights_gives_the_same_rows_on_local_workers_as_in_one_process(
+    tiny_args, tmp_path
+):
     from sweeps import cli
 
     torch.save(trained_looking(7), tmp_path / "mine.pt")
-    argv = tiny_args + ["--backbone", "resnet18", "--weights", str(tmp_path / "mine.pt"),
-                        "--image-size", "32", "--targets", "even-odd", "--seeds", "2", "--threads", "1"]
+    argv = tiny_args + [
+        "--backbone",
+        "resnet18",
+        "--weights",
+        str(tmp_path / "mine.pt"),
+        "--image-size",
+        "32",
+        "--targets",
+        "even-odd",
+        "--seeds",
+        "2",
+        "--threads",
+        "1",
+    ]
     assert cli.main(argv + ["--results-csv", str(tmp_path / "one.csv")]) == 0
-    assert cli.main(argv + ["--workers", "2", "--log-dir", str(tmp_path / "workers"),
-                            "--results-csv", str(tmp_path / "two.csv")]) == 0
+    assert (
+        cli.main(
+            argv
+            + [
+                "--workers",
+                "2",
+                "--log-dir",
+                str(tmp_path / "workers"),
+                "--results-csv",
+                str(tmp_path / "two.csv"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "two.csv").read_bytes()
     rows = (tmp_path / "one.csv").read_text().splitlines()[1:]
-    assert [row.split(",")[1] for row in rows] == ["finetuned", "from_scratch"] * 2  # nothing pretrained
+    assert [row.split(",")[1] for row in rows] == [
+        "finetuned",
+        "from_scratch",
+    ] * 2  # nothing pretrained
     settings = json.loads((tmp_path / "two.json").read_text())
     assert settings["weights"]["sha256"] == resume.sha256((tmp_path / "mine.pt").read_bytes())
     assert "Backbone: resnet18 from --weights" in (tmp_path / "two.md").read_text()
@@ -404,21 +433,31 @@ class Colours:
     def __init__(self, root, train=True, download=False):
         generator = torch.Generator().manual_seed(0 if train else 1)
         labels = torch.randint(0, 3, (120 if train else 30,), generator=generator)
-        images = torch.randint(0, 60, (len(labels), 32, 32, 3), generator=generator, dtype=torch.uint8)
+        images = torch.randint(
+            0, 60, (len(labels), 32, 32, 3), generator=generator, dtype=torch.uint8
+        )
         for i, label in enumerate(labels.tolist()):
             images[i, :, :, label] += 150
         self.data, self.targets = images.numpy(), labels.tolist()
 
 
 def test_a_registered_rgb_target_under_the_post_s_mnist_lenet_is_seen_grey_at_28(
-        tiny_args, tmp_path, monkeypatch, caplog):
-    monkeypatch.setitem(tm.TARGETS, "colours", tm.Target(Colours, ("r", "g", "b"), mean=(0.3,) * 3,
-                                                         std=(0.3,) * 3))
+    tiny_args, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setitem(
+        tm.TARGETS, "colours", tm.Target(Colours, ("r", "g", "b"), mean=(0.3,) * 3, std=(0.3,) * 3)
+    )
     tm.read_split.cache_clear()
     caplog.set_level("INFO", logger="transfer_mnist")
     argv = tiny_args + ["--targets", "colours", "--results-csv", str(tmp_path / "r.csv")]
     assert tm.main(argv) == 0  # it ended in a size mismatch after pretraining
-    assert "colours: 1x28x28 grey, normalised with colours's registered mean and std" in caplog.messages
+    assert (
+        "colours: 1x28x28 grey, normalised with colours's registered mean and std"
+        in caplog.messages
+    )
     rows = (tmp_path / "r.csv").read_text().splitlines()[1:]
-    assert [row.split(",")[:2] for row in rows] == [["mnist", "pretrain"], ["colours", "finetuned"],
-                                                   ["colours", "from_scratch"]]
+    assert [row.split(",")[:2] for row in rows] == [
+        ["mnist", "pretrain"],
+        ["colours", "finetuned"],
+        ["colours", "from_scratch"],
+    ]
