@@ -428,7 +428,8 @@ def test_a_sweep_with_weights_gives_the_same_rows_on_local_workers_as_in_one_pro
 
 
 class Colours:
-    """A 3-channel data set in torchvision's CIFAR10 layout, 32x32: the brightest channel is the class."""
+    """A 3-channel data set in torchvision's CIFAR10 layout, 32x32: the brightest channel is the
+    class."""
 
     def __init__(self, root, train=True, download=False):
         generator = torch.Generator().manual_seed(0 if train else 1)
