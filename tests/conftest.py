@@ -42,9 +42,23 @@ def sweep_settings(argv: list[str]):
 
 
 def pytest_configure(config):
-    """The library warnings that main() filters are filtered in the tests too, from the same list."""
+    """The library warnings that main() filters are filtered in the tests too, from the same list;
+    the slow tier is named."""
     for message in transfer_mnist.LIBRARY_WARNINGS:
         config.addinivalue_line("filterwarnings", f"ignore:{message}")
+    config.addinivalue_line("markers", "slow: end-to-end runs, Ray and clusters: pytest -m 'not slow' "
+                            "leaves them out")
+
+
+# The slow tier, by what a test does: every end-to-end run of main() on the tiny data (tiny_args),
+# and every test of Ray, its faults and clusters (these two files)
+SLOW_FILES = {"test_engine.py", "test_sweeps.py"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tiny_args" in item.fixturenames or item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
 
 N_TRAIN_IMAGES = 300  # per dataset: enough for --n-pretrain 40 and --n-train 20 with validation
 N_TEST_IMAGES = 60

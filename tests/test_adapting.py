@@ -216,6 +216,7 @@ def test_the_arm_trains_at_the_rate_given_on_the_command_line(tiny_args, tmp_pat
 REPORTING = ["sweeps.summary", "sweeps.figures", "sweeps.cli"]
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_the_sweep_engine_runs_without_the_reporting_modules(tiny_data, tmp_path):
     root, _ = tiny_data
     script = f"""
@@ -245,6 +246,7 @@ def without_packages(tmp_path: Path, *names: str) -> Path:
     return site
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_the_template_runs_without_ray_matplotlib_or_the_harness(tiny_data, tmp_path):
     root, _ = tiny_data
     site = without_packages(tmp_path, "ray", "matplotlib", "mpl_toolkits")
@@ -407,6 +409,7 @@ def check_zeros(csv_path: Path, seeds: int) -> None:
         ("zeros", mode, str(seed)) for seed in range(seeds) for mode in ("finetuned", "from_scratch")]
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_a_target_added_to_the_template_runs_in_the_template_and_in_the_sweeps(tiny_data, tmp_path):
     root, _ = tiny_data
     clone = tmp_path / "clone"
@@ -429,6 +432,7 @@ def test_a_target_added_to_the_template_runs_in_the_template_and_in_the_sweeps(t
     assert "zeros: MNIST, 2 classes (other, zero)" in done.stderr
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_a_target_registered_in_a_user_s_script_runs_in_the_sweeps(tiny_data, tmp_path):
     """In one process; on Ray's workers a registration made at run time travels by value (test_sweeps)."""
     root, _ = tiny_data

@@ -73,6 +73,7 @@ def test_the_head_s_width_is_measured_from_any_backbone(monkeypatch):
     assert module(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
 
 
+@pytest.mark.slow  # an end-to-end run
 def test_a_resnet18_on_cifar_layout_data_runs_the_post_s_runs(tmp_path, monkeypatch):
     """A copier's trial: register a 3-channel 32x32 data set and a ResNet-18; nothing else changes."""
     monkeypatch.setitem(tm.TARGETS, "colours", tm.Target(Colours, ("r", "g", "b", "rg"), mean=(0.3,) * 3,
