@@ -117,23 +117,8 @@ def differences(saved: dict[str, typing.Any], now: dict[str, typing.Any]) -> lis
     return differ
 
 
-# Settings saved without a "format" named the selections otherwise: "pooled" was the mean, "median" the median
-FORMAT = 2
-EARLIER_SELECT = {"pooled": "mean", "median": "pooled"}
-
-
-# Settings added after sweeps were saved without them, with what those sweeps did
-ADDED_LATER = {"shuffle": False, "pretrain_lr_grid": [], "backbone": "lenet", "weights": None, "image_size": None}
-
-
-def upgraded(settings: dict) -> dict:
-    """Settings as saved by any version, in today's names, with ADDED_LATER's where they lack them."""
-    config = settings.get("config")
-    if settings.get("format") != FORMAT and isinstance(config, dict) and config.get("select") in EARLIER_SELECT:
-        settings = {**settings, "config": {**config, "select": EARLIER_SELECT[config["select"]]}}
-    if isinstance(settings.get("config"), dict):
-        settings = {**settings, "config": {**ADDED_LATER, **settings["config"]}}
-    return settings
+# The settings' format: every sweep in results/ is in it (migrated once); this code reads no other
+FORMAT = 3
 
 
 def write_settings(path: Path, settings: dict) -> None:
@@ -251,7 +236,13 @@ def saved_settings(csv_path: str | Path) -> dict:
         settings = json.loads(settings_path(csv_path).read_text())
     except (OSError, ValueError):
         return {}
-    return upgraded(settings) if isinstance(settings, dict) and isinstance(settings.get("config"), dict) else {}
+    if not isinstance(settings, dict) or not isinstance(settings.get("config"), dict):
+        return {}
+    if settings.get("format") != FORMAT:
+        logger.warning(f"Warning: {settings_path(csv_path)} is in another format of settings "
+                       f"({settings.get('format')}, this code reads {FORMAT}): read as if it had none")
+        return {}
+    return settings
 
 
 def resume_settings(cfg: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespace, Resumed]:
@@ -260,7 +251,9 @@ def resume_settings(cfg: argparse.Namespace, given: set[str]) -> tuple[argparse.
     destroys (--overwrite) is restored."""
     path = settings_path(cfg.resume)
     try:
-        saved = upgraded(json.loads(path.read_text()))
+        saved = json.loads(path.read_text())
+        if saved.get("format") != FORMAT:
+            raise ValueError(f"format {saved.get('format')}, this code reads {FORMAT}")
         settings = complete(argparse.Namespace(**relative_paths(saved["config"], path.parent, to_csv=False)))
         checkpoints = {int(seed): Path(cfg.resume).parent / c["path"] for seed, c in saved["checkpoints"].items()}
         digests = {int(seed): c["sha256"] for seed, c in saved["checkpoints"].items()}

@@ -1,8 +1,11 @@
 """A robust answer: augmentation, a backbone per seed and pooled rate selection. Tiny data only."""
 
+import argparse
 import csv
 import json
+from pathlib import Path
 
+import pytest
 import torch
 from conftest import template_args
 
@@ -134,23 +137,25 @@ def test_report_select_mean_reproduces_the_run_s_markdown(tiny_args, tmp_path):
     own = (tmp_path / "mean.md").read_text().replace("Backbone: lenet pretrained here on mnist.\n\n", "")
     assert "".join(line for line in lines if "seed.json" not in line) == own
     assert (tmp_path / "re.csv").read_bytes() == (tmp_path / "mean.csv").read_bytes()
-    # settings saved before the median was pooled's statistic name the mean "pooled": reported as the mean
     saved = json.loads((tmp_path / "mean.json").read_text())
     assert saved["format"] == resume.FORMAT and saved["config"]["select"] == "mean"
-    del saved["format"]
-    saved["config"]["select"] = "pooled"
-    (tmp_path / "mean.json").write_text(json.dumps(saved))
-    own = {suffix: (tmp_path / "mean").with_suffix(suffix).read_bytes() for suffix in (".csv", ".md")}
-    assert cli.main(["--report", str(tmp_path / "mean.csv")]) == 0
-    assert {suffix: (tmp_path / "mean").with_suffix(suffix).read_bytes() for suffix in own} == own
 
 
-def test_settings_saved_before_the_median_keep_the_selection_they_made(tmp_path):
-    for saved, now in ((("median", None), "pooled"), (("pooled", None), "mean"), (("pooled", resume.FORMAT), "pooled"),
-                       (("seed", None), "seed")):
-        select, form = saved
-        (tmp_path / "s.json").write_text(json.dumps({"config": {"select": select}} | ({"format": form} if form else {})))
-        assert resume.saved_settings(tmp_path / "s.csv")["config"]["select"] == now, saved
+def test_settings_of_another_format_are_read_as_none_and_not_resumed(tmp_path, caplog):
+    # results/*.json were migrated once to FORMAT; settings of an earlier version are not guessed at
+    (tmp_path / "s.json").write_text(json.dumps({"format": 2, "config": {"select": "pooled"}}))
+    assert resume.saved_settings(tmp_path / "s.csv") == {}
+    assert "is in another format of settings (2, this code reads 3)" in caplog.text
+    (tmp_path / "s.csv").write_text("target\n")
+    with pytest.raises(tm.ExperimentError, match=r"cannot read the sweep's settings .*format 2, this code reads 3"):
+        resume.resume_settings(argparse.Namespace(resume=str(tmp_path / "s.csv")), {"resume"})
+
+
+def test_every_committed_sweep_s_settings_are_in_the_one_format():
+    for path in Path("results").glob("*.json"):
+        saved = json.loads(path.read_text())
+        assert saved["format"] == resume.FORMAT and saved["weights"] is None, path
+        assert {"backbone", "weights", "image_size", "shuffle", "pretrain_lr_grid"} <= saved["config"].keys()
 
 
 def test_a_backbone_per_seed_sweep_resumes_with_its_backbones(tiny_args, tmp_path, monkeypatch):
