@@ -283,7 +283,7 @@ def make_backbone(name, channels):
         return decapitated_lenet(channels)
     if name not in models.list_models(module=models):
         raise ExperimentError(f"--backbone {name}: not lenet nor "
-                              f"torchvision's; add it to make_backbone()")
+                              f"torchvision's: see make_backbone()")
     net = models.get_model(name, weights=None)
     for key in ("fc", "classifier", "heads"):
         owner, part = net, getattr(net, key, None)
@@ -292,9 +292,12 @@ def make_backbone(name, channels):
         if isinstance(part, nn.Linear):
             # a Flatten: features (N, C, 1, 1) become (N, C)
             setattr(owner, key, nn.Flatten())
+            # GoogLeNet, Inception: the logits alone, also in training
+            if hasattr(net, "aux_logits"):
+                net.aux_logits = False
             return net
-    raise ExperimentError(f"--backbone {name}: no Linear classifier to "
-                          f"cut; cut it in make_backbone()")
+    raise ExperimentError(f"--backbone {name}: no final Linear to cut; "
+                          f"cut it in make_backbone()")
 
 
 def published(args):
@@ -445,8 +448,8 @@ class LitModule(lightning.LightningModule):
             with torch.no_grad():
                 return self.convnet.eval()(torch.zeros(1, *shape)).shape[1]
         except RuntimeError:
-            raise ExperimentError(f"{shape} images are too small for "
-                                  f"{self.hparams.backbone}") from None
+            side = shape[-1]
+            raise ExperimentError(f"--image-size {side}: too small") from None
 
     def set_stage(self, learning_rate, train_backbone):
         self.hparams.learning_rate = learning_rate
@@ -513,7 +516,7 @@ class LitModule(lightning.LightningModule):
     def configure_optimizers(self):
         trainable = [p for p in self.parameters() if p.requires_grad]
         rate = self.hparams.learning_rate
-        return torch.optim.Adam(trainable, lr=rate, fused=True)
+        return torch.optim.Adam(trainable, rate, fused=True)
 
 
 # ---- Training
@@ -607,8 +610,8 @@ def pretrain(args, seed):
     names = TARGETS[args.source].label_names
     module = LitModule(names, args.pretrain_lr, data.shape,
                        backbone=args.backbone)
-    epochs = args.pretrain_epochs
-    trainer, result = fit(module, data, "pretrain", seed, epochs, args)
+    trainer, result = fit(module, data, "pretrain", seed,
+                          args.pretrain_epochs, args)
     path = f"{trainer.logger.log_dir}/checkpoints/best.ckpt"
     trainer.save_checkpoint(path, weights_only=True)
     return path, result
@@ -634,8 +637,7 @@ def train(backbone, mode, data, args):
                       args, test=False)[0]
         module.epochs_before = trainer.current_epoch
         module.set_stage(rate, train_backbone=True)
-    epochs = args.train_epochs
-    return fit(module, data, mode, args.seed, epochs, args)[1]
+    return fit(module, data, mode, args.seed, args.train_epochs, args)[1]
 
 
 # ---- Command line and main()

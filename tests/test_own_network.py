@@ -83,7 +83,7 @@ def test_default_names_the_published_weights_and_an_unknown_name_or_backbone_is_
         tm.resolve_network(network_args(weights="IMAGENET9K"))
     with pytest.raises(
         tm.ExperimentError,
-        match=r"--backbone resnet19: not lenet nor torchvision's; add it to " r"make_backbone\(\)",
+        match=r"--backbone resnet19: not lenet nor torchvision's: see make_backbone\(\)",
     ):
         tm.resolve_network(network_args(backbone="resnet19", data_dir=str(tiny_data[0])))
 
@@ -167,9 +167,17 @@ def test_the_backbone_s_final_linear_is_cut_and_the_head_s_width_measured(name, 
     assert module(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
 
 
+def test_googlenet_gives_its_logits_alone_in_training_where_it_adds_auxiliary_ones():
+    module = tm.LitModule(["a", "b"], 1e-3, image_shape=(3, 64, 64), backbone="googlenet")
+    module.train()
+    assert module(torch.zeros(2, 3, 64, 64)).shape == (2, 2)
+    # its published weights still fit: the auxiliary classifiers stay
+    assert "aux1.fc2.weight" in module.convnet.state_dict()
+
+
 def test_a_backbone_without_a_final_linear_stops_in_one_line():
     with pytest.raises(
-        tm.ExperimentError, match=r"--backbone squeezenet1_0: no Linear classifier to cut"
+        tm.ExperimentError, match=r"--backbone squeezenet1_0: no final Linear to cut"
     ):
         tm.make_backbone("squeezenet1_0", 3)
 
