@@ -52,7 +52,7 @@ def pytest_configure(config):
 
 # The slow tier, by what a test does: every end-to-end run of main() on the tiny data (tiny_args),
 # and every test of Ray, its faults and clusters (these two files)
-SLOW_FILES = {"test_engine.py", "test_sweeps.py"}
+SLOW_FILES = {"test_ray.py", "test_resume_and_stop.py"}
 
 
 def pytest_collection_modifyitems(items):

@@ -424,7 +424,7 @@ def test_a_target_added_to_the_template_runs_in_the_template_and_in_the_sweeps(t
                           capture_output=True, text=True, cwd=clone, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     check_zeros(clone / "a.csv", seeds=1)
-    # in one process: that a registry entry reaches Ray's workers is test_sweeps' (a lambda target read once each)
+    # in one process: that a registry entry reaches Ray's workers is test_resume_and_stop's (a lambda target read once each)
     done = subprocess.run([sys.executable, "-m", "sweeps", *common, "--seeds", "2", "--log-dir", "b", "--results-csv",
                            "b.csv"], capture_output=True, text=True, cwd=clone, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -434,7 +434,7 @@ def test_a_target_added_to_the_template_runs_in_the_template_and_in_the_sweeps(t
 
 @pytest.mark.slow  # an end-to-end run
 def test_a_target_registered_in_a_user_s_script_runs_in_the_sweeps(tiny_data, tmp_path):
-    """In one process; on Ray's workers a registration made at run time travels by value (test_sweeps)."""
+    """In one process; on Ray's workers a registration made at run time travels by value (test_resume_and_stop)."""
     root, _ = tiny_data
     script = tmp_path / "my_sweep.py"
     script.write_text("import sys\n\nimport torchvision\n\nfrom transfer_mnist import TARGETS, Target\n"

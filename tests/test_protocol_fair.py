@@ -7,7 +7,7 @@ import logging
 import torch
 import torchvision
 from conftest import sweep_settings
-from test_engine import read_csv
+from test_ray import read_csv
 
 import transfer_mnist as tm
 from sweeps import cli, data, runs, settings, summary

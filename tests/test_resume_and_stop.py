@@ -19,7 +19,7 @@ import pytest
 import torch
 import torchvision
 from conftest import SWEEPS, sweep_settings
-from test_engine import read_csv, recorder, session_processes, wait_for
+from test_ray import read_csv, recorder, session_processes, wait_for
 
 import transfer_mnist as tm
 from sweeps import cli, ray_engine, resume, runs, settings

@@ -150,7 +150,7 @@ def test_one_process_does_not_import_ray(tiny_args, tmp_path, monkeypatch):
 
 
 # SIGTERM, as timeout or a batch scheduler sends it; a terminal's Ctrl-C (SIGINT) is tested in one process
-# (test_sweeps), and Ray blocks it in its own processes
+# (test_resume_and_stop), and Ray blocks it in its own processes
 @pytest.mark.parametrize("signum", [signal.SIGTERM])
 def test_a_signal_to_the_process_group_stops_the_script_and_its_ray_instance_keeping_finished_rows(
         signum, tiny_args, tmp_path, tail_ray_log):
