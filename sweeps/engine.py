@@ -4,11 +4,12 @@ complete. Imported by cli; it imports settings, runs, stop, resume, ray_engine a
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import gc
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -40,16 +41,13 @@ from sweeps.stop import StopSignal
 logger = tm.logger  # the experiment's console, as the template's
 
 
-def run_here(cfg: argparse.Namespace, jobs: dict, finished: Callable) -> None:
-    """Each (run, backbone) of `jobs` in this process, one after the other; finished(key, result, backbone,
-    where, node) may return more jobs, which run after these."""
-    queue = dict(jobs)
-    while queue:
+def run_here(cfg: argparse.Namespace, jobs: list[tuple]) -> Iterator[tuple]:
+    """Each (run, backbone) of `jobs` in this process, one after the
+    other: (run, result, backbone, where, node) as each ends."""
+    for run, backbone in jobs:
         StopSignal.check()
-        key = next(iter(queue))
-        run, backbone = queue.pop(key)
         result, backbone = execute(cfg, run, backbone)
-        queue.update(finished(key, result, backbone, "", None) or {})
+        yield run, result, backbone, "", None
 
 
 def clock(seconds: float) -> str:
@@ -105,168 +103,268 @@ def plan_line(cfg: argparse.Namespace, pretraining: list[Run], todo: list[Run]) 
             + f"{rates}; up to {cfg.train_epochs} epochs) {where}; target runs start as their backbone is ready")
 
 
+@dataclasses.dataclass
+class Plan:
+    """Every run of a sweep, keyed by its Run, and the rows finished so
+    far: the backbones' pretraining, the target runs in the results'
+    order (sweep_runs()), then the rates that --widen added."""
+
+    pretraining: list[Run]
+    runs: list[Run]
+    planned: int  # runs[:planned] are sweep_runs(), the rest widened
+    select: str
+    rows: dict[Run, RunResult] = dataclasses.field(default_factory=dict)
+
+    def grid(self, run: Run) -> list[Run]:
+        """The runs among which run's rate is selected."""
+        group = selection_group(run, self.select)
+        return [r for r in self.runs if selection_group(r, self.select) == group]
+
+    def grids(self) -> dict[tuple, list[Run]]:
+        grids: dict[tuple, list[Run]] = {}
+        for run in self.runs:
+            grids.setdefault(selection_group(run, self.select), []).append(run)
+        return grids
+
+    def complete(self, grid: list[Run]) -> bool:
+        return all(run in self.rows for run in grid)
+
+    def todo(self) -> list[Run]:
+        """The target runs without a row, in the plan's order."""
+        return [run for run in self.runs if run not in self.rows]
+
+    def ordered(self) -> list[RunResult]:
+        """The rows in the results' order: pretraining first, then each
+        (target, n_train, seed, arm)'s grid together, widened rates last."""
+        first: dict[tuple, int] = {}
+        for index, run in enumerate(self.runs):
+            first.setdefault((run.target, run.n_train, run.seed, run.mode), index)
+
+        def place(item: tuple[int, Run]) -> tuple:
+            index, run = item
+            return first[(run.target, run.n_train, run.seed, run.mode)], index >= self.planned, index
+
+        done = [item for item in enumerate(self.runs) if item[1] in self.rows]
+        pretrained = [self.rows[run] for run in self.pretraining if run in self.rows]
+        return pretrained + [self.rows[run] for _, run in sorted(done, key=place)]
+
+
+def make_plan(cfg: argparse.Namespace, resumed: Resumed | None) -> Plan:
+    """The sweep's runs; a resumed sweep's with the rates its grids were
+    widened by, and its rows."""
+    runs = sweep_runs(cfg)
+    planned = len(runs)
+    runs += widened_runs(cfg, resumed.widened if resumed else [])
+    plan = Plan(pretraining_runs(cfg), runs, planned, cfg.select)
+    plan.rows = {run_key(r): r for r in resumed.rows} if resumed else {}
+    return plan
+
+
+def widening(cfg: argparse.Namespace, plan: Plan, grid: list[Run]) -> tuple[list[Run], str]:
+    """--widen, of a complete grid: the runs of the next rate beyond the
+    edge where its pick sits (for every seed of a pooled group, for its
+    seed alone with --select seed), and the line that says why; or no
+    runs, with a warning where a lower rate would not settle either."""
+    rows = [plan.rows[run] for run in grid]
+    pick = next((r.learning_rate for r in rows if r.selected), None)
+    rates = [r.learning_rate for r in rows]
+    rate = next_rate(rates, pick) if cfg.widen and pick else None
+    if rate is None:
+        return [], ""
+    picked = [r for r in rows if r.selected]
+    target, mode, n_train = grid[0].target, grid[0].mode, grid[0].n_train
+    if cfg.select != "seed" and rate < pick and not settled(picked) \
+            and learned(picked, cfg.select):
+        # no rate had settled by the ceiling (candidate_rates): a lower
+        # one would settle later still. A pick that learned nothing (the
+        # rates above it diverge too) says nothing of the rates below it
+        late = sum(map(still_improving, picked))
+        return [], (f"{target}/{mode} n_train {n_train}: not widened below {pick:g}, "
+                    f"where {late} of {len(picked)} runs were still improving at the "
+                    f"end of their budget: raise --train-epochs")
+    seeds_run = sorted({run.seed for run in grid})
+    new = [Run(target, mode, seed, n_train, rate) for seed in seeds_run]
+    which = f"{target}/{mode} n_train {n_train}"
+    if cfg.select == "seed":
+        which += f" seed {grid[0].seed}"
+    ran = ", ".join(f"{r:g}" for r in sorted(set(rates)))
+    return new, (f"{which}: the pick {pick:g} sits at an edge of the rates run ({ran}); "
+                 f"adding {rate:g} for {len(new)} seed{'s' * (len(new) > 1)}")
+
+
+def borrow(plan: Plan, borrowed: Resumed | None, csv_out: ResultsCsv,
+           on_pretrained: Callable | None) -> None:
+    """Another sweep's backbones (--backbones-from): their pretraining
+    rows and digests, here first."""
+    for r in borrowed.rows if borrowed else []:
+        if run_key(r) in plan.pretraining and run_key(r) not in plan.rows:
+            if on_pretrained:
+                on_pretrained(r.seed, borrowed.checkpoints[r.seed], None)
+            csv_out.append(r)
+            plan.rows[run_key(r)] = r
+
+
+def known_backbones(cfg: argparse.Namespace, plan: Plan, checkpoints: dict) -> dict:
+    """Each backbone seed's tensors that exist already: --weights for
+    every seed, or the backbones pretrained (or borrowed) earlier."""
+    if cfg.weights:  # every pretrained arm starts from them, whatever its seed
+        channels = tm.resolve_network(cfg).channels
+        state = read_weights(cfg.backbone, cfg.weights, channels)
+        return {backbone_seed(cfg, seed): state for seed in seeds(cfg)}
+    return {run.seed: tm.read_backbone(checkpoints[run.seed])
+            for run in plan.pretraining if run in plan.rows}
+
+
+class Sweep:
+    """The phases of a sweep and what each finished run leaves: its row
+    in the CSV as it ends, its grid's choice once the grid is complete,
+    the settings' records through the hooks (see run_experiment)."""
+
+    def __init__(self, cfg: argparse.Namespace, plan: Plan, csv_out: ResultsCsv,
+                 backbones: dict, hooks: dict):
+        self.cfg, self.plan, self.csv_out = cfg, plan, csv_out
+        self.backbones, self.hooks = backbones, hooks
+        self.examined: set[tuple] = set()  # (grid, its size): widened once
+        todo = plan.todo()
+        pretraining = {run.seed for run in plan.pretraining} - backbones.keys()
+        self.progress = Progress(len(pretraining), len(todo), max(cfg.workers, 1))
+
+    def run(self, execute_all: Callable) -> None:
+        """Pretraining, then rounds of target runs until no grid widens."""
+        first = pretraining_rates(self.cfg)[0]  # a seed's pretraining grid is one job
+        jobs = [(run, None) for run in self.plan.pretraining
+                if run.seed not in self.backbones and run.learning_rate == first]
+        for run, result, backbone, where, node in execute_all(jobs):
+            # a pretraining grid: a row per rate
+            results = result if isinstance(result, list) else [result]
+            self.pretrained(run.seed, results, backbone, where, node)
+        while True:
+            self.widen()
+            todo = self.plan.todo()
+            if not todo:
+                return
+            jobs = [(run, self.backbones[backbone_seed(self.cfg, run.seed)]) for run in todo]
+            for run, result, _, where, node in execute_all(jobs):
+                self.finished(run, result, where, node)
+
+    def widen(self) -> None:
+        """Adds to the plan the runs that --widen asks of each complete
+        grid not yet examined at its size."""
+        for group, grid in self.plan.grids().items():
+            if len(grid) < 2 or (group, len(grid)) in self.examined:
+                continue
+            if not self.plan.complete(grid):
+                continue
+            self.examined.add((group, len(grid)))
+            select_rates([self.plan.rows[run] for run in grid], self.cfg.select)
+            new, line = widening(self.cfg, self.plan, grid)
+            if not new:
+                if line:
+                    logger.warning(line)
+                continue
+            if self.hooks.get("on_widened"):  # before the runs: a resume runs them too
+                self.hooks["on_widened"](new[0])
+            logger.info(line)
+            self.plan.runs += new
+            self.progress.add(len(new))
+
+    def noted(self, results: list[RunResult], node: dict | None) -> None:
+        """on_node, before the rows: the node of a cluster that made them
+        (local workers run on this machine, which made_by records)."""
+        if node and self.hooks.get("on_node") and self.cfg.cluster:
+            for r in results:
+                self.hooks["on_node"](run_key(r), node)
+
+    def pretrained(self, seed: int, results: list[RunResult], backbone: dict, where: str,
+                   node: dict | None) -> None:
+        """Seed's pretraining grid is done: its backbone and row are the
+        pick's; every rate's validation loss goes into the settings."""
+        self.noted(results, node)
+        pick = next(r for r in results if r.selected)
+        checkpoint = pretrain_checkpoint(self.cfg, seed, pick.learning_rate)
+        self.backbones[seed] = backbone
+        if not os.path.isfile(checkpoint):  # made on another node: kept for --resume
+            save_backbone(backbone, checkpoint)
+        if self.hooks.get("on_pretrained"):
+            # before the row: a resume that finds the row finds the digest
+            rates = {r.learning_rate: r.val_loss for r in results}
+            self.hooks["on_pretrained"](seed, checkpoint, rates if len(results) > 1 else None)
+        self.plan.rows[run_key(pick)] = pick
+        self.csv_out.append(pick)
+        logger.info(self.progress.line(run_key(pick), pick, where))
+        StopSignal.check()
+
+    def finished(self, run: Run, result: RunResult, where: str, node: dict | None) -> None:
+        """A target run's row goes to the CSV as it finishes, `selected`
+        false until its grid is complete; then the grid's choice is made
+        and the CSV rewritten with it."""
+        self.noted([result], node)
+        self.plan.rows[run] = result
+        grid = self.plan.grid(run)
+        result.selected = self.plan.complete(grid)
+        if result.selected and len(grid) > 1:
+            select_rates([self.plan.rows[r] for r in grid], self.cfg.select)
+            self.csv_out.rewrite(self.plan.ordered())
+        else:
+            self.csv_out.append(result)
+        logger.info(self.progress.line(run, result, where))
+        # Free the finished run now: Lightning's reference cycles keep
+        # its tensors until the cyclic collector happens to run. The
+        # objects alive before the first run are frozen (run_experiment).
+        with StopSignal.deferred():
+            gc.collect()
+
+
 def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resumed | None = None,
                    on_pretrained: Callable[[int, str, dict | None], None] | None = None,
                    on_node: Callable[[Run, dict], None] | None = None,
                    on_widened: Callable[[Run], None] | None = None,
                    borrowed: Resumed | None = None) -> list[RunResult]:
-    """Pretrain, then run every arm on every target, training-set size and seed, once per rate of --lr-grid,
-    in this process or on Ray (--workers, --cluster). Rows go to the CSV as their runs finish; at the end
-    the CSV holds them in the order of pretraining_runs() and sweep_runs() (a widened rate after its grid),
-    whatever order they finished in. A resumed sweep skips the runs, pretraining included, that its CSV holds
-    already, and runs the rates its grids were widened by. `borrowed`: another sweep's backbones
-    (--backbones-from), whose pretraining rows are copied instead of pretraining.
-    on_pretrained(seed, checkpoint, rates) is called once seed's backbone is written (or borrowed), with every
-    pretraining rate's validation loss (None for one rate), before its row; on
-    a cluster, on_node(run, node) with the node that made each row (its address, libraries and CPU), before
-    the row; on_widened(run) for the first seed's run of each rate that --widen adds, before it starts."""
-    pretraining, runs = pretraining_runs(cfg), sweep_runs(cfg)
-    planned = len(runs)
-    runs += widened_runs(cfg, resumed.widened if resumed else [])
-    grids: dict[tuple, list[int]] = {}  # the runs among which one rate is selected
-    for index, run in enumerate(runs):
-        grids.setdefault(selection_group(run, cfg.select), []).append(index)
-    earlier = {run_key(r): r for r in resumed.rows} if resumed else {}
-    for r in borrowed.rows if borrowed else []:  # another sweep's backbones: their rows and digests, here first
-        if run_key(r) in pretraining and run_key(r) not in earlier:
-            if on_pretrained:
-                on_pretrained(r.seed, borrowed.checkpoints[r.seed], None)
-            csv_out.append(r)
-            earlier[run_key(r)] = r
-    done = {index: earlier[run] for index, run in enumerate(runs) if run in earlier}
-    checkpoints = {**(borrowed.checkpoints if borrowed else {}), **(resumed.checkpoints if resumed else {})}
-    backbones = {run.seed: tm.read_backbone(checkpoints[run.seed]) for run in pretraining if run in earlier}
-    if cfg.weights:  # every pretrained arm starts from them, whatever its seed
-        state = read_weights(cfg.backbone, cfg.weights, tm.resolve_network(cfg).channels)
-        backbones = {backbone_seed(cfg, seed): state for seed in seeds(cfg)}
-    block = {}  # a run's (target, n_train, seed, arm): the rows of its grid stay together, widened rates last
-    for index, run in enumerate(runs):
-        block.setdefault((run.target, run.n_train, run.seed, run.mode), index)
-
-    def in_order() -> list[RunResult]:
-        def place(i: int) -> tuple:
-            return block[(runs[i].target, runs[i].n_train, runs[i].seed, runs[i].mode)], i >= planned, i
-        return [earlier[run] for run in pretraining if run in earlier] + [done[i] for i in sorted(done, key=place)]
-
-    def widen(group: tuple) -> dict:
-        """--widen: the next rate beyond the edge where a complete grid's pick sits, as jobs: for every seed of
-        a pooled group, for its seed alone with --select seed."""
-        indices = grids[group]
-        pick = next((done[i].learning_rate for i in indices if done[i].selected), None)
-        rate = next_rate([runs[i].learning_rate for i in indices], pick) if cfg.widen and pick else None
-        if rate is None:
-            return {}
-        picked = [done[i] for i in indices if done[i].selected]
-        if cfg.select != "seed" and rate < pick and not settled(picked) and learned(picked, cfg.select):
-            # no rate had settled by the ceiling (candidate_rates): a lower one would settle later still. A pick
-            # that learned nothing (the rates above it diverge too) says nothing about the rates below it
-            logger.warning(f"{group[0]}/{group[1]} n_train {group[2]}: not widened below {pick:g}, where "
-                           f"{sum(map(still_improving, picked))} of {len(picked)} runs were still improving at "
-                           f"the end of their budget: raise --train-epochs")
-            return {}
-        target, mode, n_train = group[:3]
-        new = [Run(target, mode, seed, n_train, rate) for seed in sorted({runs[i].seed for i in indices})]
-        if on_widened:  # before the runs: a resume runs them too
-            on_widened(new[0])
-        which = f"{target}/{mode} n_train {n_train}" + (f" seed {group[3]}" if len(group) > 3 else "")
-        logger.info(f"{which}: the pick {pick:g} sits at an edge of the rates "
-                    f"run ({', '.join(f'{r:g}' for r in sorted({runs[i].learning_rate for i in indices}))}); "
-                    f"adding {rate:g} for {len(new)} seed{'s' * (len(new) > 1)}")
-        jobs = {}
-        for run in new:
-            runs.append(run)
-            indices.append(len(runs) - 1)
-            block.setdefault((run.target, run.n_train, run.seed, run.mode), len(runs) - 1)
-            jobs[len(runs) - 1] = (run, backbones[backbone_seed(cfg, run.seed)])
-        progress.add(len(jobs))
-        return jobs
-
-    todo = {index: run for index, run in enumerate(runs) if index not in done}
-    waiting: dict[int, dict] = {}  # backbone seed -> its target runs, submitted once that backbone exists
-    for index, run in todo.items():
-        waiting.setdefault(backbone_seed(cfg, run.seed), {})[index] = run
-    progress = Progress(len({run.seed for run in pretraining} - backbones.keys()), len(todo), max(cfg.workers, 1))
-
-    def ready(seed: int) -> dict:
-        """Seed's target runs, as jobs with their backbone."""
-        return {index: (run, backbones[seed]) for index, run in waiting.pop(seed, {}).items()}
-
-    def pretrained(seed: int, results: list[RunResult], backbone: dict, where: str) -> dict:
-        """Seed's pretraining grid is done: its backbone and row are the pick's; every rate's validation loss
-        goes into the settings with the backbone."""
-        pick = next(r for r in results if r.selected)
-        checkpoint = pretrain_checkpoint(cfg, seed, pick.learning_rate)
-        backbones[seed] = backbone
-        if not os.path.isfile(checkpoint):  # pretrained on another node: keep it for --resume
-            save_backbone(backbone, checkpoint)
-        if on_pretrained:  # before the row: a resume that finds the row finds the backbone's digest too
-            rates = {r.learning_rate: r.val_loss for r in results} if len(results) > 1 else None
-            on_pretrained(seed, checkpoint, rates)
-        earlier[run_key(pick)] = pick
-        csv_out.append(pick)
-        logger.info(progress.line(run_key(pick), pick, where))
-        StopSignal.check()
-        return ready(seed)
-
-    def finished(index: int | Run, result: RunResult, backbone: dict | None, where: str,
-                 node: dict | None) -> dict:
-        """Every row goes to the CSV as its run finishes, `selected` false until its grid is complete; then
-        the grid's choice is made and the CSV rewritten with it. A pretraining's target runs follow it."""
-        results = result if isinstance(result, list) else [result]  # a pretraining grid: a row per rate
-        if node and on_node and cfg.cluster:  # local workers run on this machine, which made_by records
-            for r in results:
-                on_node(run_key(r), node)
-        if isinstance(index, Run):
-            return pretrained(index.seed, results, backbone, where)
-        done[index] = result
-        group = selection_group(runs[index], cfg.select)
-        grid = grids[group]
-        complete = all(i in done for i in grid)
-        result.selected = complete
-        if complete and len(grid) > 1:
-            select_rates([done[i] for i in grid], cfg.select)
-            csv_out.rewrite(in_order())
-        else:
-            csv_out.append(result)
-        logger.info(progress.line(runs[index], result, where))
-        # Free the finished run now: Lightning's reference cycles keep its tensors until the cyclic
-        # collector happens to run. Measured: without this, resident memory grew from 1.1 to 1.45 GB
-        # over 24 runs (2.7 GB over 121). The objects alive before the first run are frozen (below).
-        with StopSignal.deferred():
-            gc.collect()
-        return widen(group) if complete and len(grid) > 1 else {}
-
+    """The sweep's plan, executed in phases in this process or on Ray
+    (--workers, --cluster): pretraining, then the target runs, then each
+    round of rates that --widen adds. Rows go to the CSV as their runs
+    finish; at the end the CSV holds them in the plan's order. A resumed
+    sweep runs the plan minus the rows it holds. `borrowed`: another
+    sweep's backbones (--backbones-from), whose rows are copied instead.
+    Hooks: on_pretrained(seed, checkpoint, rates) once a backbone is
+    written or borrowed, before its row (rates: every pretraining rate's
+    validation loss, None for one rate); on a cluster, on_node(run, node)
+    before each row; on_widened(run), for the first seed's run of each
+    rate that --widen adds, before it starts."""
+    plan = make_plan(cfg, resumed)
+    borrow(plan, borrowed, csv_out, on_pretrained)
+    checkpoints = {**(borrowed.checkpoints if borrowed else {}),
+                   **(resumed.checkpoints if resumed else {})}
+    backbones = known_backbones(cfg, plan, checkpoints)
+    hooks = {"on_pretrained": on_pretrained, "on_node": on_node, "on_widened": on_widened}
+    sweep = Sweep(cfg, plan, csv_out, backbones, hooks)
+    todo = plan.todo()
     if resumed:
-        logger.info(f"Resuming {csv_out.path}: {len(done)} of {len(runs)} target runs and {len(backbones)} of "
-                    f"{len(pretraining)} pretraining runs done, skipped; {len(todo)} target runs remain")
-    logger.info(plan_line(cfg, [run for run in pretraining if run.seed not in backbones], list(todo.values())))
+        logger.info(f"Resuming {csv_out.path}: {len(plan.runs) - len(todo)} of {len(plan.runs)} "
+                    f"target runs and {len(backbones)} of {len(plan.pretraining)} pretraining "
+                    f"runs done, skipped; {len(todo)} target runs remain")
+    pretraining = [run for run in plan.pretraining if run.seed not in backbones]
+    logger.info(plan_line(cfg, pretraining, todo))
     threads = run_threads(cfg)
     torch_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or torch_threads)  # pretraining too: the same --threads, the same numbers
-    # The libraries' 440,000 objects, alive for good, are left out of each run's collection: 0.16 s a run
-    # with them, under 0.01 s without (the widening test of fake runs: 21 s before, 2.6 s after)
+    # pretraining too: the same --threads, the same numbers
+    torch.set_num_threads(threads or torch_threads)
+    # The libraries' objects, alive for good, stay out of each run's
+    # collection (Sweep.finished)
     gc.collect()
     gc.freeze()
     try:
-        # Ray starts first: a cluster that cannot be reached fails before pretraining, not after it
+        # Ray starts first: a cluster that cannot be reached fails
+        # before pretraining, not after it
         on_ray = cfg.workers > 1 or cfg.cluster
-        with RaySweep(cfg, threads, csv_out.path) if on_ray else contextlib.nullcontext() as engine:
-            run_all = engine.run if engine is not None else functools.partial(run_here, cfg)
-            # pretraining first (keyed by its Run), each seed's target runs (by index) once its backbone exists
-            first = pretraining_rates(cfg)[0]  # a seed's pretraining grid is one job
-            jobs = {run: (run, None) for run in pretraining if run.seed not in backbones and run.learning_rate == first}
-            for seed in list(backbones):
-                jobs.update(ready(seed))
-            for group, grid in list(grids.items()):  # grids an earlier invocation completed: widened if they need it
-                if len(grid) > 1 and all(i in done for i in grid):
-                    select_rates([done[i] for i in grid], cfg.select)
-                    jobs.update(widen(group))
-            run_all(jobs, finished)
+        with RaySweep(cfg, threads, csv_out.path) if on_ray else contextlib.nullcontext() as ray:
+            sweep.run(ray.run if ray is not None else functools.partial(run_here, cfg))
     finally:
         gc.unfreeze()
         torch.set_num_threads(torch_threads)
-    for grid in grids.values():  # grids completed by rows of an earlier, interrupted invocation too
-        select_rates([done[i] for i in grid], cfg.select)
-    results = in_order()
+    # grids completed by the rows of an earlier, interrupted invocation too
+    for grid in plan.grids().values():
+        select_rates([plan.rows[run] for run in grid], cfg.select)
+    results = plan.ordered()
     csv_out.rewrite(results)
     return results

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import typing
-from collections.abc import Callable
+from collections.abc import Iterator
 
 import torch
 
@@ -197,61 +197,63 @@ class RaySweep:
         self.ray.shutdown()  # a local instance stops with every process it started,
         self.processes.kill()  # unless it lost its GCS or raylet: what they started outlives them
 
-    def run(self, jobs: dict, finished: Callable) -> None:
-        """Submit each (run, backbone) of `jobs`; call finished(key, result, backbone, where, node) here as each
-        one ends, and submit the jobs it returns. A local instance gets no more runs than it runs at once, the
-        rest wait here: Ray takes its queue in order, and would run every pretraining before the target runs of
-        the first backbone."""
+    def run(self, jobs: list[tuple]) -> Iterator[tuple]:
+        """Each (run, backbone) of `jobs` as a Ray task: (run, result,
+        backbone, where, node) here as each ends. A local instance gets no
+        more runs than it runs at once, the rest wait here, in order; a
+        cluster, which may grow, gets them all."""
         ray = self.ray
-        # absolute paths: a worker process does not start in this folder
-        cfg = argparse.Namespace(**{**vars(self.cfg), "data_dir": os.path.abspath(self.cfg.data_dir),
-                                    "log_dir": os.path.abspath(self.cfg.log_dir)})
-        if cfg.weights and os.path.isfile(cfg.weights):  # a file's: lenet reads its channels there
-            cfg.weights = os.path.abspath(cfg.weights)
-        registry = [ray.put(({name: tm.TARGETS[name] for name in (cfg.source, *cfg.targets) if name in tm.TARGETS},
-                             {name: tm.ARMS[name] for name in cfg.modes}))]  # a list: Ray passes the id, not the value
-        task = ray.remote(run_remote).options(num_cpus=self.threads, num_gpus=self.gpus, max_retries=RETRIES,
-                                              retry_exceptions=False)
+        cfg = self.worker_settings()
+        registry = [ray.put(self.registry())]  # a list: Ray passes the id, not the value
+        task = ray.remote(run_remote).options(num_cpus=self.threads, num_gpus=self.gpus,
+                                              max_retries=RETRIES, retry_exceptions=False)
         stored: dict[int, typing.Any] = {}  # each backbone put into the object store once
-
-        def next_key():
-            """A target run first, while one pretraining runs beside them as long as any waits."""
-            pretraining = next((key for key, (run, _) in queue.items() if run.mode == "pretrain"), None)
-            target_run = next((key for key, (run, _) in queue.items() if run.mode != "pretrain"), None)
-            pretraining_runs = any(runs[key].mode == "pretrain" for key in self.pending.values())
-            return pretraining if pretraining is not None and (target_run is None or not pretraining_runs) \
-                else target_run
-
-        def submit(more: dict) -> None:
-            queue.update(more)
-            while queue and (cfg.cluster or len(self.pending) < self.slots):  # a cluster may grow: all to Ray
-                key = next_key()
-                run, backbone = queue.pop(key)
+        queue = list(jobs)
+        self.pending = {}  # the warm-up tasks are not waited for
+        while queue or self.pending:
+            while queue and (cfg.cluster or len(self.pending) < self.slots):
+                run, backbone = queue.pop(0)
                 if backbone is not None and id(backbone) not in stored:
                     stored[id(backbone)] = ray.put(backbone)
-                runs[key] = run
-                self.pending[task.remote(cfg, registry, stored.get(id(backbone)), run, self.threads)] = key
-
-        runs: dict = {}
-        queue: dict = {}  # jobs not yet given to Ray
-        self.pending = {}  # the warm-up tasks are not waited for
-        submit(jobs)
-        while self.pending:
+                ref = task.remote(cfg, registry, stored.get(id(backbone)), run, self.threads)
+                self.pending[ref] = run
             StopSignal.check()
             for ref in self.wait():
-                key = self.pending.pop(ref)
-                try:
-                    result, backbone, where, node = ray.get(ref)
-                except ray.exceptions.RayTaskError as err:  # raised inside the run: ExperimentError, a full disk
-                    raise (err.cause if isinstance(err.cause, (tm.ExperimentError, OSError)) else err) from None
-                except ray.exceptions.LocalRayletDiedError:
-                    self.check_instance()  # an agent's death, which took the raylet with it
-                    raise ExperimentFailure(self.died("raylet")) from None
-                except ray.exceptions.RayError as err:  # its worker died every time
-                    self.check_instance()  # or the instance under it
-                    raise ExperimentFailure(f"{runs[key]} failed {RETRIES + 1} times: its worker process died "
-                                            f"({type(err).__name__})") from None
-                submit(finished(key, result, backbone, f" on {where}", node) or {})
+                run = self.pending.pop(ref)
+                result, backbone, where, node = self.outcome(ref, run)
+                yield run, result, backbone, f" on {where}", node
+
+    def worker_settings(self) -> argparse.Namespace:
+        """The settings with absolute paths: a worker process does not
+        start in this folder."""
+        cfg = argparse.Namespace(**vars(self.cfg))
+        cfg.data_dir = os.path.abspath(cfg.data_dir)
+        cfg.log_dir = os.path.abspath(cfg.log_dir)
+        if cfg.weights and os.path.isfile(cfg.weights):  # lenet reads its channels there
+            cfg.weights = os.path.abspath(cfg.weights)
+        return cfg
+
+    def registry(self) -> tuple[dict, dict]:
+        """The targets and arms a sweep uses, registered at run time too."""
+        cfg = self.cfg
+        names = [name for name in (cfg.source, *cfg.targets) if name in tm.TARGETS]
+        return {name: tm.TARGETS[name] for name in names}, {name: tm.ARMS[name] for name in cfg.modes}
+
+    def outcome(self, ref, run) -> tuple:
+        """A finished task's (result, backbone, where, node); its failure
+        as the sweep's."""
+        ray = self.ray
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as err:  # inside the run: bad input, a full disk
+            raise (err.cause if isinstance(err.cause, (tm.ExperimentError, OSError)) else err) from None
+        except ray.exceptions.LocalRayletDiedError:
+            self.check_instance()  # an agent's death, which took the raylet with it
+            raise ExperimentFailure(self.died("raylet")) from None
+        except ray.exceptions.RayError as err:  # its worker died every time
+            self.check_instance()  # or the instance under it
+            raise ExperimentFailure(f"{run} failed {RETRIES + 1} times: its worker process died "
+                                    f"({type(err).__name__})") from None
 
     def wait(self) -> list:
         """The tasks that finished within a second (the timeout lets Ctrl-C in)."""
