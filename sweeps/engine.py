@@ -100,7 +100,7 @@ def plan_line(cfg: argparse.Namespace, pretraining: list[Run], todo: list[Run]) 
     return (f"Running {start} {len(todo)} target runs "
             f"({', '.join(cfg.targets)}; n_train {', '.join(map(str, cfg.n_train))}; {', '.join(cfg.modes)}; "
             + (f"seeds {seed_list[0]}-{seed_list[-1]}; " if len(seed_list) > 1 else "")
-            + f"{rates}; up to {cfg.train_epochs} epochs) {where}; target runs start as their backbone is ready")
+            + f"{rates}; up to {cfg.train_epochs} epochs) {where}")
 
 
 @dataclasses.dataclass
@@ -315,6 +315,18 @@ class Sweep:
             gc.collect()
 
 
+def announce(cfg: argparse.Namespace, plan: Plan, backbones: dict, resumed: str | None) -> None:
+    """The console's lines before the first run: what a resumed sweep
+    (at `resumed`) skips, and what runs."""
+    todo = plan.todo()
+    if resumed:
+        logger.info(f"Resuming {resumed}: {len(plan.runs) - len(todo)} of {len(plan.runs)} "
+                    f"target runs and {len(backbones)} of {len(plan.pretraining)} pretraining "
+                    f"runs done, skipped; {len(todo)} target runs remain")
+    pretraining = [run for run in plan.pretraining if run.seed not in backbones]
+    logger.info(plan_line(cfg, pretraining, todo))
+
+
 def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resumed | None = None,
                    on_pretrained: Callable[[int, str, dict | None], None] | None = None,
                    on_node: Callable[[Run, dict], None] | None = None,
@@ -338,13 +350,7 @@ def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resume
     backbones = known_backbones(cfg, plan, checkpoints)
     hooks = {"on_pretrained": on_pretrained, "on_node": on_node, "on_widened": on_widened}
     sweep = Sweep(cfg, plan, csv_out, backbones, hooks)
-    todo = plan.todo()
-    if resumed:
-        logger.info(f"Resuming {csv_out.path}: {len(plan.runs) - len(todo)} of {len(plan.runs)} "
-                    f"target runs and {len(backbones)} of {len(plan.pretraining)} pretraining "
-                    f"runs done, skipped; {len(todo)} target runs remain")
-    pretraining = [run for run in plan.pretraining if run.seed not in backbones]
-    logger.info(plan_line(cfg, pretraining, todo))
+    announce(cfg, plan, backbones, csv_out.path if resumed else None)
     threads = run_threads(cfg)
     torch_threads = torch.get_num_threads()
     # pretraining too: the same --threads, the same numbers
