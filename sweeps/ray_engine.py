@@ -80,25 +80,20 @@ def run_remote(cfg: argparse.Namespace, registry: list, backbone: dict | None, r
 
 
 class InstanceProcesses:
-    """The processes that this invocation's local Ray instance started: the driver's children (gcs_server,
-    raylet, ...; its watch aside) and their descendants (the raylet's agents and workers), each seen alive
+    """The processes that this invocation's local Ray instance started: the driver's children that
+    ray.init() started (gcs_server, raylet, ...) and their descendants (the raylet's agents and workers), each seen alive
     in /proc with its start time. Looked at while the instance runs, so that processes which the death of
     their parent leaves behind are known too; nothing is found by name, and nobody else's process is ever
     in here. Each look is told to the watch (sweeps/watch.py), which outlives this process if Ray ends it."""
 
-    def __init__(self, ending: str):
+    def __init__(self, ending: str, own: set[int]):
         self.ending = ending
         self.seen: dict[str, list] = {}  # pid -> [start time, process title]
-        self.own: set[int] = set()  # the instance's own processes (Ray's children here), ever seen
+        self.own = own  # the instance's own processes: what ray.init() started here
         self.watch = subprocess.Popen([sys.executable, watch.__file__], stdin=subprocess.PIPE)
 
-    def roots(self) -> list[int]:
-        return [pid for pid in watch.children(os.getpid()) if pid != self.watch.pid]
-
     def look(self) -> None:
-        roots = self.roots()
-        self.own.update(roots)
-        watch.family(roots, self.seen)
+        watch.family(sorted(self.own), self.seen)
         self.tell({"roots": sorted(self.own), "seen": self.seen, "ending": self.ending})
 
     def tell(self, message: dict) -> None:
@@ -172,6 +167,7 @@ class RaySweep:
         # terminal's Ctrl-C is the driver's to handle; SIGTERM to the whole process group (timeout, a batch
         # scheduler) killed them before the driver could stop the sweep, and Ray then ended the driver (exit 1)
         blocked = None if cfg.cluster else signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        before = set(watch.children(os.getpid()))
         try:
             ray.init(**({"address": cfg.cluster} if cfg.cluster else local), **quiet)
         except Exception as err:  # ConnectionError, or a ValueError/RuntimeError for an address Ray cannot use
@@ -180,7 +176,11 @@ class RaySweep:
             StopSignal.install()  # ray.init() replaced the SIGTERM handler; one that came meanwhile arrives now
             if blocked is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        self.processes = None if cfg.cluster else InstanceProcesses(self.ending)
+        if not cfg.cluster:  # what ray.init() started here, from Ray's own folder
+            started = set(watch.children(os.getpid())) - before
+            ray_folder = os.path.dirname(ray.__file__)
+            own = {pid for pid in started if watch.runs_from(pid, ray_folder)}
+            self.processes = InstanceProcesses(self.ending, own)
         if self.processes:
             self.processes.look()
         resources = ray.cluster_resources()

@@ -5,8 +5,8 @@ file as a second process that outlives the driver; the driver tells it the insta
 them, and "done" when it has stopped the instance itself. If the driver ends without "done", the watch
 names the process that died first, stops what the instance left running and prints how to resume.
 
-Imported by ray_engine (process_start, children, exit_status, asked_to_stop, family, is_agent, end)
-and run by it as a script; it imports only the standard library, so that it starts in milliseconds."""
+Imported by ray_engine (process_start, children, runs_from, exit_status,
+asked_to_stop, family, is_agent, end) and run by it as a script; it imports only the standard library, so that it starts in milliseconds."""
 
 import contextlib
 import json
@@ -36,14 +36,22 @@ def stat_fields(pid: int) -> list[str]:
 
 
 def children(parent: int) -> list[int]:
-    """The processes whose parent is `parent`: for the driver, the ones its Ray instance started (gcs_server,
-    raylet, ...) and its watch."""
+    """The processes whose parent is `parent`: ray_engine takes those
+    that ray.init() started as the instance's own."""
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
         fields = stat_fields(int(proc.name))
         if fields[1:2] == [str(parent)]:
             found.append(int(proc.name))
     return found
+
+
+def runs_from(pid: int, folder: str) -> bool:
+    """Whether the process runs a program, or a script, from `folder`."""
+    with contextlib.suppress(OSError):
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        return any(arg.startswith(folder + os.sep) for arg in argv[:3])
+    return False
 
 
 def exit_status(pid: int) -> int | None:
