@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import typing
 from collections.abc import Iterator
@@ -79,23 +80,21 @@ def run_remote(cfg: argparse.Namespace, registry: list, backbone: dict | None, r
 
 
 class InstanceProcesses:
-    """The processes that this invocation's local Ray instance started: the ones Ray names (gcs_server,
-    raylet, ...) and their descendants (the raylet's agents and workers), each seen alive in /proc with its
-    start time. Looked at while the instance runs, so that processes which the death of their parent leaves
-    behind are known too; nothing is found by name, and nobody else's process is ever in here. Each look is
-    told to the watch (sweeps/watch.py), which outlives this process if Ray ends it."""
+    """The processes that this invocation's local Ray instance started: the driver's children that
+    ray.init() started (gcs_server, raylet, ...) and their descendants (the raylet's agents and workers), each seen alive
+    in /proc with its start time. Looked at while the instance runs, so that processes which the death of
+    their parent leaves behind are known too; nothing is found by name, and nobody else's process is ever
+    in here. Each look is told to the watch (sweeps/watch.py), which outlives this process if Ray ends it."""
 
-    def __init__(self, node, ending: str):
-        self.node, self.ending = node, ending
+    def __init__(self, ending: str, own: set[int]):
+        self.ending = ending
         self.seen: dict[str, list] = {}  # pid -> [start time, process title]
+        self.own = own  # the instance's own processes: what ray.init() started here
         self.watch = subprocess.Popen([sys.executable, watch.__file__], stdin=subprocess.PIPE)
 
-    def roots(self) -> list[int]:
-        return [p.process.pid for infos in self.node.all_processes.values() for p in infos]
-
     def look(self) -> None:
-        watch.family(self.roots(), self.seen)
-        self.tell({"roots": self.roots(), "seen": self.seen, "ending": self.ending})
+        watch.family(sorted(self.own), self.seen)
+        self.tell({"roots": sorted(self.own), "seen": self.seen, "ending": self.ending})
 
     def tell(self, message: dict) -> None:
         with contextlib.suppress(OSError):  # a watch that is gone has nothing to be told
@@ -106,14 +105,27 @@ class InstanceProcesses:
         """The instance's own processes (not its workers, which Ray replaces) that have died, the first to go
         named: one killed by a signal, else one that failed; an agent's death makes the raylet exit with 0,
         a raylet's takes its agents with it."""
-        exited = {kind: popen.returncode for kind, popen in self.node.dead_processes()}
+        exited = {title: watch.exit_status(int(pid)) for pid, (start, title) in self.seen.items()
+                  if int(pid) in self.own and watch.process_start(int(pid)) != start}
         agents = [title for pid, (start, title) in list(self.seen.items())
                   if watch.is_agent(title) and watch.process_start(int(pid)) != start]
-        for first in ([k for k, code in exited.items() if code is not None and code < 0],
-                      [k for k, code in exited.items() if code], agents, list(exited)):
+        killed = [title for title, status in exited.items() if status is not None and status & 0x7F]
+        failed = [title for title, status in exited.items() if status]
+        for first in (killed, failed, agents, list(exited)):
             if first:
                 return first
         return []
+
+    def hasten(self, stopped: threading.Event) -> None:
+        """Until `stopped`: SIGKILL each of the instance's own processes once it has a SIGTERM pending.
+        They block SIGTERM (RaySweep.__enter__), so ray.shutdown()'s SIGTERM would only wait out a
+        grace of a second per process before its SIGKILL."""
+        own = {pid: watch.process_start(pid) for pid in self.own}
+        while not stopped.wait(0.01):
+            for pid, start in own.items():
+                if watch.asked_to_stop(pid) and watch.process_start(pid) == start:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
 
     def kill(self) -> None:
         """What the instance left running after its shutdown, then the watch, told that all is done."""
@@ -155,6 +167,7 @@ class RaySweep:
         # terminal's Ctrl-C is the driver's to handle; SIGTERM to the whole process group (timeout, a batch
         # scheduler) killed them before the driver could stop the sweep, and Ray then ended the driver (exit 1)
         blocked = None if cfg.cluster else signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        before = set(watch.children(os.getpid()))
         try:
             ray.init(**({"address": cfg.cluster} if cfg.cluster else local), **quiet)
         except Exception as err:  # ConnectionError, or a ValueError/RuntimeError for an address Ray cannot use
@@ -163,8 +176,11 @@ class RaySweep:
             StopSignal.install()  # ray.init() replaced the SIGTERM handler; one that came meanwhile arrives now
             if blocked is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        # no public API for a local instance's processes
-        self.processes = None if cfg.cluster else InstanceProcesses(ray._private.worker._global_node, self.ending)
+        if not cfg.cluster:  # what ray.init() started here, from Ray's own folder
+            started = set(watch.children(os.getpid())) - before
+            ray_folder = os.path.dirname(ray.__file__)
+            own = {pid for pid in started if watch.runs_from(pid, ray_folder)}
+            self.processes = InstanceProcesses(self.ending, own)
         if self.processes:
             self.processes.look()
         resources = ray.cluster_resources()
@@ -188,13 +204,14 @@ class RaySweep:
             self.ray.shutdown()
             return
         self.processes.look()
-        # Its processes block SIGTERM (__enter__), so Ray's graceful stop only waits out a grace per process
-        # type before SIGKILL: straight to SIGKILL, a shutdown takes 0.35 s instead of 5.2 s
-        node = self.ray._private.worker._global_node
-        if node is not None:
-            kill_all = node.kill_all_processes
-            node.kill_all_processes = lambda **how: kill_all(**{**how, "allow_graceful": False})
-        self.ray.shutdown()  # a local instance stops with every process it started,
+        stopped = threading.Event()
+        hastener = threading.Thread(target=self.processes.hasten, args=(stopped,), daemon=True)
+        hastener.start()
+        try:
+            self.ray.shutdown()  # a local instance stops with every process it started,
+        finally:
+            stopped.set()
+            hastener.join()
         self.processes.kill()  # unless it lost its GCS or raylet: what they started outlives them
 
     def run(self, jobs: list[tuple]) -> Iterator[tuple]:

@@ -5,8 +5,8 @@ file as a second process that outlives the driver; the driver tells it the insta
 them, and "done" when it has stopped the instance itself. If the driver ends without "done", the watch
 names the process that died first, stops what the instance left running and prints how to resume.
 
-Imported by ray_engine (process_start, family, is_agent, end) and run by it as a script; it imports only the standard
-library, so that it starts in milliseconds."""
+Imported by ray_engine (process_start, children, runs_from, exit_status,
+asked_to_stop, family, is_agent, end) and run by it as a script; it imports only the standard library, so that it starts in milliseconds."""
 
 import contextlib
 import json
@@ -21,11 +21,53 @@ from pathlib import Path
 def process_start(pid: int) -> int | None:
     """A process's start time (clock ticks after boot, /proc/PID/stat): with its PID, it names one process
     for good, where the PID alone may be reused. None once it is gone (or off Linux)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return None if fields[0] in "ZX" else int(fields[19])  # a zombie has ended
-    except (OSError, IndexError, ValueError):
+    fields = stat_fields(pid)
+    if len(fields) < 20 or fields[0] in "ZX":  # a zombie has ended
         return None
+    return int(fields[19])
+
+
+def stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the process's name, from its state on; [] once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def children(parent: int) -> list[int]:
+    """The processes whose parent is `parent`: ray_engine takes those
+    that ray.init() started as the instance's own."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        fields = stat_fields(int(proc.name))
+        if fields[1:2] == [str(parent)]:
+            found.append(int(proc.name))
+    return found
+
+
+def runs_from(pid: int, folder: str) -> bool:
+    """Whether the process runs a program, or a script, from `folder`."""
+    with contextlib.suppress(OSError):
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        return any(arg.startswith(folder + os.sep) for arg in argv[:3])
+    return False
+
+
+def exit_status(pid: int) -> int | None:
+    """The exit status, as waitpid() gives it, of a child that has ended and not yet been reaped (its zombie
+    keeps it in /proc/PID/stat); None while it runs or once it is reaped."""
+    fields = stat_fields(pid)
+    return int(fields[49]) if fields[:1] == ["Z"] and len(fields) > 49 else None
+
+
+def asked_to_stop(pid: int) -> bool:
+    """Whether a process has a SIGTERM pending: sent to it while it blocks the signal."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        pending = next(line for line in lines if line.startswith("ShdPnd:")).split()[1]
+        return bool(int(pending, 16) & 1 << (signal.SIGTERM - 1))
+    return False
 
 
 def family(roots: list[int], seen: dict[str, list]) -> None:
@@ -42,9 +84,17 @@ def family(roots: list[int], seen: dict[str, list]) -> None:
         start = process_start(pid)
         if start is not None and seen.get(str(pid), (None,))[0] != start:
             with contextlib.suppress(OSError, IndexError):
-                title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-                seen[str(pid)] = [start, os.path.basename(title.removeprefix("ray::"))]
+                seen[str(pid)] = [start, process_title(pid)]
         todo += children.get(pid, [])
+
+
+def process_title(pid: int) -> str:
+    """What Ray calls a process: its title (ray::RuntimeEnvAgent -> RuntimeEnvAgent), the program it runs
+    (raylet, gcs_server), or for Python the script (log_monitor)."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    program = os.path.basename(argv[0].removeprefix("ray::"))
+    scripts = [arg for arg in argv[1:] if arg.endswith(".py")]
+    return Path(scripts[0]).stem if program.startswith("python") and scripts else program
 
 
 def end(seen: dict[str, list]) -> None:
