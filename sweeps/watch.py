@@ -6,7 +6,8 @@ them, and "done" when it has stopped the instance itself. If the driver ends wit
 names the process that died first, stops what the instance left running and prints how to resume.
 
 Imported by ray_engine (process_start, children, runs_from, exit_status,
-asked_to_stop, family, is_agent, end) and run by it as a script; it imports only the standard library, so that it starts in milliseconds."""
+asked_to_stop, family, is_agent, end) and run by it as a script; it imports
+only the standard library, so that it starts in milliseconds."""
 
 import contextlib
 import json
