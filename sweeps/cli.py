@@ -232,32 +232,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack) -> int:
     """A sweep or a resumed sweep, from its checks to its outputs."""
-    resumed, csv_out = None, None
     if cfg.dry_run:  # a smoke test of a sweep's command leaves no runs behind, nor replaces its results
         cfg.log_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="sweeps_dry_run_"))
         cfg.results_csv = cfg.results_csv and str(Path(cfg.log_dir, Path(cfg.results_csv).name))
     created: list[Path] = []  # files and folders this start made: removed if it fails
     try:
-        if cfg.resume:  # resume
-            if cfg.dry_run:
-                raise tm.ExperimentError("--resume continues a real sweep; it does not go with --dry-run")
-            lock = SweepLock(cfg.resume)  # before its rows are read: nobody else is writing them
-            lock.acquire()
-            stack.callback(lock.release)
-            cfg, resumed = resume_settings(cfg, given)
-        check_weights(cfg, given)
-        as_given = argparse.Namespace(**vars(cfg))  # before image folders become target names
-        accelerator = check_inputs(cfg, created)
-        made = made_by(run_threads(cfg) or torch.get_num_threads(), accelerator)
-        if resumed:  # resume
-            check_made_by(resumed, made, cfg.resume)
-        borrowed = borrowed_backbones(cfg, {run.seed for run in pretraining_runs(cfg)}, made["threads"]) \
-            if cfg.backbones_from and not resumed else None
-        csv_out = prepare_outputs(cfg, created, stack)
-        if not cfg.resume:  # resume: the settings beside the CSV
-            created.append(settings_path(csv_out.path))
-            save_settings(argparse.Namespace(**{**vars(as_given), "version": cfg.version}), csv_out.path,
-                          {run.seed: pretrain_checkpoint(cfg, run.seed) for run in pretraining_runs(cfg)}, made)
+        cfg, resumed, borrowed, csv_out = begin(cfg, given, stack, created)
     except OSError as err:
         remove(created)
         print(f"error: cannot write {err.filename or 'the results'} ({one_line(err)})", file=sys.stderr)
@@ -269,27 +249,74 @@ def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack)
     except KeyboardInterrupt:
         remove(created)
         raise
+    announce(cfg)
+    return run_and_report(cfg, csv_out, resumed, borrowed, created)
+
+
+def begin(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack,
+          created: list[Path]) -> tuple:
+    """The checks before the first run, and the outputs: the settings (a
+    resumed sweep's, saved), the sweep resumed and the backbones borrowed
+    (or None), the results CSV."""
+    resumed = None
+    if cfg.resume:
+        if cfg.dry_run:
+            raise tm.ExperimentError("--resume continues a real sweep; it does not go with --dry-run")
+        lock = SweepLock(cfg.resume)  # before its rows are read: nobody else is writing them
+        lock.acquire()
+        stack.callback(lock.release)
+        cfg, resumed = resume_settings(cfg, given)
+    check_weights(cfg, given)
+    as_given = argparse.Namespace(**vars(cfg))  # before image folders become target names
+    accelerator = check_inputs(cfg, created)
+    made = made_by(run_threads(cfg) or torch.get_num_threads(), accelerator)
+    if resumed:
+        check_made_by(resumed, made, cfg.resume)
+    seeds = {run.seed for run in pretraining_runs(cfg)}
+    borrowed = None
+    if cfg.backbones_from and not resumed:
+        borrowed = borrowed_backbones(cfg, seeds, made["threads"])
+    csv_out = prepare_outputs(cfg, created, stack)
+    if not cfg.resume:  # resume: the settings beside the CSV
+        created.append(settings_path(csv_out.path))
+        checkpoints = {seed: pretrain_checkpoint(cfg, seed) for seed in seeds}
+        saved = argparse.Namespace(**{**vars(as_given), "version": cfg.version})
+        save_settings(saved, csv_out.path, checkpoints, made)
+    return cfg, resumed, borrowed, csv_out
+
+
+def announce(cfg: argparse.Namespace) -> None:
+    """The start's lines: the settings, what the protocol compares, a
+    busy machine."""
     unused = PRETRAINING_SETTINGS if cfg.weights else ()  # nothing is pretrained: they do not apply
-    logger.info(f"Settings: {', '.join(f'{key}={value}' for key, value in vars(cfg).items() if key not in unused)}")
-    protocol = protocol_sweep(vars(cfg))
-    if cfg.protocol == "fair" and not protocol:
-        logger.info("Not a sweep of results/PROTOCOL.md: its rules apply, with no primary comparison; Holm's "
-                    "adjustment runs over every comparison")
-    elif cfg.protocol == "fair":  # named before any run: the summary marks it, the other comparisons are exploratory
+    settings = ", ".join(f"{key}={value}" for key, value in vars(cfg).items() if key not in unused)
+    logger.info(f"Settings: {settings}")
+    if cfg.protocol == "fair" and not protocol_sweep(vars(cfg)):
+        logger.info("Not a sweep of results/PROTOCOL.md: its rules apply, with no primary "
+                    "comparison; Holm's adjustment runs over every comparison")
+    elif cfg.protocol == "fair":  # named before any run: the other comparisons are exploratory
         sizes = {target: set(cfg.n_train) for target in cfg.targets}
         at, none = primary_sizes(sizes, cfg.augment), no_primaries(sizes, cfg.augment)
-        logger.info(f"{none} has no primary comparison: every comparison is exploratory" if none else
-                    f"Primary comparison: {PRIMARY_ARM} − {baseline_arm()} on each target at "
-                    f"{max(at.values())} labels; the others are exploratory")
+        logger.info(f"{none} has no primary comparison: every comparison is exploratory" if none
+                    else f"Primary comparison: {PRIMARY_ARM} − {baseline_arm()} on each target at "
+                         f"{max(at.values())} labels; the others are exploratory")
     if not cfg.cluster:  # every worker's threads on this machine's cores
         warn_if_busy(run_threads(cfg) or torch.get_num_threads(), cfg.workers)
+
+
+def run_and_report(cfg: argparse.Namespace, csv_out, resumed, borrowed, created: list[Path]) -> int:
+    """The runs, then the summary, the figure and TensorBoard's extras;
+    the exit status, with what is kept of a sweep that failed."""
     summary_path, figure_path = (Path(csv_out.path).with_suffix(suffix) for suffix in (".md", ".png"))
     try:
-        results = run_experiment(cfg, csv_out, resumed, on_pretrained=functools.partial(record_backbone, csv_out.path),
-                                 on_node=NodeRecords(csv_out.path), borrowed=borrowed,  # resume
-                                 on_widened=functools.partial(record_widened, csv_out.path,
-                                                              per_seed=cfg.select == "seed"))
-        summary = write_summary(results, str(summary_path), cfg.select, augmented=cfg.augment, protocol=protocol,
+        results = run_experiment(
+            cfg, csv_out, resumed, borrowed=borrowed,
+            on_pretrained=functools.partial(record_backbone, csv_out.path),
+            on_node=NodeRecords(csv_out.path),
+            on_widened=functools.partial(record_widened, csv_out.path,
+                                         per_seed=cfg.select == "seed"))
+        summary = write_summary(results, str(summary_path), cfg.select, augmented=cfg.augment,
+                                protocol=protocol_sweep(vars(cfg)),
                                 network=network_line([vars(cfg)]))
         log_learning_curves(results, cfg)
         figure = draw_figure(results)
@@ -308,8 +335,8 @@ def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack)
     except KeyboardInterrupt:
         with StopSignal.deferred(then_stop=False):  # a second Ctrl-C does not cut the clean-up short
             kept = remove_unfinished(cfg, csv_out, resumed, created)
-        print(f"\nInterrupted: every finished run is in {csv_out.path} (logs: {cfg.log_dir}, {cfg.version}). "
-              f"To go on: {resume_command(csv_out.path)}" if kept else
+        print(f"\nInterrupted: every finished run is in {csv_out.path} (logs: {cfg.log_dir}, "
+              f"{cfg.version}). To go on: {resume_command(csv_out.path)}" if kept else
               "\nInterrupted before any run finished: nothing was kept", file=sys.stderr)
         return 128 + (StopSignal.received or signal.SIGINT)
     show(results, summary)

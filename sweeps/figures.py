@@ -48,43 +48,59 @@ def draw_figure(results: list[RunResult]):
     figure = Figure(figsize=(4.8 * len(points), 7.6 if below else 4), layout="constrained")
     axes = figure.subplots(1 + below, len(points), squeeze=False)
     for ax, (target, arms) in zip(axes[0], points.items()):
-        sizes = sorted({n for curve in arms.values() for n, _ in curve})
-        for position, (mode, curve) in enumerate(arms.items()):
-            x = [n for n, _ in curve] if len(sizes) > 1 else [position]
-            mean, low, high = ([100 * getattr(ci, field) for _, ci in curve] for field in ("mean", "low", "high"))
-            (line,) = ax.plot(x, mean, marker="o", linestyle="-" if len(sizes) > 1 else "none", label=mode,
-                              color=f"C{list(ARMS).index(mode)}")  # an arm's colour in both rows
-            if all(ci.n > 1 for _, ci in curve) and len(sizes) > 1:
-                ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-            elif all(ci.n > 1 for _, ci in curve):
-                ax.errorbar(x, mean, yerr=[[mean[0] - low[0]], [high[0] - mean[0]]], fmt="none",
-                            ecolor=line.get_color(), capsize=4)
-        size_axis(ax, sizes, list(arms))
-        ax.set(title=target, ylabel="test accuracy (%)")
-        if len(sizes) > 1:
-            ax.legend()
+        draw_accuracy(ax, target, arms)
     for ax, (target, by_mode) in zip(axes[1] if below else [], differences.items()):
-        if not by_mode:
-            ax.set_axis_off()
-            ax.text(0.5, 0.5, f"{target}: no complete {baseline_arm()} to pair with", ha="center",
-                    transform=ax.transAxes)
-            continue
-        sizes = sorted({n for curve in by_mode.values() for n, _ in curve})
-        for position, (mode, curve) in enumerate(by_mode.items()):
-            shift = 0.04 * (position - (len(by_mode) - 1) / 2)  # the arms side by side at each size
-            x = [n * 10 ** shift for n, _ in curve] if len(sizes) > 1 else [position]
-            mean = [100 * ci.mean for _, ci in curve]
-            spread = [[100 * (ci.mean - ci.low) if ci.n > 1 else 0 for _, ci in curve],
-                      [100 * (ci.high - ci.mean) if ci.n > 1 else 0 for _, ci in curve]]
-            ax.errorbar(x, mean, yerr=spread, fmt="o", capsize=3, label=mode, color=f"C{list(ARMS).index(mode)}")
-        ax.axhline(0, color="grey", linewidth=0.8)
-        size_axis(ax, sizes, list(by_mode))
-        ax.set(title=f"{target}: minus {baseline_arm()}", ylabel="paired difference (points)")  # a longer title overran the figure
-        if len(sizes) > 1:
-            ax.legend()
+        draw_differences(ax, target, by_mode)
     seeds = max(ci.n for arms in points.values() for curve in arms.values() for _, ci in curve)
     figure.suptitle("1 seed, no interval" if seeds == 1 else f"Mean over {seeds} seeds, 95% interval")
     return figure
+
+
+def draw_accuracy(ax, target: str, arms: dict) -> None:
+    """A target's panel: each arm's mean test accuracy over seeds against
+    n_train, its 95% interval as a band (error bars at one size)."""
+    sizes = sorted({n for curve in arms.values() for n, _ in curve})
+    for position, (mode, curve) in enumerate(arms.items()):
+        x = [n for n, _ in curve] if len(sizes) > 1 else [position]
+        mean, low, high = ([100 * getattr(ci, field) for _, ci in curve]
+                           for field in ("mean", "low", "high"))
+        # an arm's colour in both rows
+        (line,) = ax.plot(x, mean, marker="o", linestyle="-" if len(sizes) > 1 else "none",
+                          label=mode, color=f"C{list(ARMS).index(mode)}")
+        if all(ci.n > 1 for _, ci in curve) and len(sizes) > 1:
+            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        elif all(ci.n > 1 for _, ci in curve):
+            ax.errorbar(x, mean, yerr=[[mean[0] - low[0]], [high[0] - mean[0]]], fmt="none",
+                        ecolor=line.get_color(), capsize=4)
+    size_axis(ax, sizes, list(arms))
+    ax.set(title=target, ylabel="test accuracy (%)")
+    if len(sizes) > 1:
+        ax.legend()
+
+
+def draw_differences(ax, target: str, by_mode: dict) -> None:
+    """A target's lower panel: each pretrained arm minus the baseline,
+    paired by seed, with its 95% interval."""
+    if not by_mode:
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, f"{target}: no complete {baseline_arm()} to pair with", ha="center",
+                transform=ax.transAxes)
+        return
+    sizes = sorted({n for curve in by_mode.values() for n, _ in curve})
+    for position, (mode, curve) in enumerate(by_mode.items()):
+        shift = 0.04 * (position - (len(by_mode) - 1) / 2)  # the arms side by side at each size
+        x = [n * 10 ** shift for n, _ in curve] if len(sizes) > 1 else [position]
+        mean = [100 * ci.mean for _, ci in curve]
+        spread = [[100 * (ci.mean - ci.low) if ci.n > 1 else 0 for _, ci in curve],
+                  [100 * (ci.high - ci.mean) if ci.n > 1 else 0 for _, ci in curve]]
+        ax.errorbar(x, mean, yerr=spread, fmt="o", capsize=3, label=mode,
+                    color=f"C{list(ARMS).index(mode)}")
+    ax.axhline(0, color="grey", linewidth=0.8)
+    size_axis(ax, sizes, list(by_mode))
+    # a longer title overran the figure
+    ax.set(title=f"{target}: minus {baseline_arm()}", ylabel="paired difference (points)")
+    if len(sizes) > 1:
+        ax.legend()
 
 
 def size_axis(ax, sizes: list[int], modes: list[str]) -> None:

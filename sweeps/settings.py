@@ -127,98 +127,146 @@ def target_name(text: str) -> str:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    """The template's flags, some of them widened (several --n-train, image folders, what a protocol sets),
-    and the harness's. A flag that --protocol sets has no default here (SUPPRESS): parse() fills it in."""
+    """The template's flags, some of them widened (several --n-train,
+    image folders, what a protocol sets), and the harness's. A flag that
+    --protocol sets has no default here (SUPPRESS): parse() fills it in."""
     parser = argparse.ArgumentParser(
         prog="python -m sweeps", parents=[tm.make_parser()], conflict_handler="resolve",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="The transfer experiment of transfer_mnist.py over seeds, training-set sizes and learning-rate "
-                    "grids, in one process or on Ray, with resume, summaries over seeds and figures.")
-    add = parser.add_argument
-    by_protocol = {"default": argparse.SUPPRESS}
+        description="The transfer experiment of transfer_mnist.py over seeds, training-set "
+                    "sizes and learning-rate grids, in one process or on Ray, with resume, "
+                    "summaries over seeds and figures.")
     fair = ", ".join(f"--{name.replace('_', '-')} {shown(value)}" for name, value in FAIR.items())
-    add("--protocol", choices=PROTOCOLS, default="post", help="post: the blog post's protocol; fair: an honest "
-        f"comparison, with these settings unless the command line gives them: {fair}")
-    # the template's flags, widened
-    add("--source", type=target_name, default="mnist", help="registered target (or image folder) to pretrain the "
-        "backbone on")
-    add("--targets", nargs="+", type=target_name, default=("even-odd", "fashion-mnist"), help="registered targets, "
-        "or folders of your own images laid out as FOLDER/train/<class>/* and FOLDER/test/<class>/*")
-    add("--modes", nargs="+", choices=tm.ARMS, **by_protocol, help="arms to run on every target (post: "
-        f"{shown(POST['modes'])}; fair: all)")
-    add("--n-train", nargs="+", type=positive_int, default=(200,), help="training images per target run, plus a "
-        "quarter as many for validation (--n-val); several sizes give a learning curve, e.g. 50 100 200 500")
-    add("--pretrain-epochs", type=positive_int, **by_protocol, help="epochs of pretraining at most (post: "
-        f"{POST['pretrain_epochs']}; fair: {FAIR['pretrain_epochs']}, ended by --pretrain-patience)")
-    add("--train-epochs", type=positive_int, **by_protocol, help="epochs of a target run at most (post: "
-        f"{POST['train_epochs']}; fair: {FAIR['train_epochs']}; --patience ends it earlier)")
-    add("--patience", type=non_negative_int, default=100, help="stop a run this many epochs after its best "
-        "validation loss; 0 never stops early (the post)")
-    add("--min-delta", type=non_negative_float, **by_protocol, help="a target run's validation loss must fall by "
-        "more than this to count as an improvement for --patience; pretraining counts any (post: 0; fair: 0.001)")
-    add("--pretrain-patience", type=non_negative_int, **by_protocol, help="stop pretraining this many epochs after "
-        "its best validation loss (post: None, --patience's; fair: 10)")
-    add("--n-val", type=positive_int, help="validation images of a target run; None: a quarter of its n_train (12 at "
-        "50), the post's")
-    add("--stratify", action=argparse.BooleanOptionalAction, **by_protocol, help="draw each target run's training "
-        "and validation images class by class, in proportion, each class in validation at least once where --n-val "
-        "allows (post: off; fair: on)")
-    add("--disjoint", action=argparse.BooleanOptionalAction, **by_protocol, help="draw each target's training and "
-        "validation images only from those that its backbone was not pretrained on, where source and target read "
-        "the same files (even-odd and mnist) (post: off; fair: on)")
-    add("--lr", nargs="+", type=arm_rate, default=[], metavar="ARM=RATE", help="Adam's rate of an arm; [] keeps "
-        "theirs: " + ", ".join(f"{name}={arm.learning_rate:g}" for name, arm in tm.ARMS.items()))
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="post",
+                        help="post: the blog post's protocol; fair: an honest comparison, with "
+                             f"these settings unless the command line gives them: {fair}")
+    add_template_flags(parser.add_argument)
+    add_grid_flags(parser.add_argument)
+    add_sweep_flags(parser.add_argument)
+    return parser
+
+
+BY_PROTOCOL = {"default": argparse.SUPPRESS}  # parse() sets what --protocol says
+
+
+def add_template_flags(add: Callable) -> None:
+    """The template's flags, widened: image folders, several sizes, what a
+    protocol sets."""
+    add("--source", type=target_name, default="mnist",
+        help="registered target (or image folder) to pretrain the backbone on")
+    add("--targets", nargs="+", type=target_name, default=("even-odd", "fashion-mnist"),
+        help="registered targets, or folders of your own images laid out as "
+             "FOLDER/train/<class>/* and FOLDER/test/<class>/*")
+    add("--modes", nargs="+", choices=tm.ARMS, **BY_PROTOCOL,
+        help=f"arms to run on every target (post: {shown(POST['modes'])}; fair: all)")
+    add("--n-train", nargs="+", type=positive_int, default=(200,),
+        help="training images per target run, plus a quarter as many for validation "
+             "(--n-val); several sizes give a learning curve, e.g. 50 100 200 500")
+    add("--pretrain-epochs", type=positive_int, **BY_PROTOCOL,
+        help=f"epochs of pretraining at most (post: {POST['pretrain_epochs']}; fair: "
+             f"{FAIR['pretrain_epochs']}, ended by --pretrain-patience)")
+    add("--train-epochs", type=positive_int, **BY_PROTOCOL,
+        help=f"epochs of a target run at most (post: {POST['train_epochs']}; fair: "
+             f"{FAIR['train_epochs']}; --patience ends it earlier)")
+    add("--patience", type=non_negative_int, default=100,
+        help="stop a run this many epochs after its best validation loss; 0 never "
+             "stops early (the post)")
+    add("--min-delta", type=non_negative_float, **BY_PROTOCOL,
+        help="a target run's validation loss must fall by more than this to count as "
+             "an improvement for --patience; pretraining counts any (post: 0; fair: 0.001)")
+    add("--pretrain-patience", type=non_negative_int, **BY_PROTOCOL,
+        help="stop pretraining this many epochs after its best validation loss (post: "
+             "None, --patience's; fair: 10)")
+    add("--n-val", type=positive_int,
+        help="validation images of a target run; None: a quarter of its n_train (12 at "
+             "50), the post's")
+    add("--stratify", action=argparse.BooleanOptionalAction, **BY_PROTOCOL,
+        help="draw each target run's training and validation images class by class, in "
+             "proportion, each class in validation at least once where --n-val allows "
+             "(post: off; fair: on)")
+    add("--disjoint", action=argparse.BooleanOptionalAction, **BY_PROTOCOL,
+        help="draw each target's training and validation images only from those that its "
+             "backbone was not pretrained on, where source and target read the same files "
+             "(even-odd and mnist) (post: off; fair: on)")
+    add("--lr", nargs="+", type=arm_rate, default=[], metavar="ARM=RATE",
+        help="Adam's rate of an arm; [] keeps theirs: "
+             + ", ".join(f"{name}={arm.learning_rate:g}" for name, arm in tm.ARMS.items()))
     add("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, mps...")
     add("--devices", default="auto", help="Lightning devices; the experiment runs on one")
-    add("--threads", type=positive_int, help="torch threads of every run, pretraining included; the same --threads "
-        "gives the same numbers. None: torch's own in one process, the machine's cores divided by --workers with "
-        "workers, 1 on a cluster")
-    # the harness's own
-    add("--seeds", type=positive_int, **by_protocol, help="repeat every target run for this many seeds, --seed "
-        "upwards (post: 1; fair: 5)")
-    add("--pretrain-seed", type=int, help="seed of pretraining, None: --seed; fix it to split the seeds of one "
-        "sweep over machines, e.g. --seed 3 --seeds 2 --pretrain-seed 0")
-    add("--backbone-per-seed", action=argparse.BooleanOptionalAction, **by_protocol, help="pretrain one backbone "
-        "per seed (pretraining seed s for the target runs of seed s) instead of one for the whole invocation "
-        "(post: off; fair: on)")
-    add("--lr-grid", nargs="+", type=positive_float, metavar="LR", **by_protocol, help="train every target run "
-        "once per learning rate, the same grid for every arm, and select the rate with the lowest validation loss "
-        f"as --select says (post: none, each arm at its own rate; fair: {shown(FAIR['lr_grid'])}, which --widen extends "
-        f"where a pick sits at an edge: {next_rate(FAIR['lr_grid'], FAIR['lr_grid'][0]):g} below, "
-        f"{next_rate(FAIR['lr_grid'], FAIR['lr_grid'][-1]):g} above, and so on)")
-    add("--pretrain-lr-grid", nargs="+", type=positive_float, metavar="LR", **by_protocol, help="pretrain each "
-        "backbone once per rate and keep the one of the lowest validation loss (post: none, --pretrain-lr alone; "
-        f"fair: {shown(FAIR['pretrain_lr_grid'])})")
-    add("--select", choices=("seed", "pooled", "mean"), **by_protocol, help="how --lr-grid picks: seed: per seed "
-        "the rate of its lowest validation loss, as results/PROTOCOL.md; pooled: one rate per (target, arm, "
-        "n_train), the lowest median validation loss over seeds, which one collapsed seed cannot move; mean: the "
-        "lowest mean, which one can (post: seed; "
-        "fair: seed)")
-    add("--widen", action=argparse.BooleanOptionalAction, **by_protocol, help="a (target, arm, n_train) whose pick "
-        "sits at the lowest or highest rate it ran gets the next rate beyond, on the grid's spacing, for every seed "
-        "(with --select seed: a seed whose own pick sits there, for that seed alone), until its pick is inside or "
-        f"{LR_BOUNDS[0]:g} or {LR_BOUNDS[1]:g} is reached (post: off; fair: on)")
-    add("--backbones-from", metavar="CSV", help="reuse the backbones of the sweep whose results are in CSV, made "
-        "with the same pretraining settings and seeds (checked with their digests), instead of pretraining")
-    add("--shuffle", action=argparse.BooleanOptionalAction, **by_protocol, help="train every run, pretraining "
-        "too, on its training images in a new order every epoch, drawn from the run's seed (post: off, the post's "
-        "fixed order; fair: on)")
-    add("--augment", action="store_true", help="train the target runs on randomly shifted, rotated and scaled images "
-        "(a new transform per image and epoch, drawn from the run's seed); never validation or test")
-    add("--overwrite", action="store_true", help="delete the log folder first, instead of adding a new version "
-        "beside the earlier ones, and replace the rows of an earlier sweep at --results-csv")
-    add("--workers", type=positive_int, default=1, help="target runs side by side on a local Ray instance (1: all "
-        "in this process, no Ray); each run's numbers depend on --threads, not on this")
-    add("--cluster", metavar="ADDRESS", help="run the target runs on a running Ray cluster: auto (the one `ray "
-        "start` runs on this machine), or host:port as `ray start --head` prints it")
-    add("--gpus-per-run", type=gpu_share, help="share of a GPU that each target run asks Ray for, so that several "
-        "runs share one GPU; None: 1/--workers on a GPU accelerator, else 0")
-    add("--resume", metavar="CSV", help="continue the sweep whose results are in CSV with its saved settings (CSV's "
-        ".json): skip its finished runs and its pretraining")
-    add("--report", nargs="+", metavar="CSV", default=(), help="no training: rebuild the summary, its Markdown and "
-        "the figure from results CSVs, merged; written beside the first CSV, or beside --results-csv (which then "
-        "gets the merged rows). LABEL=CSV ... compares sweeps side by side (a label on several CSVs merges them)")
-    return parser
+    add("--threads", type=positive_int,
+        help="torch threads of every run, pretraining included; the same --threads gives "
+             "the same numbers. None: torch's own in one process, the machine's cores "
+             "divided by --workers with workers, 1 on a cluster")
+
+
+def add_grid_flags(add: Callable) -> None:
+    """The harness's flags of what it runs: seeds, subsets, grids."""
+    add("--seeds", type=positive_int, **BY_PROTOCOL,
+        help="repeat every target run for this many seeds, --seed upwards (post: 1; fair: 5)")
+    add("--pretrain-seed", type=int,
+        help="seed of pretraining, None: --seed; fix it to split the seeds of one sweep "
+             "over machines, e.g. --seed 3 --seeds 2 --pretrain-seed 0")
+    add("--backbone-per-seed", action=argparse.BooleanOptionalAction, **BY_PROTOCOL,
+        help="pretrain one backbone per seed (pretraining seed s for the target runs of "
+             "seed s) instead of one for the whole invocation (post: off; fair: on)")
+    grid = FAIR["lr_grid"]
+    add("--lr-grid", nargs="+", type=positive_float, metavar="LR", **BY_PROTOCOL,
+        help="train every target run once per learning rate, the same grid for every arm, "
+             "and select the rate with the lowest validation loss as --select says (post: "
+             f"none, each arm at its own rate; fair: {shown(grid)}, which --widen extends "
+             f"where a pick sits at an edge: {next_rate(grid, grid[0]):g} below, "
+             f"{next_rate(grid, grid[-1]):g} above, and so on)")
+    add("--pretrain-lr-grid", nargs="+", type=positive_float, metavar="LR", **BY_PROTOCOL,
+        help="pretrain each backbone once per rate and keep the one of the lowest "
+             "validation loss (post: none, --pretrain-lr alone; "
+             f"fair: {shown(FAIR['pretrain_lr_grid'])})")
+    add("--select", choices=("seed", "pooled", "mean"), **BY_PROTOCOL,
+        help="how --lr-grid picks: seed: per seed the rate of its lowest validation loss, "
+             "as results/PROTOCOL.md; pooled: one rate per (target, arm, n_train), the "
+             "lowest median validation loss over seeds, which one collapsed seed cannot "
+             "move; mean: the lowest mean, which one can (post: seed; fair: seed)")
+    add("--widen", action=argparse.BooleanOptionalAction, **BY_PROTOCOL,
+        help="a (target, arm, n_train) whose pick sits at the lowest or highest rate it "
+             "ran gets the next rate beyond, on the grid's spacing, for every seed (with "
+             "--select seed: a seed whose own pick sits there, for that seed alone), until "
+             f"its pick is inside or {LR_BOUNDS[0]:g} or {LR_BOUNDS[1]:g} is reached "
+             "(post: off; fair: on)")
+    add("--backbones-from", metavar="CSV",
+        help="reuse the backbones of the sweep whose results are in CSV, made with the "
+             "same pretraining settings and seeds (checked with their digests), instead "
+             "of pretraining")
+    add("--shuffle", action=argparse.BooleanOptionalAction, **BY_PROTOCOL,
+        help="train every run, pretraining too, on its training images in a new order "
+             "every epoch, drawn from the run's seed (post: off, the post's fixed order; "
+             "fair: on)")
+    add("--augment", action="store_true",
+        help="train the target runs on randomly shifted, rotated and scaled images (a new "
+             "transform per image and epoch, drawn from the run's seed); never validation "
+             "or test")
+
+
+def add_sweep_flags(add: Callable) -> None:
+    """The harness's flags of where and how it runs, resumes, reports."""
+    add("--overwrite", action="store_true",
+        help="delete the log folder first, instead of adding a new version beside the "
+             "earlier ones, and replace the rows of an earlier sweep at --results-csv")
+    add("--workers", type=positive_int, default=1,
+        help="target runs side by side on a local Ray instance (1: all in this process, "
+             "no Ray); each run's numbers depend on --threads, not on this")
+    add("--cluster", metavar="ADDRESS",
+        help="run the target runs on a running Ray cluster: auto (the one `ray start` "
+             "runs on this machine), or host:port as `ray start --head` prints it")
+    add("--gpus-per-run", type=gpu_share,
+        help="share of a GPU that each target run asks Ray for, so that several runs "
+             "share one GPU; None: 1/--workers on a GPU accelerator, else 0")
+    add("--resume", metavar="CSV",
+        help="continue the sweep whose results are in CSV with its saved settings (CSV's "
+             ".json): skip its finished runs and its pretraining")
+    add("--report", nargs="+", metavar="CSV", default=(),
+        help="no training: rebuild the summary, its Markdown and the figure from results "
+             "CSVs, merged; written beside the first CSV, or beside --results-csv (which "
+             "then gets the merged rows). LABEL=CSV ... compares sweeps side by side (a "
+             "label on several CSVs merges them)")
 
 
 def shown(value) -> str:
