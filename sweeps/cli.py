@@ -19,7 +19,7 @@ import torch
 import transfer_mnist as tm
 from sweeps.engine import run_experiment
 from sweeps.figures import draw_comparison, draw_figure, log_figure, save_figure
-from sweeps.files import SweepLock, SweepLocked, replace_text
+from sweeps.files import SweepLock, SweepLocked
 from sweeps.resume import (
     NodeRecords,
     borrowed_backbones,
@@ -50,20 +50,15 @@ from sweeps.settings import (PRETRAINING_SETTINGS, PRIMARY_ARM, ExperimentFailur
 from sweeps.start import check_inputs, prepare_outputs, remove, remove_unfinished, warn_if_busy
 from sweeps.stop import StopSignal
 from sweeps.summary import (
-    ARMS,
     SELECTIONS,
-    aligned,
     baseline_arm,
-    change_table,
-    comparison_table,
     format_table,
     fragile,
     log_learning_curves,
-    markdown,
     network_line,
     no_primaries,
-    percent_table,
     primary_sizes,
+    write_comparison,
     write_summary,
 )
 
@@ -192,22 +187,9 @@ def compare(cfg: argparse.Namespace, given: set[str]) -> int:
         name = out.with_name(f"{out.stem}.{''.join(c if c.isalnum() or c in '-_' else '_' for c in label)}.md")
         write_summary(sweeps[label], str(name), select, warnings, augmented, protocol, network)
         save_figure(draw_figure(sweeps[label]), name.with_suffix(".png"))
-    table = comparison_table(sweeps)
-    modes = [mode for mode in ARMS if any(r.mode == mode for results in sweeps.values() for r in results)]
-    primary = [PRIMARY_ARM]  # the other differences are in the table below it
-    header = ["sweep", *percent_table([], modes, primary)[0]]
-    means = [[label, *row] for label, results in sweeps.items() for row in percent_table(results, modes, primary)[1]]
-    change = change_table(sweeps)
-    changed = ("How each lead changes from one sweep to a later one, paired by the seeds they share (what else "
-               "differs between the two sweeps, their images and rate choices, comes with the change):\n\n"
-               f"{markdown(*change)}\n\n" if change else "")
-    replace_text(out.with_suffix(".md"),
-        f"# Sweeps compared\n\nMean test accuracy in %, and {PRIMARY_ARM} minus {baseline_arm()} in points "
-        f"with its 95% interval:\n\n{markdown(header, means)}\n\nThe paired differences side by side:\n\n"
-        f"{markdown(*table)}\n\n{changed}Sweeps: " + "; ".join(f"{label}: {', '.join(c)}" for label, c in paths.items())
-        + ".\n")
+    side_by_side = write_comparison(sweeps, paths, out.with_suffix(".md"))
     save_figure(draw_comparison(sweeps), out.with_suffix(".png"))
-    print(f"\n{aligned(*table)}\n\nCompared: {out.with_suffix('.md')} and {out.with_suffix('.png')}, and each "
+    print(f"\n{side_by_side}\n\nCompared: {out.with_suffix('.md')} and {out.with_suffix('.png')}, and each "
           f"sweep's summary beside them")
     return 0
 

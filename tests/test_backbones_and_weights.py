@@ -283,7 +283,8 @@ def rows_of_a_sweep(differences: list[float]) -> list:
 
 def test_a_user_s_sweep_names_nothing_primary_and_holm_runs_over_all_its_comparisons(tmp_path):
     results = rows_of_a_sweep([0.4, -0.45])  # two wild seeds: the t interval leaves [-100, 100]
-    header, rows, power = preregistered(results, protocol=False)
+    table, power = preregistered(results, protocol=False)
+    header, rows = list(table.columns), table.values.tolist()
     (row,) = rows
     assert "(primary)" not in row[2] and header[9] == "Holm p (all 1)" and row[9] != ""
     low, high = (float(x) for x in row[6].strip("[]").split(", "))

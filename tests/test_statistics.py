@@ -44,7 +44,8 @@ def test_holm_runs_over_the_primaries_alone_and_each_primary_gets_a_reading():
                 results += [row(target, "from_scratch", seed, 0.80, n_train),
                             row(target, "finetuned", seed, 0.80 + gain / 100, n_train),
                             row(target, "frozen", seed, 0.80 + gain / 100, n_train)]
-    header, rows, power = summary.preregistered(results)
+    table, power = summary.preregistered(results)
+    rows = table.values.tolist()
     primaries = {r[0]: r for r in rows if r[2] == "finetuned − from_scratch (primary)"}
     assert set(primaries) == set(gains) and all(r[1] == "200" for r in primaries.values())
     wilcoxon = {target: stats.wilcoxon_p(points) for target, points in gains.items()}
@@ -67,7 +68,7 @@ def test_equal_differences_tie_in_wilcoxon_s_ranks_whatever_the_floats_say():
              (0.9733, 0.96), (0.9588, 0.95), (0.93, 0.94), (0.969, 0.96)]
     results = [r for seed, (tuned, scratch) in enumerate(pairs, start=200)
                for r in (row("even-odd", "finetuned", seed, tuned), row("even-odd", "from_scratch", seed, scratch))]
-    (primary,) = summary.preregistered(results)[1]
+    (primary,) = summary.preregistered(results)[0].values.tolist()
     exact = [1.12, 1.12, 1.0, 1.01, 1.0, 1.05, 1.33, 0.88, -1.0, 0.9]
     assert len(set(exact)) < len(exact)  # ties, which change the ranks and the test
     assert primary[8] == summary.p_text(scipy_stats.wilcoxon(exact).pvalue)
@@ -77,7 +78,8 @@ def test_collapsed_and_still_improving_runs_are_counted_at_every_rate_not_only_t
     results = [row("even-odd", "from_scratch", seed, 0.5, rate=3e-2, val_loss=0.69, selected=False)
                for seed in range(9)]  # 9 of 10 at chance (ln 2 = 0.693): collapsed
     results += [row("even-odd", "from_scratch", 9, 0.9, rate=3e-2, val_loss=0.2, selected=True, best_epoch=99)]
-    header, rows = summary.collapses(results)
+    table = summary.collapses(results)
+    header, rows = list(table.columns), table.values.tolist()
     (only,) = rows
     assert dict(zip(header, only)) == {"target": "even-odd", "n_train": "200", "mode": "from_scratch",
                                        "learning rate": "0.03", "runs": "10", "collapsed (near chance)": "9 of 10",
@@ -112,8 +114,8 @@ def test_the_primaries_sit_at_200_labels_and_a_sweep_of_500_labels_alone_has_non
     def marked(results, select="seed", protocol=True):
         summary.write_summary(results, str(tmp_path / "s.md"), select=select, protocol=protocol)
         text = (tmp_path / "s.md").read_text()
-        return ([r[1] for r in summary.preregistered(results, protocol=protocol)[1] if "(primary)" in r[2]],
-                [r[1] for r in summary.summarize(results, protocol=protocol)[1] if "(primary)" in r[2]], text)
+        return ([r[1] for r in summary.preregistered(results, protocol=protocol)[0].values.tolist() if "(primary)" in r[2]],
+                [r[1] for r in summary.summarize(results, protocol=protocol)[1].values.tolist() if "(primary)" in r[2]], text)
 
     # results/PROTOCOL.md: 200 labels, also beside 500; both tables mark the same row
     assert marked(sweep(50, 200, 500))[:2] == (["200"], ["200"])
