@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import typing
+from collections.abc import Callable
 from pathlib import Path
 
 import transfer_mnist as tm
@@ -121,8 +122,13 @@ def differences(saved: dict[str, typing.Any], now: dict[str, typing.Any]) -> lis
 FORMAT = 3
 
 
-def write_settings(path: Path, settings: dict) -> None:
-    """In one step: a signal or a full disk while writing leaves the old settings whole."""
+def update_settings(csv_path: str, change: Callable[[dict], None], new: bool = False) -> None:
+    """The one place that writes the settings beside a sweep's CSV: read
+    (or, `new`, begun empty), changed, and replaced in one step, so that
+    a signal or a full disk while writing leaves the old settings whole."""
+    path = settings_path(csv_path)
+    settings = {} if new else json.loads(path.read_text())
+    change(settings)
     replace_text(path, json.dumps(settings, indent=1) + "\n")
 
 
@@ -160,11 +166,12 @@ def save_settings(cfg: argparse.Namespace, csv_path: str, checkpoints: dict[int,
                   made: dict[str, typing.Any]) -> None:
     """The settings beside the CSV: the resolved flags (paths relative to the CSV), what made the rows, and
     each backbone's checkpoint (relative to the CSV too) with a digest once it is written."""
-    write_settings(settings_path(csv_path), {
-        "format": FORMAT, "config": relative_paths(vars(cfg), Path(csv_path).parent, to_csv=True), "made_by": made,
-        "weights": weights_record(cfg),
-        "checkpoints": {seed: {"path": os.path.relpath(path, Path(csv_path).parent), "sha256": None}
-                        for seed, path in checkpoints.items()}})
+    folder = Path(csv_path).parent
+    settings = {"format": FORMAT, "config": relative_paths(vars(cfg), folder, to_csv=True),
+                "made_by": made, "weights": weights_record(cfg),
+                "checkpoints": {seed: {"path": os.path.relpath(path, folder), "sha256": None}
+                                for seed, path in checkpoints.items()}}
+    update_settings(csv_path, lambda saved: saved.update(settings), new=True)
 
 
 def weights_record(cfg: argparse.Namespace) -> dict | None:
@@ -194,13 +201,11 @@ def record_backbone(csv_path: str, seed: int, checkpoint_path: str, rates: dict 
     """Record seed's freshly written backbone in the settings, where it was written (a resumed sweep may write
     into another --log-dir) and with its digest, which --resume checks; with --pretrain-lr-grid, the best
     validation loss of every pretraining rate it was chosen from (`rates`)."""
-    path = settings_path(csv_path)
-    settings = json.loads(path.read_text())
-    settings["checkpoints"][str(seed)] = {"path": os.path.relpath(checkpoint_path, Path(csv_path).parent),
-                                          "sha256": sha256(Path(checkpoint_path).read_bytes())}
+    record = {"path": os.path.relpath(checkpoint_path, Path(csv_path).parent),
+              "sha256": sha256(Path(checkpoint_path).read_bytes())}
     if rates:
-        settings["checkpoints"][str(seed)]["pretraining val_loss by rate"] = {f"{r:g}": v for r, v in rates.items()}
-    write_settings(path, settings)
+        record["pretraining val_loss by rate"] = {f"{r:g}": v for r, v in rates.items()}
+    update_settings(csv_path, lambda settings: settings["checkpoints"].update({str(seed): record}))
 
 
 class NodeRecords:
@@ -212,8 +217,9 @@ class NodeRecords:
         self.csv_path, self.named = csv_path, set()
 
     def __call__(self, run, node: dict) -> None:
-        path = settings_path(self.csv_path)
-        settings = json.loads(path.read_text())
+        update_settings(self.csv_path, lambda settings: self.record(settings, run, node))
+
+    def record(self, settings: dict, run, node: dict) -> None:
         nodes = settings.setdefault("nodes", {})
         address, record = node["ip"], {key: value for key, value in node.items() if key != "ip"}
         if address not in self.named:
@@ -226,7 +232,6 @@ class NodeRecords:
                                    f"differ; the rows of the two may not be comparable")
         nodes[address] = record
         settings.setdefault("row_nodes", {})[str(run)] = address
-        write_settings(path, settings)
 
 
 def saved_settings(csv_path: str | Path) -> dict:
@@ -347,11 +352,8 @@ def borrowed_backbones(cfg: argparse.Namespace, seeds: set[int], threads: int | 
 def record_widened(csv_path: str, run, per_seed: bool = False) -> None:
     """A rate that --widen added to run's (target, mode, n_train), for every seed or (per_seed) for run's seed
     alone, in the settings before its runs start."""
-    path = settings_path(csv_path)
-    settings = json.loads(path.read_text())
-    settings.setdefault("widened", []).append([run.target, run.mode, run.n_train, run.learning_rate]
-                                              + [run.seed] * per_seed)
-    write_settings(path, settings)
+    rate = [run.target, run.mode, run.n_train, run.learning_rate] + [run.seed] * per_seed
+    update_settings(csv_path, lambda settings: settings.setdefault("widened", []).append(rate))
 
 
 def check_made_by(resumed: Resumed, now: dict[str, typing.Any], resume: str) -> None:

@@ -145,7 +145,8 @@ def test_the_settings_record_the_kind_of_cpu_and_resume_names_what_differs(tiny_
 
 def test_on_a_cluster_each_row_s_node_is_recorded_and_an_unlike_node_is_named(tmp_path, caplog):
     csv = tmp_path / "r.csv"
-    resume.write_settings(resume.settings_path(csv), {"config": {}, "made_by": {}, "checkpoints": {}})
+    begun = {"config": {}, "made_by": {}, "checkpoints": {}}
+    resume.update_settings(str(csv), lambda settings: settings.update(begun), new=True)
     record = resume.NodeRecords(str(csv))
     node = {"ip": "10.0.0.1", **resume.machine()}
     unlike = {**node, "ip": "10.0.0.2", "torch": "0.0", "cpu": {**node["cpu"], "model": "x"}}
