@@ -34,8 +34,7 @@ RUN_MAKING = ("settings", "runs", "stop", "files", "augment", "data", "folders",
               "start", "engine", "ray_engine", "resume")
 # The instruction sets whose kernels torch chooses between: they decide
 # which float code a run executes
-ISA_FLAGS = ("sse", "ssse3", "avx", "fma", "f16c", "amx", "bmi", "popcnt", "abm",
-             "movbe")
+ISA_FLAGS = ("sse", "ssse3", "avx", "fma", "f16c", "amx", "bmi", "popcnt", "abm", "movbe")
 # The settings' format: every sweep in results/ is in it (migrated
 # once); this code reads no other
 FORMAT = 3
@@ -122,8 +121,7 @@ def cpu_kind() -> dict[str, str]:
         for line in first_cpu.splitlines():
             key, _, value = line.partition(":")
             fields[key.strip()] = value.strip()
-    flags = sorted(f for f in fields.get("flags", "").split()
-                   if f.startswith(ISA_FLAGS))
+    flags = sorted(f for f in fields.get("flags", "").split() if f.startswith(ISA_FLAGS))
     capability = ""
     with contextlib.suppress(Exception):  # torch before 2.1 cannot say
         import torch
@@ -223,7 +221,7 @@ def check_weights_unchanged(resume: str, saved: dict | None, cfg: argparse.Names
         found = f"SHA-256 {now[:12]}" if now else "missing"
         raise Error(f"--resume {resume}: --weights {cfg.weights} are not those the sweep "
                     f"began with ({path}: {found}, the sweep's {saved['sha256'][:12]}); "
-                    f"put them back, or start a new sweep")
+                    "put them back, or start a new sweep")
 
 
 def record_backbone(csv_path: str, seed: int, checkpoint_path: str,
@@ -264,7 +262,7 @@ class NodeRecords:
                             else f"the rows of node {other}")
                     logger.warning(f"Warning: node {address} is not like what made {made}: "
                                    f"{', '.join(differ)} differ; the rows of the two may not "
-                                   f"be comparable")
+                                   "be comparable")
         nodes[address] = record
         settings.setdefault("row_nodes", {})[str(run)] = address
 
@@ -281,7 +279,7 @@ def saved_settings(csv_path: str | Path) -> dict:
     if settings.get("format") != FORMAT:
         logger.warning(f"Warning: {settings_path(csv_path)} is in another format of settings "
                        f"({settings.get('format')}, this code reads {FORMAT}): "
-                       f"read as if it had none")
+                       "read as if it had none")
         return {}
     return settings
 
@@ -310,7 +308,7 @@ def read_saved(cfg: argparse.Namespace) -> tuple:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise Error(f"--resume {cfg.resume}: cannot read the sweep's settings from {path} "
                     f"({one_line(err)}); only a results CSV this script wrote can be "
-                    f"resumed") from None
+                    "resumed") from None
 
 
 def check_given(cfg: argparse.Namespace, given: set[str], settings: argparse.Namespace) -> None:
@@ -349,8 +347,8 @@ def resume_settings(cfg: argparse.Namespace,
         settings.threads = made["threads"]
     elif cfg.threads != made["threads"]:
         logger.warning(f"--threads {cfg.threads} differs from the sweep's {made['threads']}: "
-                       f"the remaining rows come from another order of float sums, and may "
-                       f"differ from an uninterrupted sweep's")
+                       "the remaining rows come from another order of float sums, and may "
+                       "differ from an uninterrupted sweep's")
     try:  # a sweep stopped during its first pretraining has a header and no rows
         with open(cfg.resume) as f:
             has_rows = len(f.readlines()) > 1
@@ -374,11 +372,10 @@ def check_backbones(flag: str, seeds: Iterable[int], checkpoints: dict[int, Path
         checkpoint = checkpoints.get(seed)
         if checkpoint is None or not checkpoint.is_file():
             raise Error(f"{flag}: the sweep's pretrained backbone {checkpoint} is missing; "
-                        f"resume where it was written, or start a new sweep")
+                        "resume where it was written, or start a new sweep")
         if digests[seed] != file_sha256(checkpoint):
-            raise Error(f"{flag}: the sweep's pretrained backbone {checkpoint} has changed "
-                        f"since it was written (another sweep in the same --log-dir?); "
-                        f"start a new sweep")
+            raise Error(f"{flag}: the sweep's pretrained backbone {checkpoint} has changed since "
+                        "it was written (another sweep in the same --log-dir?); start a new sweep")
 
 
 def pretraining_settings(config: dict, threads: int | None) -> dict:
@@ -438,7 +435,7 @@ def check_made_by(resumed: Resumed, now: dict, resume: str) -> None:
         shown = "; ".join(f"{names.get(name, name)} {value(resumed.made_by, name)}, "
                           f"here {value(now, name)}" for name in differ[:3])
         raise Error(f"--resume {resume}: the sweep's rows were made otherwise ({shown}); "
-                    f"resume with what made them, or start a new sweep")
+                    "resume with what made them, or start a new sweep")
 
 
 def resume_command(csv_path: str) -> str:

@@ -75,7 +75,7 @@ def read_checked(cfg: argparse.Namespace, name: str, train: bool):
         split = [f for f in files if f.startswith(("t10k", "train")[train])]
         if all((raw / file).is_file() for file in files):
             raise Error(f"{' or '.join(split)} in {raw} is damaged (truncated or corrupt); "
-                        f"delete it to download it again") from None
+                        "delete it to download it again") from None
         raise Error(f"{dataset.__name__} is not in {raw} and could not be downloaded "
                     f"({reason}); put {', '.join(files)} there, or pass --data-dir with a "
                     f"folder that holds {dataset.__name__}/raw/") from None
@@ -165,7 +165,7 @@ def describe_subsets(cfg: argparse.Namespace) -> tuple[list[str], list[str]]:
                     f"Warning: {name} at n_train {n_train}: {len(few)} of {len(names)} classes "
                     f"have fewer than 2 validation images in some seed ({', '.join(few[:4])}"
                     f"{', ...' if len(few) > 4 else ''}); the validation loss that picks each "
-                    f"run's epoch and rate is noisy: give more with --n-val"
+                    "run's epoch and rate is noisy: give more with --n-val"
                     + ("" if cfg.stratify else " or --stratify"))
     return lines, warnings
 
@@ -281,13 +281,12 @@ def prepare_outputs(cfg: argparse.Namespace, created: list[Path],
                     and len(csv_path.read_bytes().splitlines()) > 1):
                 raise Error(f"--results-csv {csv_path} holds the rows of an earlier sweep: "
                             f"continue it with --resume {csv_path}, or pass --overwrite to "
-                            f"replace them")
+                            "replace them")
         if not csv_path.exists():
             created.append(csv_path)
         return ResultsCsv(str(csv_path), append=bool(cfg.resume))
     except OSError as err:
-        raise Error(f"--results-csv {csv_path} cannot be written "
-                    f"({err.strerror or err})") from None
+        raise Error(f"--results-csv {csv_path} cannot be written ({err.strerror or err})") from None
 
 
 def check_inputs(cfg: argparse.Namespace, created: list[Path]) -> str:
