@@ -1,8 +1,6 @@
-"""`python -m sweeps`: a sweep from its command line to its outputs (the CSV, the settings,
-the summary as Markdown, the figure, TensorBoard), --resume, and --report of earlier sweeps,
-compared side by side with LABEL=CSV. Imported by __main__ (and by a user's own script that
-registers targets first); it imports every other module of the package.
-"""
+"""`python -m sweeps`: a sweep from its command line to its outputs (CSV, settings, summary,
+figure, TensorBoard), --resume, and --report of earlier sweeps (LABEL=CSV side by side).
+Imported by __main__ (and a user's script that registers targets); imports the package."""
 
 import argparse
 import contextlib
@@ -22,8 +20,8 @@ from sweeps.figures import draw_comparison, draw_figure, log_figure, save_figure
 from sweeps.files import SweepLock, SweepLocked
 from sweeps.resume import (
     NodeRecords, borrowed_backbones, check_made_by, differences, made_by, record_backbone,
-    record_widened, resume_command, resume_hint, resume_settings, save_settings,
-    saved_settings, settings_path)
+    record_widened, resume_command, resume_hint, resume_settings, save_settings, saved_settings,
+    settings_path)
 from sweeps.runs import (
     ResultsCsv, RunResult, pretrain_checkpoint, pretraining_runs, read_results, settle,
     sweep_runs, widened_runs)
@@ -46,8 +44,7 @@ def error(message: typing.Any, status: int = 2) -> int:
 
 
 def show(results: list[RunResult], summary: str, warnings: list[str] = ()) -> None:
-    """The run table, the summary over seeds when there is one, and where the answer is
-    fragile."""
+    """The run table, the summary over seeds if any, and where the answer is fragile."""
     print(f"\n{format_table(results)}\n")
     if summary:
         print(f"{summary}\n")
@@ -56,9 +53,8 @@ def show(results: list[RunResult], summary: str, warnings: list[str] = ()) -> No
 
 
 def report_output(cfg: argparse.Namespace, given: set[str]) -> Path:
-    """Where --report writes: --results-csv, else beside the first CSV. It never replaces a
-    sweep's own Markdown and figure with other numbers: a merge, or another selection than
-    the sweep's, is written under a name that says so (X.merged.md, X.pooled.md)."""
+    """Where --report writes: --results-csv, else beside the first CSV; a merge or another
+    selection than the sweep's under a name that says so (X.merged.md, X.pooled.md)."""
     if cfg.results_csv:
         return Path(cfg.results_csv)
     first = Path(cfg.report[0])
@@ -87,10 +83,8 @@ def planned_runs(settings: dict) -> list:
 
 
 def load_sweep(paths: list[str], cfg: argparse.Namespace, given: set[str]) -> LoadedSweep:
-    """The rows of results CSVs, merged, their rates selected as --select says, else as the
-    first sweep did, in each (target, arm, n_train) that holds every run its sweep's saved
-    settings plan; and the warnings: groups left out as incomplete, CSVs without settings,
-    sweeps made on different machines."""
+    """Results CSVs' rows merged, selected by --select (else the first sweep's), in the
+    groups complete as planned; and the warnings (incomplete, no settings, machines)."""
     saved = {path: saved_settings(path) for path in paths}
     configs = [settings.get("config", {}) for settings in saved.values()]
     chosen = [config["select"] for config in configs if "select" in config]
@@ -104,14 +98,12 @@ def load_sweep(paths: list[str], cfg: argparse.Namespace, given: set[str]) -> Lo
                 f"seeds, sizes and rates are taken from its rows, and {SELECTIONS[select]}"
                 for path, settings in saved.items() if "config" not in settings]
     return LoadedSweep(results, select, incomplete + warnings + machines_differ(saved),
-                       any(config.get("augment") for config in configs),
-                       all(map(protocol_sweep, configs)),
+                       any(c.get("augment") for c in configs), all(map(protocol_sweep, configs)),
                        network_line(config for config in configs if config))
 
 
 def machines_differ(saved: dict[str, dict]) -> list[str]:
-    """Warnings where merged sweeps were made with different code, libraries or kinds of
-    CPU, and where the nodes that made the rows of cluster sweeps differ (NodeRecords)."""
+    """Warnings where merged sweeps, or a cluster's nodes, differ in code, libraries or CPU."""
     sweeps = {path: settings["made_by"] for path, settings in saved.items()
               if isinstance(settings.get("made_by"), dict)}
     nodes = {f"{path} node {address}": record for path, settings in saved.items()
@@ -129,9 +121,7 @@ def machines_differ(saved: dict[str, dict]) -> list[str]:
 
 
 def report(cfg: argparse.Namespace, given: set[str]) -> int:
-    """--report: the run table, the summary, its Markdown and the figure, rebuilt from
-    results CSVs; with LABEL=CSV arguments, the sweeps compared side by side, and each
-    one's summary and figure."""
+    """--report: table, summary, Markdown and figure from CSVs; LABEL=CSV: compare()."""
     labelled = ["=" in arg for arg in cfg.report]
     try:
         if any(labelled) and not all(labelled):
@@ -148,8 +138,7 @@ def report(cfg: argparse.Namespace, given: set[str]) -> int:
             except OSError as err:
                 raise tm.ExperimentError(
                     f"--results-csv {out} cannot be written ({err.strerror or err})") from None
-        summary = write_summary(results, str(out.with_suffix(".md")), cfg.select, warnings,
-                                *rest)
+        summary = write_summary(results, str(out.with_suffix(".md")), cfg.select, warnings, *rest)
         save_figure(draw_figure(results), out.with_suffix(".png"))
     except tm.ExperimentError as err:
         return error(err)
@@ -162,16 +151,12 @@ def report(cfg: argparse.Namespace, given: set[str]) -> int:
 
 
 def compare(cfg: argparse.Namespace, given: set[str]) -> int:
-    """--report LABEL=CSV ...: the paired differences of each sweep side by side, as
-    Markdown and a figure at --results-csv (.md, .png; default: comparison beside the first
-    CSV), and each sweep's own summary and figure beside them (<name>.<label>.md). The same
-    label on several CSVs merges them."""
+    """--report LABEL=CSV ...: the sweeps side by side (.md, .png), each one's summary too."""
     paths: dict[str, list[str]] = {}
     for arg in cfg.report:
         label, _, path = arg.partition("=")
         paths.setdefault(label, []).append(path)
-    first = next(iter(paths.values()))[0]
-    out = Path(cfg.results_csv or Path(first).with_name("comparison.csv"))
+    out = Path(cfg.results_csv or Path(next(iter(paths.values()))[0]).with_name("comparison.csv"))
     out.parent.mkdir(parents=True, exist_ok=True)
     sweeps = {}
     for label, csvs in paths.items():
@@ -190,8 +175,7 @@ def compare(cfg: argparse.Namespace, given: set[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """A sweep, a resumed sweep, or a report: its exit status (0, 1 for a failure outside
-    the input, 2 for bad input, 128 + the signal that stopped it)."""
+    """A sweep or a report; its exit status: 0, 1 (a failure), 2 (bad input), 128 + signal."""
     with contextlib.ExitStack() as stack:
         for signum in (signal.SIGINT, signal.SIGTERM):
             stack.callback(signal.signal, signum, signal.getsignal(signum))
@@ -228,8 +212,7 @@ def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack)
 
 def begin(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack,
           created: list[Path]) -> tuple:
-    """The checks before the first run, and the outputs: the settings (a resumed sweep's,
-    saved), the sweep resumed and the backbones borrowed (or None), the results CSV."""
+    """The checks and outputs before the first run: settings, resumed, borrowed, CSV."""
     resumed = None
     if cfg.resume:
         if cfg.dry_run:
@@ -261,8 +244,7 @@ def begin(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack,
 def announce(cfg: argparse.Namespace) -> None:
     """The start's lines: the settings, what the protocol compares, a busy machine."""
     unused = PRETRAINING_SETTINGS if cfg.weights else ()  # nothing is pretrained
-    settings = ", ".join(f"{key}={value}" for key, value in vars(cfg).items()
-                         if key not in unused)
+    settings = ", ".join(f"{key}={value}" for key, value in vars(cfg).items() if key not in unused)
     logger.info(f"Settings: {settings}")
     if cfg.protocol == "fair" and not protocol_sweep(vars(cfg)):
         logger.info("Not a sweep of results/PROTOCOL.md: its rules apply, with no primary "
@@ -270,18 +252,15 @@ def announce(cfg: argparse.Namespace) -> None:
     elif cfg.protocol == "fair":  # named before any run: the others are exploratory
         sizes = {target: set(cfg.n_train) for target in cfg.targets}
         at, none = primary_sizes(sizes, cfg.augment), no_primaries(sizes, cfg.augment)
-        logger.info(f"{none} has no primary comparison: every comparison is exploratory"
-                    if none else
-                    f"Primary comparison: {PRIMARY_ARM} − {baseline_arm()} on each target "
+        logger.info(f"{none} has no primary comparison: every comparison is exploratory" if none
+                    else f"Primary comparison: {PRIMARY_ARM} − {baseline_arm()} on each target "
                     f"at {max(at.values())} labels; the others are exploratory")
     if not cfg.cluster:  # every worker's threads on this machine's cores
         warn_if_busy(run_threads(cfg) or torch.get_num_threads(), cfg.workers)
 
 
-def run_and_report(cfg: argparse.Namespace, csv_out, resumed, borrowed,
-                   created: list[Path]) -> int:
-    """The runs, then the summary, the figure and TensorBoard's extras; the exit status,
-    with what is kept of a sweep that failed."""
+def run_and_report(cfg: argparse.Namespace, csv_out, resumed, borrowed, created: list[Path]) -> int:
+    """The runs, summary, figure and TensorBoard's extras; the exit status."""
     summary_path, figure_path = (Path(csv_out.path).with_suffix(s) for s in (".md", ".png"))
     try:
         results = run_experiment(
