@@ -134,7 +134,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sweeps", parents=[tm.make_parser()], conflict_handler="resolve",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="transfer_mnist.py over seeds, sizes and rates.")
+        description="transfer_mnist.py's experiment over seeds, sizes and rate grids.")
     fair = ", ".join(f"--{name.replace('_', '-')} {shown(value)}" for name, value in FAIR.items())
     parser.add_argument("--protocol", choices=PROTOCOLS, default="post",
                         help=f"post: the blog post's; fair: unless given, {fair}")
@@ -167,7 +167,7 @@ def add_template_flags(add: Callable) -> None:
     add("--patience", type=non_negative_int, default=100,
         help="epochs past the best to stop; 0: never")
     add("--min-delta", type=non_negative_float, help="least fall of validation loss that counts")
-    add("--pretrain-patience", type=non_negative_int, help="pretraining's; None: --patience")
+    add("--pretrain-patience", type=non_negative_int, help="--patience of pretraining")
     add("--n-val", type=positive_int, help="validation images; None: n_train / 4")
     add("--stratify", action=ON_OFF, help="draw images class by class")
     add("--disjoint", action=ON_OFF, help="no target image that pretraining saw")
@@ -190,7 +190,8 @@ def add_sweep_flags(add: Callable) -> None:
         help=f"rates of every run, picked by --select; --widen adds"
              f" {next_rate(grid, grid[0]):g} below fair's, ...")
     add("--pretrain-lr-grid", **FLOATS, help="pretraining's rates; the best is kept")
-    add("--select", choices=("seed", "pooled", "mean"), help="how --lr-grid picks a rate")
+    add("--select", choices=("seed", "pooled", "mean"),
+        help="how --lr-grid picks: per seed, or over seeds by median (pooled) or mean")
     low, high = LR_BOUNDS
     add("--widen", action=ON_OFF, help=f"a pick at an edge adds the next rate, {low:g} to {high:g}")
     add("--backbones-from", metavar="CSV", help="reuse a sweep's backbones")
