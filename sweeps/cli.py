@@ -1,8 +1,6 @@
-"""`python -m sweeps`: a sweep from its command line to its outputs (the CSV, the settings, the summary as
-Markdown, the figure, TensorBoard), --resume, and --report of earlier sweeps, compared side by side with
-LABEL=CSV. Imported by __main__ (and by a user's own script that registers targets first); it imports every
-other module of the package.
-"""
+"""`python -m sweeps`: a sweep from its command line to its outputs (CSV, settings, summary,
+figure, TensorBoard), --resume, and --report of earlier sweeps (LABEL=CSV side by side).
+Imported by __main__ (and a user's script that registers targets); imports the package."""
 
 import argparse
 import contextlib
@@ -21,52 +19,32 @@ from sweeps.engine import run_experiment
 from sweeps.figures import draw_comparison, draw_figure, log_figure, save_figure
 from sweeps.files import SweepLock, SweepLocked
 from sweeps.resume import (
-    NodeRecords,
-    borrowed_backbones,
-    check_made_by,
-    made_by,
-    record_backbone,
-    record_widened,
-    resume_command,
-    resume_hint,
-    resume_settings,
-    save_settings,
-    differences,
-    saved_settings,
-    settings_path,
-)
+    NodeRecords, borrowed_backbones, check_made_by, differences, made_by, record_backbone,
+    record_widened, resume_command, resume_hint, resume_settings, save_settings, saved_settings,
+    settings_path)
 from sweeps.runs import (
-    ResultsCsv,
-    RunResult,
-    pretrain_checkpoint,
-    pretraining_runs,
-    read_results,
-    settle,
-    sweep_runs,
-    widened_runs,
-)
-from sweeps.settings import (PRETRAINING_SETTINGS, PRIMARY_ARM, ExperimentFailure, check_weights, complete,
-                             one_line, parse, protocol_sweep, quiet_libraries, run_threads)
+    ResultsCsv, RunResult, pretrain_checkpoint, pretraining_runs, read_results, settle,
+    sweep_runs, widened_runs)
+from sweeps.settings import (
+    PRETRAINING_SETTINGS, PRIMARY_ARM, ExperimentFailure, check_weights, complete, one_line,
+    parse, protocol_sweep, quiet_libraries, run_threads)
 from sweeps.start import check_inputs, prepare_outputs, remove, remove_unfinished, warn_if_busy
 from sweeps.stop import StopSignal
 from sweeps.summary import (
-    SELECTIONS,
-    baseline_arm,
-    format_table,
-    fragile,
-    log_learning_curves,
-    network_line,
-    no_primaries,
-    primary_sizes,
-    write_comparison,
-    write_summary,
-)
+    SELECTIONS, baseline_arm, format_table, fragile, log_learning_curves, network_line,
+    no_primaries, primary_sizes, write_comparison, write_summary)
 
 logger = tm.logger  # the experiment's console, as the template's
 
 
+def error(message: typing.Any, status: int = 2) -> int:
+    """`message` as the console's error line; returns the exit status."""
+    print(f"error: {message}", file=sys.stderr)
+    return status
+
+
 def show(results: list[RunResult], summary: str, warnings: list[str] = ()) -> None:
-    """The run table, the summary over seeds when there is one, and where the answer is fragile."""
+    """The run table, the summary over seeds if any, and where the answer is fragile."""
     print(f"\n{format_table(results)}\n")
     if summary:
         print(f"{summary}\n")
@@ -75,14 +53,15 @@ def show(results: list[RunResult], summary: str, warnings: list[str] = ()) -> No
 
 
 def report_output(cfg: argparse.Namespace, given: set[str]) -> Path:
-    """Where --report writes: --results-csv, else beside the first CSV. It never replaces a sweep's own
-    Markdown and figure with other numbers: a merge, or another selection than the sweep's, is written
-    under a name that says so (X.merged.md, X.pooled.md)."""
+    """Where --report writes: --results-csv, else beside the first CSV; a merge or another
+    selection than the sweep's under a name that says so (X.merged.md, X.pooled.md)."""
     if cfg.results_csv:
         return Path(cfg.results_csv)
     first = Path(cfg.report[0])
     own_select = saved_settings(first).get("config", {}).get("select", "seed")
-    parts = ["merged"] * (len(cfg.report) > 1) + [cfg.select] * ("select" in given and cfg.select != own_select)
+    parts = ["merged"] * (len(cfg.report) > 1)
+    if "select" in given and cfg.select != own_select:
+        parts.append(cfg.select)
     return first.with_name(".".join([first.stem, *parts, "csv"])) if parts else first
 
 
@@ -91,88 +70,88 @@ class LoadedSweep(typing.NamedTuple):
     select: str
     warnings: list[str]
     augmented: bool  # with --augment: no primaries (results/PROTOCOL.md)
-    protocol: bool  # a sweep of results/PROTOCOL.md's commands: its primaries were named before its runs
+    protocol: bool  # a sweep of results/PROTOCOL.md's commands: primaries named before runs
     network: str  # the backbone its runs trained (network_line())
 
 
+def planned_runs(settings: dict) -> list:
+    """The runs that a sweep's saved settings plan, widened ones included."""
+    config = settings["config"]
+    targets = [name if name in tm.TARGETS else Path(name).name for name in config["targets"]]
+    config = complete(argparse.Namespace(**{**config, "targets": targets}))
+    return sweep_runs(config) + widened_runs(config, map(tuple, settings.get("widened", [])))
+
+
 def load_sweep(paths: list[str], cfg: argparse.Namespace, given: set[str]) -> LoadedSweep:
-    """The rows of results CSVs, merged, their rates selected as --select says, else as the first sweep did,
-    in each (target, arm, n_train) that holds every run its sweep's saved settings plan; and the warnings:
-    groups left out as incomplete, CSVs without settings, sweeps made on different machines."""
+    """Results CSVs' rows merged, selected by --select (else the first sweep's), in the
+    groups complete as planned; and the warnings (incomplete, no settings, machines)."""
     saved = {path: saved_settings(path) for path in paths}
     configs = [settings.get("config", {}) for settings in saved.values()]
-    select = cfg.select if "select" in given else next((c["select"] for c in configs if "select" in c), cfg.select)
+    chosen = [config["select"] for config in configs if "select" in config]
+    select = cfg.select if "select" in given or not chosen else chosen[0]
     planned = []
-    for path, settings in saved.items():
-        try:
-            config = complete(argparse.Namespace(**{**settings["config"], "targets": [
-                name if name in tm.TARGETS else Path(name).name for name in settings["config"]["targets"]]}))
-            planned += sweep_runs(config) + widened_runs(config, map(tuple, settings.get("widened", [])))
-        except (KeyError, TypeError, AttributeError, ValueError):
-            planned = None if len(paths) == 1 else planned
-    results, incomplete = settle(read_results(paths), select, planned or ())
-    warnings = [f"{path} has no settings beside it ({settings_path(path).name}): its planned seeds, sizes and rates "
-                f"are taken from its rows, and {SELECTIONS[select]}" for path, settings in saved.items()
-                if "config" not in settings]
+    for settings in saved.values():  # a sweep whose settings cannot be read plans nothing
+        with contextlib.suppress(KeyError, TypeError, AttributeError, ValueError):
+            planned += planned_runs(settings)
+    results, incomplete = settle(read_results(paths), select, planned)
+    warnings = [f"{path} has no settings beside it ({settings_path(path).name}): its planned "
+                f"seeds, sizes and rates are taken from its rows, and {SELECTIONS[select]}"
+                for path, settings in saved.items() if "config" not in settings]
     return LoadedSweep(results, select, incomplete + warnings + machines_differ(saved),
                        any(c.get("augment") for c in configs), all(map(protocol_sweep, configs)),
-                       network_line(c for c in configs if c))
+                       network_line(config for config in configs if config))
 
 
 def machines_differ(saved: dict[str, dict]) -> list[str]:
-    """Warnings where merged sweeps were made with different code, libraries or kinds of CPU, and where the
-    nodes that made the rows of cluster sweeps differ (NodeRecords)."""
+    """Warnings where merged sweeps, or a cluster's nodes, differ in code, libraries or CPU."""
+    sweeps = {path: settings["made_by"] for path, settings in saved.items()
+              if isinstance(settings.get("made_by"), dict)}
+    nodes = {f"{path} node {address}": record for path, settings in saved.items()
+             for address, record in settings.get("nodes", {}).items()}
     warnings = []
-    for what, records in (("merged sweeps", {path: settings["made_by"] for path, settings in saved.items()
-                                             if isinstance(settings.get("made_by"), dict)}),
-                          ("nodes that made the rows", {f"{path} node {address}": record
-                                                        for path, settings in saved.items()
-                                                        for address, record in settings.get("nodes", {}).items()})):
+    for what, records in (("merged sweeps", sweeps), ("nodes that made the rows", nodes)):
         if len(records) < 2:
             continue
         first, *others = records.values()
         differ = sorted({key for other in others for key in differences(first, other)})
         if differ:
-            warnings.append(f"the {what} were not made alike: {', '.join(differ)} differ between "
-                            f"{', '.join(records)}; their rows may not be comparable")
+            warnings.append(f"the {what} were not made alike: {', '.join(differ)} differ "
+                            f"between {', '.join(records)}; their rows may not be comparable")
     return warnings
 
 
 def report(cfg: argparse.Namespace, given: set[str]) -> int:
-    """--report: the run table, the summary, its Markdown and the figure, rebuilt from results CSVs; with
-    LABEL=CSV arguments, the sweeps compared side by side, and each one's summary and figure."""
+    """--report: table, summary, Markdown and figure from CSVs; LABEL=CSV: compare()."""
     labelled = ["=" in arg for arg in cfg.report]
     try:
         if any(labelled) and not all(labelled):
-            raise tm.ExperimentError("--report takes CSVs, or LABEL=CSV for each to compare sweeps; not both")
+            raise tm.ExperimentError(
+                "--report takes CSVs, or LABEL=CSV for each to compare sweeps; not both")
         if all(labelled):  # comparing sweeps
             return compare(cfg, given)
-        results, cfg.select, warnings, augmented, protocol, network = load_sweep(list(cfg.report), cfg, given)
+        results, cfg.select, warnings, *rest = load_sweep(list(cfg.report), cfg, given)
         out = report_output(cfg, given)
         if cfg.results_csv:
             try:
                 out.parent.mkdir(parents=True, exist_ok=True)
                 ResultsCsv(cfg.results_csv).rewrite(results)
             except OSError as err:
-                raise tm.ExperimentError(f"--results-csv {out} cannot be written ({err.strerror or err})") from None
-        summary = write_summary(results, str(out.with_suffix(".md")), cfg.select, warnings, augmented, protocol,
-                                network)
+                raise tm.ExperimentError(
+                    f"--results-csv {out} cannot be written ({err.strerror or err})") from None
+        summary = write_summary(results, str(out.with_suffix(".md")), cfg.select, warnings, *rest)
         save_figure(draw_figure(results), out.with_suffix(".png"))
     except tm.ExperimentError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return error(err)
     except OSError as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 1
+        return error(one_line(err), 1)
     show(results, summary, warnings)
-    print(f"Rebuilt from {', '.join(cfg.report)}: {out.with_suffix('.md')} and {out.with_suffix('.png')}")
+    print(f"Rebuilt from {', '.join(cfg.report)}: {out.with_suffix('.md')} and "
+          f"{out.with_suffix('.png')}")
     return 0
 
 
 def compare(cfg: argparse.Namespace, given: set[str]) -> int:
-    """--report LABEL=CSV ...: the paired differences of each sweep side by side, as Markdown and a figure at
-    --results-csv (.md, .png; default: comparison beside the first CSV), and each sweep's own summary and
-    figure beside them (<name>.<label>.md). The same label on several CSVs merges them."""
+    """--report LABEL=CSV ...: the sweeps side by side (.md, .png), each one's summary too."""
     paths: dict[str, list[str]] = {}
     for arg in cfg.report:
         label, _, path = arg.partition("=")
@@ -181,25 +160,25 @@ def compare(cfg: argparse.Namespace, given: set[str]) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     sweeps = {}
     for label, csvs in paths.items():
-        sweeps[label], select, warnings, augmented, protocol, network = load_sweep(csvs, cfg, given)
+        sweeps[label], select, warnings, *rest = load_sweep(csvs, cfg, given)
         for warning in warnings:
             print(f"Warning: {label}: {warning}")
-        name = out.with_name(f"{out.stem}.{''.join(c if c.isalnum() or c in '-_' else '_' for c in label)}.md")
-        write_summary(sweeps[label], str(name), select, warnings, augmented, protocol, network)
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+        name = out.with_name(f"{out.stem}.{safe}.md")
+        write_summary(sweeps[label], str(name), select, warnings, *rest)
         save_figure(draw_figure(sweeps[label]), name.with_suffix(".png"))
     side_by_side = write_comparison(sweeps, paths, out.with_suffix(".md"))
     save_figure(draw_comparison(sweeps), out.with_suffix(".png"))
-    print(f"\n{side_by_side}\n\nCompared: {out.with_suffix('.md')} and {out.with_suffix('.png')}, and each "
-          f"sweep's summary beside them")
+    print(f"\n{side_by_side}\n\nCompared: {out.with_suffix('.md')} and "
+          f"{out.with_suffix('.png')}, and each sweep's summary beside them")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """A sweep, a resumed sweep, or a report: its exit status (0, 1 for a failure outside the input, 2 for
-    bad input, 128 + the signal that stopped it)."""
+    """A sweep or a report; its exit status: 0, 1 (a failure), 2 (bad input), 128 + signal."""
     with contextlib.ExitStack() as stack:
-        handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-        stack.callback(lambda: [signal.signal(signum, handler) for signum, handler in handlers.items()])
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            stack.callback(signal.signal, signum, signal.getsignal(signum))
         StopSignal.received = None
         StopSignal.install()
         try:
@@ -207,44 +186,39 @@ def main(argv: list[str] | None = None) -> int:
             logging.basicConfig(level=logging.INFO, format="%(message)s")
             quiet_libraries()
             return report(cfg, given) if cfg.report else sweep(cfg, given, stack)
-        except KeyboardInterrupt:  # before the first run, or in a report: nothing half-made is left
+        except KeyboardInterrupt:  # before the first run, or in a report: nothing half-made
             print("\nInterrupted: nothing was written", file=sys.stderr)
             return 128 + (StopSignal.received or signal.SIGINT)
 
 
 def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack) -> int:
     """A sweep or a resumed sweep, from its checks to its outputs."""
-    if cfg.dry_run:  # a smoke test of a sweep's command leaves no runs behind, nor replaces its results
+    if cfg.dry_run:  # a smoke test leaves no runs behind, nor replaces its results
         cfg.log_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="sweeps_dry_run_"))
         cfg.results_csv = cfg.results_csv and str(Path(cfg.log_dir, Path(cfg.results_csv).name))
     created: list[Path] = []  # files and folders this start made: removed if it fails
     try:
         cfg, resumed, borrowed, csv_out = begin(cfg, given, stack, created)
-    except OSError as err:
+    except (OSError, tm.ExperimentError, SweepLocked, KeyboardInterrupt) as err:
         remove(created)
-        print(f"error: cannot write {err.filename or 'the results'} ({one_line(err)})", file=sys.stderr)
-        return 2
-    except (tm.ExperimentError, SweepLocked) as err:
-        remove(created)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        remove(created)
-        raise
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        if isinstance(err, OSError):
+            return error(f"cannot write {err.filename or 'the results'} ({one_line(err)})")
+        return error(err)
     announce(cfg)
     return run_and_report(cfg, csv_out, resumed, borrowed, created)
 
 
 def begin(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack,
           created: list[Path]) -> tuple:
-    """The checks before the first run, and the outputs: the settings (a
-    resumed sweep's, saved), the sweep resumed and the backbones borrowed
-    (or None), the results CSV."""
+    """The checks and outputs before the first run: settings, resumed, borrowed, CSV."""
     resumed = None
     if cfg.resume:
         if cfg.dry_run:
-            raise tm.ExperimentError("--resume continues a real sweep; it does not go with --dry-run")
-        lock = SweepLock(cfg.resume)  # before its rows are read: nobody else is writing them
+            raise tm.ExperimentError(
+                "--resume continues a real sweep; it does not go with --dry-run")
+        lock = SweepLock(cfg.resume)  # before its rows are read: nobody else writes them
         lock.acquire()
         stack.callback(lock.release)
         cfg, resumed = resume_settings(cfg, given)
@@ -268,28 +242,26 @@ def begin(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack,
 
 
 def announce(cfg: argparse.Namespace) -> None:
-    """The start's lines: the settings, what the protocol compares, a
-    busy machine."""
-    unused = PRETRAINING_SETTINGS if cfg.weights else ()  # nothing is pretrained: they do not apply
+    """The start's lines: the settings, what the protocol compares, a busy machine."""
+    unused = PRETRAINING_SETTINGS if cfg.weights else ()  # nothing is pretrained
     settings = ", ".join(f"{key}={value}" for key, value in vars(cfg).items() if key not in unused)
     logger.info(f"Settings: {settings}")
     if cfg.protocol == "fair" and not protocol_sweep(vars(cfg)):
         logger.info("Not a sweep of results/PROTOCOL.md: its rules apply, with no primary "
                     "comparison; Holm's adjustment runs over every comparison")
-    elif cfg.protocol == "fair":  # named before any run: the other comparisons are exploratory
+    elif cfg.protocol == "fair":  # named before any run: the others are exploratory
         sizes = {target: set(cfg.n_train) for target in cfg.targets}
         at, none = primary_sizes(sizes, cfg.augment), no_primaries(sizes, cfg.augment)
         logger.info(f"{none} has no primary comparison: every comparison is exploratory" if none
-                    else f"Primary comparison: {PRIMARY_ARM} − {baseline_arm()} on each target at "
-                         f"{max(at.values())} labels; the others are exploratory")
+                    else f"Primary comparison: {PRIMARY_ARM} − {baseline_arm()} on each target "
+                    f"at {max(at.values())} labels; the others are exploratory")
     if not cfg.cluster:  # every worker's threads on this machine's cores
         warn_if_busy(run_threads(cfg) or torch.get_num_threads(), cfg.workers)
 
 
 def run_and_report(cfg: argparse.Namespace, csv_out, resumed, borrowed, created: list[Path]) -> int:
-    """The runs, then the summary, the figure and TensorBoard's extras;
-    the exit status, with what is kept of a sweep that failed."""
-    summary_path, figure_path = (Path(csv_out.path).with_suffix(suffix) for suffix in (".md", ".png"))
+    """The runs, summary, figure and TensorBoard's extras; the exit status."""
+    summary_path, figure_path = (Path(csv_out.path).with_suffix(s) for s in (".md", ".png"))
     try:
         results = run_experiment(
             cfg, csv_out, resumed, borrowed=borrowed,
@@ -306,16 +278,13 @@ def run_and_report(cfg: argparse.Namespace, csv_out, resumed, borrowed, created:
         log_figure(figure, cfg)
     except tm.ExperimentError as err:
         remove_unfinished(cfg, csv_out, resumed, created)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (OSError, ExperimentFailure) as err:  # a full disk, a killed worker: the finished rows stay
-        if remove_unfinished(cfg, csv_out, resumed, created):
-            print(f"error: {one_line(err)}; {resume_hint(csv_out.path)}", file=sys.stderr)
-        else:
-            print(f"error: {one_line(err)}; no run had finished", file=sys.stderr)
-        return 1
+        return error(err)
+    except (OSError, ExperimentFailure) as err:  # a full disk, a killed worker: rows stay
+        kept = remove_unfinished(cfg, csv_out, resumed, created)
+        return error(f"{one_line(err)}; "
+                     f"{resume_hint(csv_out.path) if kept else 'no run had finished'}", 1)
     except KeyboardInterrupt:
-        with StopSignal.deferred(then_stop=False):  # a second Ctrl-C does not cut the clean-up short
+        with StopSignal.deferred(then_stop=False):  # a second Ctrl-C leaves it be
             kept = remove_unfinished(cfg, csv_out, resumed, created)
         print(f"\nInterrupted: every finished run is in {csv_out.path} (logs: {cfg.log_dir}, "
               f"{cfg.version}). To go on: {resume_command(csv_out.path)}" if kept else
@@ -323,7 +292,8 @@ def run_and_report(cfg: argparse.Namespace, csv_out, resumed, borrowed, created:
         return 128 + (StopSignal.received or signal.SIGINT)
     show(results, summary)
     if cfg.dry_run:
-        print("Dry run: every stage ran; its logs and results were in a temporary folder, now removed.")
+        print("Dry run: every stage ran; its logs and results were in a temporary folder, "
+              "now removed.")
     else:
         print(f"Results: {csv_out.path}, {summary_path} and {figure_path}. "
               f"TensorBoard: tensorboard --logdir {cfg.log_dir}")

@@ -1,10 +1,7 @@
-"""A sweep's settings: the two protocols, the command line (the template's flags and the harness's), and
-what follows from them (a seed's backbone, the torch threads, the rate --widen adds). Imported by every
-module of the package; it imports only the template.
-
-A sweep's settings are an argparse.Namespace, as the template's are: the template's functions take it
-as their `args`. main() completes it once (complete()); after that only its `version` is set, at start.
-"""
+"""A sweep's settings: the two protocols, the command line, and what follows from them (a
+seed's backbone, the torch threads, the rate --widen adds): an argparse.Namespace, as the
+template's, completed once by parse(); after that only its `version` is set, at start.
+Imported by every module of the package; it imports only the template."""
 
 import argparse
 import logging
@@ -16,48 +13,49 @@ from collections.abc import Callable
 
 import transfer_mnist as tm
 
-# --protocol post (the default) is the blog post's: these values, each arm at its own rate.
-POST = {"seeds": 1, "modes": ("finetuned", "from_scratch"), "lr_grid": (), "select": "seed", "shuffle": False,
-        "pretrain_lr_grid": (), "backbone_per_seed": False, "disjoint": False, "stratify": False, "widen": False, "pretrain_epochs": 50,
+# --protocol post (the default) is the blog post's: each arm at its own rate.
+POST = {"seeds": 1, "modes": ("finetuned", "from_scratch"), "lr_grid": (), "select": "seed",
+        "shuffle": False, "pretrain_lr_grid": (), "backbone_per_seed": False,
+        "disjoint": False, "stratify": False, "widen": False, "pretrain_epochs": 50,
         "pretrain_patience": None, "train_epochs": 500, "min_delta": 0.0}
-# --protocol fair: results/PROTOCOL.md, for every one of these flags the command line does not give
+# --protocol fair: results/PROTOCOL.md, for each of these the command line does not give
 FAIR = {
     "seeds": 5,  # an interval over seeds; with 2 or 3, t(0.975) is 12.7 or 4.3
-    "modes": tuple(tm.ARMS),  # every arm
-    # every arm at its best rate (Kornblith et al. 2019); a pick at an edge widens the grid (--widen)
+    "modes": tuple(tm.ARMS),
+    # every arm at its best rate (Kornblith et al. 2019); --widen past an edge
     "lr_grid": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
-    # each seed at the rate its own validation loss picks, as a user with one labelled set picks it; the median
-    # over seeds (pooled) was set more by the rule than by the data (results/PROTOCOL.md)
+    # each seed at the rate its own validation loss picks, as a user with one labelled
+    # set picks it; the median over seeds (pooled) was set more by the rule than the data
     "select": "seed",
     "backbone_per_seed": True,  # pretraining's noise in the intervals too
     "disjoint": True,  # no target image that pretraining learned with its digit label
-    "stratify": True,  # 12 random validation images missed 3-5 of FashionMNIST's 10 classes
-    "shuffle": True,  # a new order of batches every epoch, as any trainer but the post's does
+    "stratify": True,  # 12 random validation images missed 3-5 of FashionMNIST's classes
+    "shuffle": True,  # a new order of batches every epoch, as any trainer but the post's
     "widen": True,
-    # pretraining to convergence: 50 epochs ended every backbone still improving (best at its last epoch); at
-    # the rate of its lowest validation loss: in issue 35's probe, shuffled, 1e-3 and 3e-3 left a quarter to
-    # a third fewer test errors than the post's 1e-4
+    # to convergence: 50 epochs ended every backbone still improving; at the rate of the
+    # lowest validation loss: in issue 35's probe, 1e-3 and 3e-3 left a quarter to a third
+    # fewer test errors than the post's 1e-4
     "pretrain_epochs": 400, "pretrain_patience": 10, "pretrain_lr_grid": (3e-4, 1e-3, 3e-3),
-    # a ceiling: runs end on --patience. At 1000, 6 of 20 selected frozen runs on digits 5-9 were still improving
+    # a ceiling: runs end on --patience. At 1000, 6 of 20 frozen runs on digits 5-9 were
+    # still improving
     "train_epochs": 3000,
-    # a validation set fitted without error has a loss that falls towards 0 for ever: such runs reached the
-    # ceiling by thousandths of a nat, far below its noise (seed 101 on even/odd at 50 labels: 14 of 20)
+    # a validation loss fitted without error falls towards 0 for ever: such runs reached
+    # the ceiling by thousandths of a nat (seed 101 on even/odd at 50 labels: 14 of 20)
     "min_delta": 1e-3,
 }
 PROTOCOLS = {"post": POST, "fair": FAIR}
-# The comparison results/PROTOCOL.md's sweeps answer first, named before any run: the others are exploratory
+# The comparison results/PROTOCOL.md's sweeps answer first, named before any run
 PRIMARY_ARM = "finetuned"
-# results/PROTOCOL.md: the primaries at 200 labels (each target's largest n_train where a sweep has no 200),
-# tested by Wilcoxon's signed-rank test with Holm over them; "no difference" only within this many points
+# results/PROTOCOL.md: the primaries at 200 labels (else each target's largest n_train),
+# tested by Wilcoxon's signed-rank test with Holm; "no difference" only within this margin
 PRIMARY_N_TRAIN = 200
 EQUIVALENCE_MARGIN = 2.0
 LR_BOUNDS = (1e-6, 1.0)  # --widen goes no further
 
 
 def next_rate(ran: list[float], pick: float) -> float | None:
-    """--widen: the rate beyond the lowest or highest of those `ran` where `pick` sits there, as far from it (in
-    ratio) as its neighbour is, to one significant digit, at most to LR_BOUNDS; None where the pick is inside,
-    at a bound, or the grid has one rate (no spacing)."""
+    """--widen: past a `pick` at an edge of the rates `ran`, as far (in ratio) as its
+    neighbour, to one digit, within LR_BOUNDS; else None (inside, at a bound, one rate)."""
     ran = sorted(set(ran))
     if len(ran) < 2 or ran[0] < pick < ran[-1]:
         return None
@@ -72,14 +70,15 @@ def next_rate(ran: list[float], pick: float) -> float | None:
 
 
 class ExperimentFailure(Exception):
-    """A run failed for a reason outside the user's input (a worker killed, out of memory): exit status 1."""
+    """A run failed outside the user's input (a worker killed, no memory): exit status 1."""
 
 
 def one_line(err: BaseException) -> str:
     """An exception as one line for the console."""
     if isinstance(err, OSError) and err.strerror:
         return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def number(kind: type, low: float, high: float, what: str) -> Callable[[str], typing.Any]:
@@ -95,11 +94,12 @@ def number(kind: type, low: float, high: float, what: str) -> Callable[[str], ty
     return parse
 
 
-# the template's positive(int) says "invalid positive int value: '0'"; these keep the harness's messages
+# the harness's messages, where the template's positive(int) says "invalid positive int"
+LARGEST = math.nextafter(math.inf, 0)
 positive_int = number(int, 1, math.inf, "a positive whole number")
-positive_float = number(float, math.ulp(0.0), math.nextafter(math.inf, 0), "a positive number")
+positive_float = number(float, math.ulp(0.0), LARGEST, "a positive number")
 non_negative_int = number(int, 0, math.inf, "0 or more")
-non_negative_float = number(float, 0, math.nextafter(math.inf, 0), "0 or a positive number")
+non_negative_float = number(float, 0, LARGEST, "0 or a positive number")
 gpu_share = number(float, 0, 1, "a share of one GPU, from 0 to 1")
 
 
@@ -107,14 +107,15 @@ def arm_rate(text: str) -> tuple[str, float]:
     """--lr ARM=RATE, e.g. finetuned=1e-3."""
     arm, _, rate = text.partition("=")
     if arm not in tm.ARMS:
-        raise argparse.ArgumentTypeError(f"unknown arm {arm!r} in {text!r}; choose from {', '.join(tm.ARMS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown arm {arm!r} in {text!r}; choose from {', '.join(tm.ARMS)}")
     return arm, positive_float(rate)
 
 
 def quiet_libraries() -> None:
-    """Lightning's device banner and tips for every run: its warnings only; and the template's
-    LIBRARY_WARNINGS, which are not for users. In the driver and in every Ray worker."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    """Lightning's warnings only, none of tm.LIBRARY_WARNINGS: in driver and workers."""
+    lightning = "lightning.pytorch.utilities.rank_zero"
+    logging.getLogger(lightning).setLevel(logging.WARNING)
     for message in tm.LIBRARY_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
 
@@ -123,165 +124,103 @@ def target_name(text: str) -> str:
     """A registered target, or a folder to read as an image-folder target (sweeps.folders)."""
     if text in tm.TARGETS or os.path.isdir(text):
         return text
-    raise argparse.ArgumentTypeError(f"{text!r} is neither a registered target ({', '.join(tm.TARGETS)}) nor a folder")
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither a registered target ({', '.join(tm.TARGETS)}) nor a folder")
 
 
 def make_parser() -> argparse.ArgumentParser:
-    """The template's flags, some of them widened (several --n-train,
-    image folders, what a protocol sets), and the harness's. A flag that
-    --protocol sets has no default here (SUPPRESS): parse() fills it in."""
+    """The template's flags, widened, and the harness's. A flag that --protocol sets has no
+    default (SUPPRESS): parse() fills it in; its help says what each protocol sets."""
     parser = argparse.ArgumentParser(
         prog="python -m sweeps", parents=[tm.make_parser()], conflict_handler="resolve",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="The transfer experiment of transfer_mnist.py over seeds, training-set "
-                    "sizes and learning-rate grids, in one process or on Ray, with resume, "
-                    "summaries over seeds and figures.")
+        description="transfer_mnist.py's experiment over seeds, sizes and rate grids.")
     fair = ", ".join(f"--{name.replace('_', '-')} {shown(value)}" for name, value in FAIR.items())
     parser.add_argument("--protocol", choices=PROTOCOLS, default="post",
-                        help="post: the blog post's protocol; fair: an honest comparison, with "
-                             f"these settings unless the command line gives them: {fair}")
-    add_template_flags(parser.add_argument)
-    add_grid_flags(parser.add_argument)
-    add_sweep_flags(parser.add_argument)
+                        help=f"post: the blog post's; fair: unless given, {fair}")
+
+    def add(flag, **kwargs):
+        name = flag[2:].replace("-", "_")
+        if name in POST:
+            kwargs["default"] = argparse.SUPPRESS
+            kwargs["help"] += f" (post: {shown(POST[name])}; fair: {shown(FAIR[name])})"
+        parser.add_argument(flag, **kwargs)
+    add_template_flags(add)
+    add_sweep_flags(add)
     return parser
 
 
-BY_PROTOCOL = {"default": argparse.SUPPRESS}  # parse() sets what --protocol says
+ON_OFF = argparse.BooleanOptionalAction
+FLOATS = {"nargs": "+", "type": positive_float, "metavar": "LR"}
 
 
 def add_template_flags(add: Callable) -> None:
-    """The template's flags, widened: image folders, several sizes, what a
-    protocol sets."""
-    add("--source", type=target_name, default="mnist",
-        help="registered target (or image folder) to pretrain the backbone on")
+    """The template's flags, widened: image folders, several sizes, what a protocol sets."""
+    add("--source", type=target_name, default="mnist", help="target or folder to pretrain on")
     add("--targets", nargs="+", type=target_name, default=("even-odd", "fashion-mnist"),
-        help="registered targets, or folders of your own images laid out as "
-             "FOLDER/train/<class>/* and FOLDER/test/<class>/*")
-    add("--modes", nargs="+", choices=tm.ARMS, **BY_PROTOCOL,
-        help=f"arms to run on every target (post: {shown(POST['modes'])}; fair: all)")
+        help="targets, or folders FOLDER/{train,test}/<class>/*")
+    add("--modes", nargs="+", choices=tm.ARMS, help="arms to run")
     add("--n-train", nargs="+", type=positive_int, default=(200,),
-        help="training images per target run, plus a quarter as many for validation "
-             "(--n-val); several sizes give a learning curve, e.g. 50 100 200 500")
-    add("--pretrain-epochs", type=positive_int, **BY_PROTOCOL,
-        help=f"epochs of pretraining at most (post: {POST['pretrain_epochs']}; fair: "
-             f"{FAIR['pretrain_epochs']}, ended by --pretrain-patience)")
-    add("--train-epochs", type=positive_int, **BY_PROTOCOL,
-        help=f"epochs of a target run at most (post: {POST['train_epochs']}; fair: "
-             f"{FAIR['train_epochs']}; --patience ends it earlier)")
+        help="training images per target run")
+    add("--pretrain-epochs", type=positive_int, help="most epochs of pretraining")
+    add("--train-epochs", type=positive_int, help="most epochs of a target run")
     add("--patience", type=non_negative_int, default=100,
-        help="stop a run this many epochs after its best validation loss; 0 never "
-             "stops early (the post)")
-    add("--min-delta", type=non_negative_float, **BY_PROTOCOL,
-        help="a target run's validation loss must fall by more than this to count as "
-             "an improvement for --patience; pretraining counts any (post: 0; fair: 0.001)")
-    add("--pretrain-patience", type=non_negative_int, **BY_PROTOCOL,
-        help="stop pretraining this many epochs after its best validation loss (post: "
-             "None, --patience's; fair: 10)")
-    add("--n-val", type=positive_int,
-        help="validation images of a target run; None: a quarter of its n_train (12 at "
-             "50), the post's")
-    add("--stratify", action=argparse.BooleanOptionalAction, **BY_PROTOCOL,
-        help="draw each target run's training and validation images class by class, in "
-             "proportion, each class in validation at least once where --n-val allows "
-             "(post: off; fair: on)")
-    add("--disjoint", action=argparse.BooleanOptionalAction, **BY_PROTOCOL,
-        help="draw each target's training and validation images only from those that its "
-             "backbone was not pretrained on, where source and target read the same files "
-             "(even-odd and mnist) (post: off; fair: on)")
+        help="epochs past the best to stop; 0: never")
+    add("--min-delta", type=non_negative_float, help="least fall of validation loss that counts")
+    add("--pretrain-patience", type=non_negative_int, help="--patience of pretraining")
+    add("--n-val", type=positive_int, help="validation images; None: n_train / 4")
+    add("--stratify", action=ON_OFF, help="draw images class by class")
+    add("--disjoint", action=ON_OFF, help="no target image that pretraining saw")
+    rates = ", ".join(f"{name}={arm.learning_rate:g}" for name, arm in tm.ARMS.items())
     add("--lr", nargs="+", type=arm_rate, default=[], metavar="ARM=RATE",
-        help="Adam's rate of an arm; [] keeps theirs: "
-             + ", ".join(f"{name}={arm.learning_rate:g}" for name, arm in tm.ARMS.items()))
-    add("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, mps...")
-    add("--devices", default="auto", help="Lightning devices; the experiment runs on one")
+        help=f"an arm's rate; theirs: {rates}")
+    add("--accelerator", default="auto", help="Lightning's accelerator")
+    add("--devices", default="auto", help="Lightning's devices; a run uses one")
     add("--threads", type=positive_int,
-        help="torch threads of every run, pretraining included; the same --threads gives "
-             "the same numbers. None: torch's own in one process, the machine's cores "
-             "divided by --workers with workers, 1 on a cluster")
-
-
-def add_grid_flags(add: Callable) -> None:
-    """The harness's flags of what it runs: seeds, subsets, grids."""
-    add("--seeds", type=positive_int, **BY_PROTOCOL,
-        help="repeat every target run for this many seeds, --seed upwards (post: 1; fair: 5)")
-    add("--pretrain-seed", type=int,
-        help="seed of pretraining, None: --seed; fix it to split the seeds of one sweep "
-             "over machines, e.g. --seed 3 --seeds 2 --pretrain-seed 0")
-    add("--backbone-per-seed", action=argparse.BooleanOptionalAction, **BY_PROTOCOL,
-        help="pretrain one backbone per seed (pretraining seed s for the target runs of "
-             "seed s) instead of one for the whole invocation (post: off; fair: on)")
-    grid = FAIR["lr_grid"]
-    add("--lr-grid", nargs="+", type=positive_float, metavar="LR", **BY_PROTOCOL,
-        help="train every target run once per learning rate, the same grid for every arm, "
-             "and select the rate with the lowest validation loss as --select says (post: "
-             f"none, each arm at its own rate; fair: {shown(grid)}, which --widen extends "
-             f"where a pick sits at an edge: {next_rate(grid, grid[0]):g} below, "
-             f"{next_rate(grid, grid[-1]):g} above, and so on)")
-    add("--pretrain-lr-grid", nargs="+", type=positive_float, metavar="LR", **BY_PROTOCOL,
-        help="pretrain each backbone once per rate and keep the one of the lowest "
-             "validation loss (post: none, --pretrain-lr alone; "
-             f"fair: {shown(FAIR['pretrain_lr_grid'])})")
-    add("--select", choices=("seed", "pooled", "mean"), **BY_PROTOCOL,
-        help="how --lr-grid picks: seed: per seed the rate of its lowest validation loss, "
-             "as results/PROTOCOL.md; pooled: one rate per (target, arm, n_train), the "
-             "lowest median validation loss over seeds, which one collapsed seed cannot "
-             "move; mean: the lowest mean, which one can (post: seed; fair: seed)")
-    add("--widen", action=argparse.BooleanOptionalAction, **BY_PROTOCOL,
-        help="a (target, arm, n_train) whose pick sits at the lowest or highest rate it "
-             "ran gets the next rate beyond, on the grid's spacing, for every seed (with "
-             "--select seed: a seed whose own pick sits there, for that seed alone), until "
-             f"its pick is inside or {LR_BOUNDS[0]:g} or {LR_BOUNDS[1]:g} is reached "
-             "(post: off; fair: on)")
-    add("--backbones-from", metavar="CSV",
-        help="reuse the backbones of the sweep whose results are in CSV, made with the "
-             "same pretraining settings and seeds (checked with their digests), instead "
-             "of pretraining")
-    add("--shuffle", action=argparse.BooleanOptionalAction, **BY_PROTOCOL,
-        help="train every run, pretraining too, on its training images in a new order "
-             "every epoch, drawn from the run's seed (post: off, the post's fixed order; "
-             "fair: on)")
-    add("--augment", action="store_true",
-        help="train the target runs on randomly shifted, rotated and scaled images (a new "
-             "transform per image and epoch, drawn from the run's seed); never validation "
-             "or test")
+        help="torch threads per run; None: torch's, cores/--workers, 1 on a cluster")
 
 
 def add_sweep_flags(add: Callable) -> None:
-    """The harness's flags of where and how it runs, resumes, reports."""
-    add("--overwrite", action="store_true",
-        help="delete the log folder first, instead of adding a new version beside the "
-             "earlier ones, and replace the rows of an earlier sweep at --results-csv")
-    add("--workers", type=positive_int, default=1,
-        help="target runs side by side on a local Ray instance (1: all in this process, "
-             "no Ray); each run's numbers depend on --threads, not on this")
-    add("--cluster", metavar="ADDRESS",
-        help="run the target runs on a running Ray cluster: auto (the one `ray start` "
-             "runs on this machine), or host:port as `ray start --head` prints it")
+    """The harness's flags: what it runs (seeds, grids), where and how, resume, reports."""
+    add("--seeds", type=positive_int, help="seeds from --seed up")
+    add("--pretrain-seed", type=int, help="seed of pretraining; None: --seed")
+    add("--backbone-per-seed", action=ON_OFF, help="a backbone per seed, not one in all")
+    grid = FAIR["lr_grid"]
+    add("--lr-grid", **FLOATS,
+        help=f"rates of every run, picked by --select; --widen adds"
+             f" {next_rate(grid, grid[0]):g} below fair's, ...")
+    add("--pretrain-lr-grid", **FLOATS, help="pretraining's rates; the best is kept")
+    add("--select", choices=("seed", "pooled", "mean"),
+        help="how --lr-grid picks: per seed, or over seeds by median (pooled) or mean")
+    low, high = LR_BOUNDS
+    add("--widen", action=ON_OFF, help=f"a pick at an edge adds the next rate, {low:g} to {high:g}")
+    add("--backbones-from", metavar="CSV", help="reuse a sweep's backbones")
+    add("--shuffle", action=ON_OFF, help="a new order of images every epoch")
+    add("--augment", action="store_true", help="shift, rotate, scale training images")
+    # where and how it runs, resumes, reports
+    add("--overwrite", action="store_true", help="replace an earlier sweep's logs and rows")
+    add("--workers", type=positive_int, default=1, help="runs side by side on Ray (1: no Ray)")
+    add("--cluster", metavar="ADDRESS", help="a running Ray cluster: auto, or host:port")
     add("--gpus-per-run", type=gpu_share,
-        help="share of a GPU that each target run asks Ray for, so that several runs "
-             "share one GPU; None: 1/--workers on a GPU accelerator, else 0")
-    add("--resume", metavar="CSV",
-        help="continue the sweep whose results are in CSV with its saved settings (CSV's "
-             ".json): skip its finished runs and its pretraining")
+        help="GPU share per run; None: 1/--workers on a GPU, else 0")
+    add("--resume", metavar="CSV", help="continue the sweep of CSV")
     add("--report", nargs="+", metavar="CSV", default=(),
-        help="no training: rebuild the summary, its Markdown and the figure from results "
-             "CSVs, merged; written beside the first CSV, or beside --results-csv (which "
-             "then gets the merged rows). LABEL=CSV ... compares sweeps side by side (a "
-             "label on several CSVs merges them)")
+        help="no training: rebuild reports; LABEL=CSV ... compares")
 
 
 def shown(value) -> str:
     """A setting as a command line would give it."""
     if isinstance(value, tuple):
-        return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+        return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) or "none"
     return "on" if value is True else "off" if value is False else str(value)
 
 
 def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
-    """The settings of the command line, completed, and the names of the flags it gives (what --resume
-    compares with a sweep's saved settings): parsed again with every default None, a flag left out is None."""
+    """The command line's settings, completed, and the flags it gives (what --resume
+    compares): parsed again with every default None, a flag left out is None."""
     parser = make_parser()
     cfg = parser.parse_args(argv)  # --help and every error as the user meets them
-    for name, value in PROTOCOLS[cfg.protocol].items():  # what the protocol sets, where the command line does not
+    for name, value in PROTOCOLS[cfg.protocol].items():  # where the command line is silent
         if not hasattr(cfg, name):
             setattr(cfg, name, value)
     parser.set_defaults(**dict.fromkeys(vars(cfg)))
@@ -291,11 +230,11 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
     return complete(cfg), given
 
 
-# What pretrains a backbone here: with --weights, nothing is pretrained, and these are refused
+# What pretrains a backbone here: with --weights, nothing is pretrained: these are refused
 PRETRAINING_FLAGS = ("backbones_from", "backbone_per_seed", "pretrain_lr_grid")
-# ... and these, which the post's protocol sets, do not apply (the start's Settings line leaves them out)
-PRETRAINING_SETTINGS = (*PRETRAINING_FLAGS, "source", "n_pretrain", "pretrain_epochs", "pretrain_lr",
-                        "pretrain_patience", "pretrain_seed")
+# ... and these do not apply (the start's Settings line leaves them out)
+PRETRAINING_SETTINGS = (*PRETRAINING_FLAGS, "source", "n_pretrain", "pretrain_epochs",
+                        "pretrain_lr", "pretrain_patience", "pretrain_seed")
 
 
 def check_weights(cfg: argparse.Namespace, given: set[str]) -> None:
@@ -303,32 +242,36 @@ def check_weights(cfg: argparse.Namespace, given: set[str]) -> None:
     clash = [name for name in PRETRAINING_FLAGS if name in given]
     if cfg.weights and clash:
         flag = clash[0].replace("_", "-")
-        raise tm.ExperimentError(f"--weights {cfg.weights} starts every pretrained arm from those weights: "
-                                 f"nothing is pretrained, so --{flag} has no use; drop one of them")
+        raise tm.ExperimentError(
+            f"--weights {cfg.weights} starts every pretrained arm from those "
+            f"weights: nothing is pretrained, so --{flag} has no use; "
+            "drop one of them")
 
 
-# results/PROTOCOL.md's sweeps, as its commands make them: only these have pre-registered primaries
-PROTOCOL_SETTINGS = {"protocol": "fair", "seed": 200, "seeds": 10, "select": "seed", "backbone": "lenet",
-                     "weights": None}
+# results/PROTOCOL.md's sweeps, as its commands make them: only these have primaries
+PROTOCOL_SETTINGS = {"protocol": "fair", "seed": 200, "seeds": 10, "select": "seed",
+                     "backbone": "lenet", "weights": None}
 PROTOCOL_TARGETS = {"mnist": {"even-odd", "fashion-mnist"}, "digits-0-4": {"digits-5-9"}}
 
 
 def protocol_sweep(config: dict) -> bool:
     """Whether a sweep's settings are those of one of results/PROTOCOL.md's commands."""
-    config = {"backbone": "lenet", "weights": None, **config}  # settings saved before --backbone
+    config = {"backbone": "lenet", "weights": None, **config}  # saved before --backbone
     targets = set(config.get("targets") or ())
-    return all(config.get(name) == value for name, value in PROTOCOL_SETTINGS.items()) \
-        and bool(targets) and targets <= PROTOCOL_TARGETS.get(config.get("source"), set())
+    allowed = PROTOCOL_TARGETS.get(config.get("source"), set())
+    return (all(config.get(name) == value for name, value in PROTOCOL_SETTINGS.items())
+            and bool(targets) and targets <= allowed)
 
 
 def complete(cfg: argparse.Namespace) -> argparse.Namespace:
-    """Lists as tuples in their order, repeats dropped; every arm's rate, --lr's where it gives one."""
+    """Lists as tuples, repeats dropped; every arm's rate, --lr's where it gives one."""
     for name, value in vars(cfg).items():
         if isinstance(value, list):
             setattr(cfg, name, tuple(dict.fromkeys(value)))
-    cfg.lr = {**{name: arm.learning_rate for name, arm in tm.ARMS.items()}, **dict(cfg.lr)}
-    if not hasattr(cfg, "version"):
-        cfg.version = "version_0"  # set at start: the log version that all runs of this invocation share
+    rates = {name: arm.learning_rate for name, arm in tm.ARMS.items()}
+    cfg.lr = rates | dict(cfg.lr)
+    if not hasattr(cfg, "version"):  # set at start: the log version all runs share
+        cfg.version = "version_0"
     return cfg
 
 
@@ -344,12 +287,12 @@ def seeds(cfg: argparse.Namespace) -> range:
 
 
 def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
 def run_threads(cfg: argparse.Namespace) -> int | None:
-    """Torch threads of every run, pretraining included: --threads; else the machine's cores shared out among
-    --workers; 1 per run on a cluster; in one process, torch's own choice (None)."""
+    """Torch threads of a run: --threads, cores / --workers, 1 on a cluster, else None."""
     if cfg.threads:
         return cfg.threads
     if cfg.workers > 1:
