@@ -1,16 +1,18 @@
-"""The harness around transfer_mnist.py, run as `python -m sweeps`: seeds, several training-set sizes,
-learning-rate grids and their selection, --protocol, a backbone per seed, --workers / --cluster on Ray,
---resume, --report and comparisons, the summary over seeds, figures and warnings.
+"""The harness around transfer_mnist.py, run as `python -m sweeps`: seeds, several
+training-set sizes, learning-rate grids and their selection, --protocol, a backbone per seed,
+--workers / --cluster on Ray, --resume, --report and comparisons, the summary over seeds,
+figures and warnings.
 
-It imports the template's parts (transfer_mnist: the names its docstring lists); the template never
-imports it. The modules, each importing only those above it in this list, and the run-making ones (up to
-engine) never a reporting one:
+It imports the template's parts (transfer_mnist: the names its docstring lists); the template
+never imports it. The modules, each importing only those above it in this list, and the
+run-making ones (up to engine) never a reporting one:
 
     settings    the protocols, the command line (the template's flags and the harness's)
     stop        Ctrl-C and SIGTERM between and inside runs
     files       files replaced in one step, the lock beside a sweep's CSV
     augment     --augment
-    data        a run's images: sizes, --n-val, --stratify, --disjoint, the batches of --shuffle and --augment
+    data        a run's images: sizes, --n-val, --stratify, --disjoint, the batches of
+                --shuffle and --augment
     folders     image-folder targets
     runs        the Run record, the plan, one run executed, rate selection, the results CSV
     start       the checks before the first run, the outputs

@@ -1,6 +1,7 @@
 """A sweep run's images, as the harness draws them: the sizes checked with the flag that sets them,
---n-val and --stratify, --disjoint's images that pretraining did not see, and the training batches of
---shuffle and --augment. Imported by runs and start; it imports settings, augment and the template."""
+--n-val and --stratify, --disjoint's images that pretraining did not see, and the training
+batches of --shuffle and --augment. Imported by runs and start; it imports settings, augment and
+the template."""
 
 import argparse
 import functools
@@ -31,8 +32,8 @@ def kept_positions(spec: tm.Target, data_dir: str) -> torch.Tensor:
 
 
 def same_files(cfg: argparse.Namespace, target: str) -> bool:
-    """Whether a target reads the files that pretraining read (even-odd and mnist: MNIST's training split);
-    with --weights nothing was pretrained here."""
+    """Whether a target reads the files that pretraining read (even-odd and mnist: MNIST's training
+    split); with --weights nothing was pretrained here."""
     return not cfg.weights and tm.TARGETS[cfg.source].dataset == tm.TARGETS[target].dataset
 
 
@@ -42,14 +43,15 @@ def view(cfg: argparse.Namespace, target: str) -> tm.View:
 
 
 def pretraining_images(cfg: argparse.Namespace, pretrain_seed: int) -> torch.Tensor:
-    """Positions in the files of the images that pretraining with this seed trained and validated on."""
+    """Positions in the files of the images that pretraining with this seed trained and validated
+    on."""
     drawn = tm.draw_subset(cfg.source, cfg.n_pretrain, n_images(cfg.source, cfg.data_dir), pretrain_seed)
     return file_positions(cfg.source, cfg.data_dir)[torch.cat(drawn)]
 
 
 def available_images(cfg: argparse.Namespace, target: str, pretrain_seed: int) -> tuple[torch.Tensor, str]:
-    """The target's training images a run may draw from (with --disjoint: none its backbone saw), and
-    what they are, for messages."""
+    """The target's training images a run may draw from (with --disjoint: none its backbone saw),
+    and what they are, for messages."""
     everything = torch.arange(n_images(target, cfg.data_dir))
     if not (cfg.disjoint and same_files(cfg, target)):
         return everything, target
@@ -58,9 +60,9 @@ def available_images(cfg: argparse.Namespace, target: str, pretrain_seed: int) -
 
 
 def subset_draw(cfg: argparse.Namespace, target: str) -> functools.partial:
-    """How a target run's training and validation images are drawn: the template's draw (the post's), or
-    with --n-val and --stratify the same shuffled order, cut to --n-val validation images and taken class
-    by class."""
+    """How a target run's training and validation images are drawn: the template's draw (the
+    post's), or with --n-val and --stratify the same shuffled order, cut to --n-val validation
+    images and taken class by class."""
     labels = tm.read_split(target, cfg.data_dir, True)[1] if cfg.stratify else None
     return functools.partial(draw_subset, n_val=cfg.n_val, strata=labels)
 
@@ -68,11 +70,12 @@ def subset_draw(cfg: argparse.Namespace, target: str) -> functools.partial:
 def draw_subset(target: str, n_train: int, available: torch.Tensor, seed: int, where: str = "the dataset",
                 flag: str = "--n-train", n_val: int | None = None,
                 strata: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """tm.draw_subset's shuffled order of `available`, with n_val validation images (None: a quarter of
-    n_train, the template's); with strata (the labels of the target's images), each class in proportion
-    to its share of `available`, in training and validation alike, and each class once at least in
-    validation where n_val allows (12 validation images drawn at random missed 3-5 of FashionMNIST's 10
-    classes). Sizes that do not fit are errors that name `flag` and `where`."""
+    """tm.draw_subset's shuffled order of `available`, with n_val validation images (None: a
+    quarter of n_train, the template's); with strata (the labels of the target's images), each
+    class in proportion to its share of `available`, in training and validation alike, and each
+    class once at least in validation where n_val allows (12 validation images drawn at random
+    missed 3-5 of FashionMNIST's 10 classes). Sizes that do not fit are errors that name `flag`
+    and `where`."""
     if n_val is None:
         try:  # the template's draw, and its share of validation images
             train, val = tm.draw_subset(target, n_train, len(available), seed)
@@ -86,12 +89,14 @@ def draw_subset(target: str, n_train: int, available: torch.Tensor, seed: int, w
     if n_train + n_val > len(available):
         raise tm.ExperimentError(f"{flag} {n_train} with --n-val {n_val} needs {n_train + n_val} training images, "
                                  f"but {where} has {len(available)}")
-    generator = torch.Generator().manual_seed(zlib.crc32(f"{target}/{seed}".encode()))  # tm.draw_subset's order
+    # tm.draw_subset's order
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{target}/{seed}".encode()))
     order = available[torch.randperm(len(available), generator=generator)]
     if strata is None:
         return order[:n_train], order[n_train : n_train + n_val]
     classes, counts = strata[order], torch.bincount(strata[available])
-    once = (counts > 1) & (n_val >= int((counts > 1).sum()))  # a class of one image goes to training
+    # a class of one image goes to training
+    once = (counts > 1) & (n_val >= int((counts > 1).sum()))
     train_share, val_share = shares(n_train, counts), once.long() + shares(n_val - int(once.sum()), counts)
     rank = torch.empty_like(classes)  # each image's place among the images of its class, in `order`
     rank[torch.argsort(classes, stable=True)] = torch.cat([torch.arange(int(count)) for count in counts])
@@ -111,9 +116,9 @@ def shares(n: int, counts: torch.Tensor) -> torch.Tensor:
 
 
 class TrainingBatches(tm.TensorLoader):
-    """The template's training batches, in a new order every epoch drawn from a generator of the run's seed
-    (--shuffle; the post's order is fixed), and each image transformed as it is taken (--augment): the same
-    for every arm of a seed. Validation and test images stay as they are."""
+    """The template's training batches, in a new order every epoch drawn from a generator of the
+    run's seed (--shuffle; the post's order is fixed), and each image transformed as it is taken
+    (--augment): the same for every arm of a seed. Validation and test images stay as they are."""
 
     def __init__(self, loader: tm.TensorLoader, seed: int, shuffle: bool, augment: bool):
         super().__init__(loader.images, loader.labels, loader.batch_size, loader.view)
@@ -143,8 +148,8 @@ def target_data(cfg: argparse.Namespace, target: str, n_train: int, seed: int) -
 
 
 def pretraining_data(cfg: argparse.Namespace, seed: int) -> tm.TargetData:
-    """Pretraining's images, as the template draws them (tm.load_data), batched for training as --shuffle says;
-    never augmented."""
+    """Pretraining's images, as the template draws them (tm.load_data), batched for training as
+    --shuffle says; never augmented."""
     data = tm.load_data(cfg.source, cfg.n_pretrain, cfg.data_dir, seed, view(cfg, cfg.source))
     if cfg.shuffle:
         data.train = TrainingBatches(data.train, seed, shuffle=True, augment=False)

@@ -1,6 +1,7 @@
-"""A sweep from start to end: pretrain (once, or once per seed), then every run of the plan, in this process
-or on Ray (ray_engine), each row written as its run ends and its grid's choice made once the grid is
-complete. Imported by cli; it imports settings, runs, stop, resume, ray_engine and the template."""
+"""A sweep from start to end: pretrain (once, or once per seed), then every run of the plan, in
+this process or on Ray (ray_engine), each row written as its run ends and its grid's choice made
+once the grid is complete. Imported by cli; it imports settings, runs, stop, resume, ray_engine
+and the template."""
 
 import argparse
 import contextlib
@@ -56,10 +57,10 @@ def clock(seconds: float) -> str:
 
 
 class Progress:
-    """The console's line for each finished run: [k/N], its numbers and seconds, the time since the first run
-    began and an estimate of what is left: the mean seconds of the finished runs of each kind (pretraining,
-    target run) times the runs of that kind left, shared among the workers. Target runs not yet timed are
-    left out of the estimate, and the line says so."""
+    """The console's line for each finished run: [k/N], its numbers and seconds, the time since the
+    first run began and an estimate of what is left: the mean seconds of the finished runs of
+    each kind (pretraining, target run) times the runs of that kind left, shared among the
+    workers. Target runs not yet timed are left out of the estimate, and the line says so."""
 
     def __init__(self, pretraining: int, target_runs: int, workers: int):
         self.left = {"pretraining": pretraining, "target run": target_runs}

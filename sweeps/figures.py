@@ -1,7 +1,6 @@
-"""Figures: test accuracy against the number of labelled images (a sweep), and the paired differences of
-several sweeps side by side, as PNG and in TensorBoard's IMAGES tab. Imported by cli only; it imports
-summary and the template; matplotlib only when a figure is drawn.
-"""
+"""Figures: test accuracy against the number of labelled images (a sweep), and the paired
+differences of several sweeps side by side, as PNG and in TensorBoard's IMAGES tab. Imported by
+cli only; it imports summary and the template; matplotlib only when a figure is drawn."""
 
 import argparse
 
@@ -26,8 +25,8 @@ def curve_points(results: list[RunResult]) -> dict[str, dict[str, list[tuple[int
 def draw_figure(results: list[RunResult]):
     """Test accuracy against n_train, one panel per target: each arm's mean over seeds with its 95%
     interval as a band; with one n_train, the arms side by side with error bars. One seed has no
-    interval: points only. Below, where there is a baseline, the answer: each pretrained arm minus the
-    baseline, paired by seed, with its 95% interval."""
+    interval: points only. Below, where there is a baseline, the answer: each pretrained arm
+    minus the baseline, paired by seed, with its 95% interval."""
     from matplotlib.figure import (
         Figure,  # not pyplot: no global state, no window; PNG through Agg
     )
@@ -41,7 +40,8 @@ def draw_figure(results: list[RunResult]):
     differences = {target: {mode: [(n, d[0]) for n, _ in curve if (d := paired(groups, target, n, mode))]
                             for mode, curve in arms.items() if ARMS[mode].pretrained}
                    for target, arms in points.items()}
-    # an arm without a complete baseline to pair with (a --report of an interrupted sweep) has no difference
+    # an arm without a complete baseline to pair with (a --report of an interrupted sweep) has
+    # no difference
     differences = {target: {mode: curve for mode, curve in by_mode.items() if curve}
                    for target, by_mode in differences.items()}
     below = any(ci.n > 1 for by_mode in differences.values() for curve in by_mode.values() for _, ci in curve)
@@ -131,8 +131,8 @@ def log_figure(figure, cfg: argparse.Namespace) -> None:
 
 
 def draw_comparison(sweeps: dict[str, list[RunResult]]):
-    """comparison_table() as a figure: one panel per target and n_train, the pretrained arms along x, each
-    sweep's paired difference with the baseline as a point with its 95% interval."""
+    """comparison_table() as a figure: one panel per target and n_train, the pretrained arms along
+    x, each sweep's paired difference with the baseline as a point with its 95% interval."""
     from matplotlib.figure import Figure
 
     groups = {label: group_by_arm(results) for label, results in sweeps.items()}
@@ -141,17 +141,20 @@ def draw_comparison(sweeps: dict[str, list[RunResult]]):
     modes = [mode for mode in ARMS if ARMS[mode].pretrained and mode in ran]
     figure = Figure(figsize=(max(6.4, 4.8 * len(targets)), 4 * len(sizes)), layout="constrained")
     axes = figure.subplots(len(sizes), len(targets), squeeze=False)
-    for ax, (n_train, target) in zip(axes.flat, [(n, t) for n in sizes for t in targets]):  # a row per n_train
+    # a row per n_train
+    for ax, (n_train, target) in zip(axes.flat, [(n, t) for n in sizes for t in targets]):
         for i, (label, by_arm) in enumerate(groups.items()):
             found = [(x, d[0]) for x, mode in enumerate(modes) if (target, n_train, mode) in by_arm
                      and (d := paired(by_arm, target, n_train, mode))]
             if not found:
                 continue
-            x = [x + 0.12 * (i - (len(groups) - 1) / 2) for x, _ in found]  # the sweeps side by side
+            # the sweeps side by side
+            x = [x + 0.12 * (i - (len(groups) - 1) / 2) for x, _ in found]
             mean = [100 * ci.mean for _, ci in found]
             spread = [[100 * (ci.mean - ci.low) if ci.n > 1 else 0 for _, ci in found],
                       [100 * (ci.high - ci.mean) if ci.n > 1 else 0 for _, ci in found]]
-            ax.errorbar(x, mean, yerr=spread, fmt="o", capsize=3, label=label, color=f"C{i}")  # a colour per sweep
+            # a colour per sweep
+            ax.errorbar(x, mean, yerr=spread, fmt="o", capsize=3, label=label, color=f"C{i}")
         ax.axhline(0, color="grey", linewidth=0.8)
         ax.set_xticks(range(len(modes)), modes)
         ax.set_xlim(-0.5, len(modes) - 0.5)

@@ -1,5 +1,6 @@
-"""Files a sweep rewrites and the lock that keeps a second invocation out of a sweep being written. Imported
-by runs, resume, start, cli and the reporting modules; it imports only the standard library."""
+"""Files a sweep rewrites and the lock that keeps a second invocation out of a sweep being written.
+Imported by runs, resume, start, cli and the reporting modules; it imports only the standard
+library."""
 
 import contextlib
 import fcntl
@@ -9,8 +10,9 @@ from pathlib import Path
 
 
 def replace(path: str | Path, write: Callable[[str], None]) -> None:
-    """Write a file in one step: write(partial) fills a temporary file in the same folder, which then replaces
-    `path`. A signal or a full disk on the way leaves the old file whole and no temporary file behind."""
+    """Write a file in one step: write(partial) fills a temporary file in the same folder, which
+    then replaces `path`. A signal or a full disk on the way leaves the old file whole and no
+    temporary file behind."""
     partial = f"{path}.partial"
     try:
         write(partial)
@@ -30,8 +32,9 @@ class SweepLocked(Exception):
 
 
 class SweepLock:
-    """X.csv.lock beside a sweep's CSV, held while an invocation writes the sweep: an flock, which the kernel
-    drops however its holder ends (SIGKILL too), with the holder's PID inside for the message."""
+    """X.csv.lock beside a sweep's CSV, held while an invocation writes the sweep: an flock, which
+    the kernel drops however its holder ends (SIGKILL too), with the holder's PID inside for the
+    message."""
 
     def __init__(self, csv_path: str | Path):
         self.path = Path(f"{csv_path}.lock")
@@ -47,7 +50,8 @@ class SweepLock:
                 os.close(fd)
                 raise SweepLocked(f"{self.path.with_suffix('')} is being written by another invocation (PID "
                                   f"{holder}); wait for it to end or stop it, then --resume") from None
-            # a holder that ended removed the file after we opened it: lock the file that is there now
+            # a holder that ended removed the file after we opened it: lock the file that is
+            # there now
             with contextlib.suppress(FileNotFoundError):
                 if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
                     break

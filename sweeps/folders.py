@@ -1,6 +1,6 @@
-"""Image-folder targets: FOLDER/{train,test}/<class>/* read as a target named after the folder, with its
-classes the subfolders and its images at the source's channels and size. Imported by start (which registers
-the folders a command line names); it imports the template only."""
+"""Image-folder targets: FOLDER/{train,test}/<class>/* read as a target named after the folder,
+with its classes the subfolders and its images at the source's channels and size. Imported by
+start (which registers the folders a command line names); it imports the template only."""
 
 import dataclasses
 import types
@@ -18,10 +18,10 @@ def rgb(image: Image.Image) -> Image.Image:
 
 @dataclasses.dataclass(frozen=True)
 class ImageFolderSplits:
-    """An image folder read as the template reads torchvision's MNIST: called with the split, it returns its
-    images as .data, uint8 (N, H, W, C) at `channels` (1: grey, 3: RGB) and `size` (height, width), the
-    source's, and its class indices as .targets. Equal for the same folder and shape, so that --disjoint
-    knows two targets on one folder read the same files."""
+    """An image folder read as the template reads torchvision's MNIST: called with the split, it
+    returns its images as .data, uint8 (N, H, W, C) at `channels` (1: grey, 3: RGB) and `size`
+    (height, width), the source's, and its class indices as .targets. Equal for the same folder
+    and shape, so that --disjoint knows two targets on one folder read the same files."""
 
     folder: str
     channels: int
@@ -37,13 +37,15 @@ class ImageFolderSplits:
         try:
             dataset = torchvision.datasets.ImageFolder(split, transform=to_tensor)
             images = torch.stack([image for image, _ in dataset]).permute(0, 2, 3, 1)
-        except (OSError, ValueError) as err:  # no images (FileNotFoundError), or one PIL cannot read
+        # no images (FileNotFoundError), or one PIL cannot read
+        except (OSError, ValueError) as err:
             raise tm.ExperimentError(f"image folder {split}: {str(err).strip().splitlines()[0]}") from None
         return types.SimpleNamespace(data=images.contiguous(), targets=torch.tensor(dataset.targets))
 
 
 def folder_shape(path: str) -> tuple[int, tuple[int, int]]:
-    """The channels and size of an image folder's first training image: a source folder's own shape."""
+    """The channels and size of an image folder's first training image: a source folder's own
+    shape."""
     first = next(iter(sorted(Path(path, "train").glob("*/*"))), None)
     if first is None:
         raise tm.ExperimentError(f"image folder {path}/train has no images")

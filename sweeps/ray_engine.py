@@ -1,7 +1,7 @@
-"""Runs on Ray: a local instance for --workers, or the cluster at --cluster. The template and this package
-reach the workers as modules (py_modules), the backbones through the object store; the rows come back to
-the driver, which alone writes them. Imported by engine only; it imports Ray only once a sweep asks for it
-(a one-process sweep runs without Ray installed)."""
+"""Runs on Ray: a local instance for --workers, or the cluster at --cluster. The template and this
+package reach the workers as modules (py_modules), the backbones through the object store; the
+rows come back to the driver, which alone writes them. Imported by engine only; it imports Ray
+only once a sweep asks for it (a one-process sweep runs without Ray installed)."""
 
 import argparse
 import contextlib
@@ -29,14 +29,15 @@ from sweeps.stop import StopSignal
 
 logger = tm.logger  # the experiment's console, as the template's
 
-# A run whose worker process dies (killed, out of memory, its node lost) runs again, at most this many
-# times, whatever killed it (Ray's memory monitor too): the same seed gives the same row. An exception
-# inside a run is not retried: a bug or bad input.
+# A run whose worker process dies (killed, out of memory, its node lost) runs again, at most
+# this many times, whatever killed it (Ray's memory monitor too): the same seed gives the same
+# row. An exception inside a run is not retried: a bug or bad input.
 RETRIES = 2
 
 
 def gpus_per_run(cfg: argparse.Namespace) -> float:
-    """--gpus-per-run; by default, on a GPU accelerator, a GPU shared by --workers runs (0 elsewhere)."""
+    """--gpus-per-run; by default, on a GPU accelerator, a GPU shared by --workers runs (0
+    elsewhere)."""
     if cfg.gpus_per_run is not None:
         return cfg.gpus_per_run
     on_gpu = cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
@@ -44,8 +45,9 @@ def gpus_per_run(cfg: argparse.Namespace) -> float:
 
 
 def run_devices(cfg: argparse.Namespace, gpu_ids: list) -> argparse.Namespace:
-    """A run's settings on the devices Ray gave it. Ray shows a task only the GPUs it was given, but leaves
-    every GPU visible to a task that asked for none: such a run is put on the CPU, its GPUs hidden."""
+    """A run's settings on the devices Ray gave it. Ray shows a task only the GPUs it was given,
+    but leaves every GPU visible to a task that asked for none: such a run is put on the CPU,
+    its GPUs hidden."""
     if gpu_ids:
         return cfg
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -53,21 +55,24 @@ def run_devices(cfg: argparse.Namespace, gpu_ids: list) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(cfg), "accelerator": "cpu"}) if on_cpu else cfg
 
 
-RECEIVED: dict[str, tuple[dict, dict]] = {}  # in a worker process: registries by object id, unpickled once
+# in a worker process: registries by object id, unpickled once
+RECEIVED: dict[str, tuple[dict, dict]] = {}
 
 
 def run_remote(cfg: argparse.Namespace, registry: list, backbone: dict | None, run,
                threads: int) -> tuple[RunResult, dict | None, str, dict]:
-    """One run in a Ray worker process (execute()); returns its row, its backbone if it pretrained one, where
-    it ran (node, GPU) and its node: address, libraries and CPU (machine()). `registry` holds the object id
-    of the driver's targets and arms: unpickled once per worker process, so a target's keep/relabel stays
-    the same object and its data is read once (read_split's cache), not once per run."""
+    """One run in a Ray worker process (execute()); returns its row, its backbone if it pretrained
+    one, where it ran (node, GPU) and its node: address, libraries and CPU (machine()).
+    `registry` holds the object id of the driver's targets and arms: unpickled once per worker
+    process, so a target's keep/relabel stays the same object and its data is read once
+    (read_split's cache), not once per run."""
     import ray
 
     key = registry[0].hex()
     if key not in RECEIVED:
         RECEIVED[key] = ray.get(registry[0])
-    tm.TARGETS.update(RECEIVED[key][0])  # targets and arms registered at run time in the driver (image folders, say)
+    # targets and arms registered at run time in the driver (image folders, say)
+    tm.TARGETS.update(RECEIVED[key][0])
     tm.ARMS.update(RECEIVED[key][1])
     quiet_libraries()
     torch.set_num_threads(threads)
@@ -81,10 +86,11 @@ def run_remote(cfg: argparse.Namespace, registry: list, backbone: dict | None, r
 
 class InstanceProcesses:
     """The processes that this invocation's local Ray instance started: the driver's children that
-    ray.init() started (gcs_server, raylet, ...) and their descendants (the raylet's agents and workers), each seen alive
-    in /proc with its start time. Looked at while the instance runs, so that processes which the death of
-    their parent leaves behind are known too; nothing is found by name, and nobody else's process is ever
-    in here. Each look is told to the watch (sweeps/watch.py), which outlives this process if Ray ends it."""
+    ray.init() started (gcs_server, raylet, ...) and their descendants (the raylet's agents and
+    workers), each seen alive in /proc with its start time. Looked at while the instance runs,
+    so that processes which the death of their parent leaves behind are known too; nothing is
+    found by name, and nobody else's process is ever in here. Each look is told to the watch
+    (sweeps/watch.py), which outlives this process if Ray ends it."""
 
     def __init__(self, ending: str, own: set[int]):
         self.ending = ending
@@ -102,9 +108,9 @@ class InstanceProcesses:
             self.watch.stdin.flush()
 
     def dead(self) -> list[str]:
-        """The instance's own processes (not its workers, which Ray replaces) that have died, the first to go
-        named: one killed by a signal, else one that failed; an agent's death makes the raylet exit with 0,
-        a raylet's takes its agents with it."""
+        """The instance's own processes (not its workers, which Ray replaces) that have died, the
+        first to go named: one killed by a signal, else one that failed; an agent's death makes
+        the raylet exit with 0, a raylet's takes its agents with it."""
         exited = {title: watch.exit_status(int(pid)) for pid, (start, title) in self.seen.items()
                   if int(pid) in self.own and watch.process_start(int(pid)) != start}
         agents = [title for pid, (start, title) in list(self.seen.items())
@@ -117,9 +123,9 @@ class InstanceProcesses:
         return []
 
     def hasten(self, stopped: threading.Event) -> None:
-        """Until `stopped`: SIGKILL each of the instance's own processes once it has a SIGTERM pending.
-        They block SIGTERM (RaySweep.__enter__), so ray.shutdown()'s SIGTERM would only wait out a
-        grace of a second per process before its SIGKILL."""
+        """Until `stopped`: SIGKILL each of the instance's own processes once it has a SIGTERM
+        pending. They block SIGTERM (RaySweep.__enter__), so ray.shutdown()'s SIGTERM would only
+        wait out a grace of a second per process before its SIGKILL."""
         own = {pid: watch.process_start(pid) for pid in self.own}
         while not stopped.wait(0.01):
             for pid, start in own.items():
@@ -128,7 +134,8 @@ class InstanceProcesses:
                         os.kill(pid, signal.SIGKILL)
 
     def kill(self) -> None:
-        """What the instance left running after its shutdown, then the watch, told that all is done."""
+        """What the instance left running after its shutdown, then the watch, told that all is
+        done."""
         watch.end(self.seen)
         self.tell({"done": True})
         with contextlib.suppress(OSError):
@@ -137,8 +144,8 @@ class InstanceProcesses:
 
 
 class RaySweep:
-    """The runs as Ray tasks of `threads` CPUs and a share of a GPU each: on a local instance for --workers
-    runs at a time, started and stopped here, or on the cluster at --cluster."""
+    """The runs as Ray tasks of `threads` CPUs and a share of a GPU each: on a local instance for
+    --workers runs at a time, started and stopped here, or on the cluster at --cluster."""
 
     def __init__(self, cfg: argparse.Namespace, threads: int, csv_path: str):
         self.cfg, self.threads, self.gpus = cfg, threads, gpus_per_run(cfg)
@@ -150,10 +157,11 @@ class RaySweep:
 
     def __enter__(self) -> "RaySweep":
         cfg = self.cfg
-        if not cfg.cluster:  # a local instance binds to loopback only: a sweep opens no port on the network
+        # a local instance binds to loopback only: a sweep opens no port on the network
+        if not cfg.cluster:
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        # Ray's memory monitor retries the runs it kills without limit unless told (its own count, beside
-        # max_retries); the driver owns the tasks, so this holds on a cluster too
+        # Ray's memory monitor retries the runs it kills without limit unless told (its own
+        # count, beside max_retries); the driver owns the tasks, so this holds on a cluster too
         os.environ.setdefault("RAY_task_oom_retries", str(RETRIES))
         import ray
 
@@ -163,17 +171,20 @@ class RaySweep:
         # "local": a new instance of our own, even where `ray start` runs or left its address behind
         local = {"address": "local", "num_cpus": cfg.workers * self.threads,
                  "num_gpus": torch.cuda.device_count() if self.gpus else 0}
-        # The processes Ray starts inherit the signals blocked here. Ray blocks SIGINT in them, so that a
-        # terminal's Ctrl-C is the driver's to handle; SIGTERM to the whole process group (timeout, a batch
-        # scheduler) killed them before the driver could stop the sweep, and Ray then ended the driver (exit 1)
+        # The processes Ray starts inherit the signals blocked here. Ray blocks SIGINT in them,
+        # so that a terminal's Ctrl-C is the driver's to handle; SIGTERM to the whole process
+        # group (timeout, a batch scheduler) killed them before the driver could stop the sweep,
+        # and Ray then ended the driver (exit 1)
         blocked = None if cfg.cluster else signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         before = set(watch.children(os.getpid()))
         try:
             ray.init(**({"address": cfg.cluster} if cfg.cluster else local), **quiet)
-        except Exception as err:  # ConnectionError, or a ValueError/RuntimeError for an address Ray cannot use
+        # ConnectionError, or a ValueError/RuntimeError for an address Ray cannot use
+        except Exception as err:
             raise tm.ExperimentError(f"cannot start Ray on {cfg.cluster or 'this machine'}: {one_line(err)}") from None
         finally:
-            StopSignal.install()  # ray.init() replaced the SIGTERM handler; one that came meanwhile arrives now
+            # ray.init() replaced the SIGTERM handler; one that came meanwhile arrives now
+            StopSignal.install()
             if blocked is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         if not cfg.cluster:  # what ray.init() started here, from Ray's own folder
@@ -197,7 +208,8 @@ class RaySweep:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        for task in self.pending:  # Ctrl-C or an error: nothing of this sweep keeps running on the cluster
+        # Ctrl-C or an error: nothing of this sweep keeps running on the cluster
+        for task in self.pending:
             with contextlib.suppress(Exception):  # an instance that died has nothing left to cancel
                 self.ray.cancel(task, force=True)
         if self.processes is None:
@@ -278,11 +290,12 @@ class RaySweep:
         return self.ray.wait(list(self.pending), num_returns=1, timeout=1.0)[0]
 
     def check_instance(self) -> None:
-        """A local instance that lost one of its processes ends the sweep, naming it: without its GCS, raylet
-        or an agent it runs on but cannot run tasks or be shut down cleanly."""
+        """A local instance that lost one of its processes ends the sweep, naming it: without its
+        GCS, raylet or an agent it runs on but cannot run tasks or be shut down cleanly."""
         if self.processes is None:
             return
-        if time.monotonic() - self.looked > 2:  # workers come and go; 2 s is 40 ms of /proc a minute
+        # workers come and go; 2 s is 40 ms of /proc a minute
+        if time.monotonic() - self.looked > 2:
             self.processes.look()
             self.looked = time.monotonic()
         dead = self.processes.dead()

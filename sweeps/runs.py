@@ -1,7 +1,8 @@
-"""A sweep's runs: the Run record, the plan (every pretraining and target run, in the results' order), one
-run executed with the template's pretrain() and train(), the choice of a learning rate in each grid, and
-the results CSV written and read back. Imported by the engines, resume, start and the reporting modules;
-it imports settings, stop, augment and the template, never a reporting module."""
+"""A sweep's runs: the Run record, the plan (every pretraining and target run, in the results'
+order), one run executed with the template's pretrain() and train(), the choice of a learning
+rate in each grid, and the results CSV written and read back. Imported by the engines, resume,
+start and the reporting modules; it imports settings, stop, augment and the template, never a
+reporting module."""
 
 import argparse
 import csv
@@ -32,7 +33,8 @@ class RunResult(tm.RunResult):
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """What one run trains: an arm (or "pretrain") on a target at a size, seed and rate. A row's key."""
+    """What one run trains: an arm (or "pretrain") on a target at a size, seed and rate. A row's
+    key."""
 
     target: str
     mode: str
@@ -60,8 +62,9 @@ def sweep_runs(cfg: argparse.Namespace) -> list[Run]:
 
 
 def widened_runs(cfg: argparse.Namespace, widened: typing.Iterable[tuple]) -> list[Run]:
-    """The runs of the rates that --widen added: each (target, mode, n_train, rate) for every seed (pooled or
-    mean selection), each (target, mode, n_train, rate, seed) for its seed alone (--select seed)."""
+    """The runs of the rates that --widen added: each (target, mode, n_train, rate) for every seed
+    (pooled or mean selection), each (target, mode, n_train, rate, seed) for its seed alone
+    (--select seed)."""
     return [Run(target, mode, seed, n_train, rate) for target, mode, n_train, rate, *seed in widened
             for seed in (seed or seeds(cfg))]
 
@@ -73,8 +76,8 @@ def pretraining_rates(cfg: argparse.Namespace) -> tuple[float, ...]:
 
 
 def pretraining_runs(cfg: argparse.Namespace) -> list[Run]:
-    """The pretraining runs: for the invocation, or per seed; each at every pretraining rate. None with
-    --weights: every pretrained arm starts from them."""
+    """The pretraining runs: for the invocation, or per seed; each at every pretraining rate. None
+    with --weights: every pretrained arm starts from them."""
     if cfg.weights:
         return []
     return [Run(cfg.source, "pretrain", seed, cfg.n_pretrain, rate)
@@ -82,15 +85,16 @@ def pretraining_runs(cfg: argparse.Namespace) -> list[Run]:
 
 
 def pretrain_checkpoint(cfg: argparse.Namespace, seed: int, rate: float | None = None) -> str:
-    """Where tm.pretrain() writes the backbone of this seed (and rate: the first of the grid, for None)."""
+    """Where tm.pretrain() writes the backbone of this seed (and rate: the first of the grid, for
+    None)."""
     rate = pretraining_rates(cfg)[0] if rate is None else rate
     return os.path.join(run_folder(cfg, Run(cfg.source, "pretrain", seed, cfg.n_pretrain, rate)),
                         "checkpoints", "best.ckpt")
 
 
 def sub_dir(cfg: argparse.Namespace, run: Run) -> str | None:
-    """The run's folder inside its TensorBoard run (name and version): a backbone's per seed, and a target
-    run's as the template's fit_best() names it."""
+    """The run's folder inside its TensorBoard run (name and version): a backbone's per seed, and a
+    target run's as the template's fit_best() names it."""
     if run.mode == "pretrain":
         name = f"seed{run.seed}" if cfg.backbone_per_seed else ""
         if cfg.pretrain_lr_grid:
@@ -106,8 +110,8 @@ def run_folder(cfg: argparse.Namespace, run: Run) -> str:
 
 
 def recorded(r: tm.RunResult, started: float) -> RunResult:
-    """A run's row, its numbers as its CSV row holds them (6 significant digits: a sweep selects on the
-    numbers that --report and --resume read back), and its wall time since `started`."""
+    """A run's row, its numbers as its CSV row holds them (6 significant digits: a sweep selects on
+    the numbers that --report and --resume read back), and its wall time since `started`."""
     six = {name: float(f"{getattr(r, name):.6g}") for name in ("test_loss", "test_acc", "val_loss")}
     return RunResult(**{**dataclasses.asdict(r), **six}, seconds=time.perf_counter() - started)
 
@@ -125,9 +129,10 @@ def shuffled_pretrain(settings: argparse.Namespace, seed: int) -> tuple[str, tm.
 
 
 def pretrain_backbone(cfg: argparse.Namespace, seed: int) -> tuple[list[RunResult], dict]:
-    """Seed's backbone at every pretraining rate (pretraining_rates()), through the template's pretrain(), and
-    the one of the lowest validation loss (the lower rate on a tie; NaN, a diverged run, the worst): every
-    rate's row, the pick's selected (the CSV keeps the pick's), and the pick's backbone."""
+    """Seed's backbone at every pretraining rate (pretraining_rates()), through the template's
+    pretrain(), and the one of the lowest validation loss (the lower rate on a tie; NaN, a
+    diverged run, the worst): every rate's row, the pick's selected (the CSV keeps the pick's),
+    and the pick's backbone."""
     results, paths = [], {}
     for rate in pretraining_rates(cfg):
         started = time.perf_counter()
@@ -147,16 +152,16 @@ def pretrain_backbone(cfg: argparse.Namespace, seed: int) -> tuple[list[RunResul
 
 @functools.cache
 def read_weights(backbone: str, weights: str, channels: int) -> dict[str, torch.Tensor]:
-    """--weights' tensors (tm.read_weights), read once per process: the driver checks them before any run
-    and hands them to the runs; each Ray worker gets them once, from the object store."""
+    """--weights' tensors (tm.read_weights), read once per process: the driver checks them before
+    any run and hands them to the runs; each Ray worker gets them once, from the object store."""
     settings = argparse.Namespace(backbone=backbone, weights=weights)
     return tm.read_weights(settings, channels)
 
 
 def execute(cfg: argparse.Namespace, run: Run, backbone: dict | None) -> tuple[RunResult | list, dict | None]:
-    """One run, here, through the template's pretrain() and train(), with the template's settings for this
-    run: a pretraining is seed's whole pretraining grid, its rows and the backbone it keeps; a target run
-    starts from `backbone`."""
+    """One run, here, through the template's pretrain() and train(), with the template's settings
+    for this run: a pretraining is seed's whole pretraining grid, its rows and the backbone it
+    keeps; a target run starts from `backbone`."""
     started = time.perf_counter()
     try:
         if run.mode == "pretrain":
@@ -164,7 +169,8 @@ def execute(cfg: argparse.Namespace, run: Run, backbone: dict | None) -> tuple[R
         settings = argparse.Namespace(**{**vars(cfg), "seed": run.seed, "lr": {**cfg.lr, run.mode: run.learning_rate}})
         data = target_data(cfg, run.target, run.n_train, run.seed)
         return recorded(tm.train(backbone, run.mode, data, settings), started), None
-    except SystemExit:  # Lightning ends a fit that a signal interrupted with sys.exit(1): stop the sweep instead
+    # Lightning ends a fit that a signal interrupted with sys.exit(1): stop the sweep instead
+    except SystemExit:
         if StopSignal.received is not None:
             raise KeyboardInterrupt from None
         raise
@@ -177,24 +183,26 @@ def not_nan(loss: float) -> float:
 
 
 def selection_group(run: Run | RunResult, select: str) -> tuple:
-    """The runs among which one learning rate is selected: a (target, mode, n_train, seed), or with pooled or
-    mean selection every seed of a (target, mode, n_train)."""
+    """The runs among which one learning rate is selected: a (target, mode, n_train, seed), or with
+    pooled or mean selection every seed of a (target, mode, n_train)."""
     return (run.target, run.mode, run.n_train) + ((run.seed,) if select == "seed" else ())
 
 
 def pooled_loss(losses: list[float], select: str) -> float:
-    """A rate's validation loss over the seeds: the median (pooled: robust to one seed in five that collapsed
-    to chance), the mean (a seed that collapsed moves it), or one seed's own."""
+    """A rate's validation loss over the seeds: the median (pooled: robust to one seed in five that
+    collapsed to chance), the mean (a seed that collapsed moves it), or one seed's own."""
     losses = [not_nan(loss) for loss in losses]
     return sum(losses) / len(losses) if select == "mean" else statistics.median(losses)
 
 
-# A rate more of whose runs than this share were still improving at the end of their budget is no candidate
+# A rate more of whose runs than this share were still improving at the end of their budget is
+# no candidate
 LATE_SHARE = 0.1
 
 
 def still_improving(r: RunResult) -> bool:
-    """Its best epoch in the last tenth of its budget: more epochs might have helped (under-trained)."""
+    """Its best epoch in the last tenth of its budget: more epochs might have helped
+    (under-trained)."""
     return r.best_epoch > 0.9 * r.max_epochs
 
 
@@ -203,40 +211,43 @@ def settled(rows: list[RunResult]) -> bool:
     return sum(map(still_improving, rows)) <= LATE_SHARE * len(rows)
 
 
-# A validation loss this close to guessing's is a run that learned next to nothing: seed 103 of even/odd at 200
-# labels collapsed to 0.6836 (49.3% on test) against ln 2 = 0.6931, under the 0.99 of an earlier threshold
+# A validation loss this close to guessing's is a run that learned next to nothing: seed 103 of
+# even/odd at 200 labels collapsed to 0.6836 (49.3% on test) against ln 2 = 0.6931, under the
+# 0.99 of an earlier threshold
 NEAR_CHANCE = 0.95
 
 
 def chance_loss(target: str) -> float | None:
-    """The validation loss of a model that learned nothing: ln(classes), uniform guessing. None for a target
-    that is not registered here."""
+    """The validation loss of a model that learned nothing: ln(classes), uniform guessing. None for
+    a target that is not registered here."""
     spec = tm.TARGETS.get(target)
     return math.log(len(spec.label_names)) if spec else None
 
 
 def learned(rows: list[RunResult], select: str) -> bool:
-    """The rate's pooled validation loss is clearly below guessing's (a rate that diverged, or collapsed, is not)."""
+    """The rate's pooled validation loss is clearly below guessing's (a rate that diverged, or
+    collapsed, is not)."""
     chance = chance_loss(rows[0].target)
     return chance is None or pooled_loss([r.val_loss for r in rows], select) < NEAR_CHANCE * chance
 
 
 def candidate_rates(rates: dict[float, list[RunResult]], select: str) -> dict[float, list[RunResult]]:
-    """The rates of a selection group that may be chosen. Per seed (--select seed, results/PROTOCOL.md), every
-    rate the seed ran. Pooled or mean: those at which at most LATE_SHARE of the runs were still improving at the
-    end of their budget, and which learned something. A run stopped by its budget has
-    not shown its validation loss, and a lower rate under a fixed ceiling is an earlier stop in disguise:
-    with more epochs, ever lower rates win. A rate that settled by diverging (0.3 and 1 for 20 epochs) is no
-    better. Where no rate qualifies, every rate may (the summary's warnings count the late runs)."""
+    """The rates of a selection group that may be chosen. Per seed (--select seed,
+    results/PROTOCOL.md), every rate the seed ran. Pooled or mean: those at which at most
+    LATE_SHARE of the runs were still improving at the end of their budget, and which learned
+    something. A run stopped by its budget has not shown its validation loss, and a lower rate
+    under a fixed ceiling is an earlier stop in disguise: with more epochs, ever lower rates
+    win. A rate that settled by diverging (0.3 and 1 for 20 epochs) is no better. Where no rate
+    qualifies, every rate may (the summary's warnings count the late runs)."""
     if select == "seed":
         return rates
     return {rate: rows for rate, rows in rates.items() if settled(rows) and learned(rows, select)} or rates
 
 
 def select_rates(results: list[RunResult], select: str = "seed") -> list[RunResult]:
-    """Mark, in each selection group, the runs of the rate with the lowest best-validation loss, pooled over
-    seeds as `select` says, among its candidate_rates(), as selected (the lower rate on a tie). Test data
-    never enters the choice."""
+    """Mark, in each selection group, the runs of the rate with the lowest best-validation loss,
+    pooled over seeds as `select` says, among its candidate_rates(), as selected (the lower rate
+    on a tie). Test data never enters the choice."""
     groups: dict[tuple, dict[float, list[RunResult]]] = {}
     for r in results:
         groups.setdefault(selection_group(r, select), {}).setdefault(r.learning_rate, []).append(r)
@@ -252,11 +263,12 @@ def select_rates(results: list[RunResult], select: str = "seed") -> list[RunResu
 
 def settle(results: list[RunResult], select: str,
            planned: typing.Iterable[Run] = ()) -> tuple[list[RunResult], list[str]]:
-    """select_rates() in every (target, mode, n_train) of rows read back (--report) that holds each run it
-    should: those `planned` (from the sweeps' saved settings) and every (seed, rate) that it has for some
-    rate or seed (rows without settings: an interrupted sweep leaves a grid half done). One that lacks any
-    gets no selected row, so it stays out of the summary until --resume completes it; returned as lines
-    that name it, with the seeds it lacks, beside the rows."""
+    """select_rates() in every (target, mode, n_train) of rows read back (--report) that holds each
+    run it should: those `planned` (from the sweeps' saved settings) and every (seed, rate) that
+    it has for some rate or seed (rows without settings: an interrupted sweep leaves a grid half
+    done). One that lacks any gets no selected row, so it stays out of the summary until
+    --resume completes it; returned as lines that name it, with the seeds it lacks, beside the
+    rows."""
     expected: dict[tuple, set] = {}  # (target, mode, n_train) -> its (seed, rate)s
     for run in planned:
         expected.setdefault((run.target, run.mode, run.n_train), set()).add((run.seed, run.learning_rate))
@@ -268,7 +280,8 @@ def settle(results: list[RunResult], select: str,
         have = {(r.seed, r.learning_rate) for r in rows}
         rates = {rate for _, rate in have} if mode in tm.ARMS else set()
         want = expected.get((target, mode, n_train), set())
-        if select == "seed" and want:  # each seed widened its own grid: the planned runs, seed by seed
+        # each seed widened its own grid: the planned runs, seed by seed
+        if select == "seed" and want:
             want = want | have
         else:
             want = want | {(s, rate) for s, _ in have for rate in rates}
@@ -289,8 +302,8 @@ def settle(results: list[RunResult], select: str,
 
 # ---- The results CSV --------------------------------------------------------------------
 def csv_row(r: RunResult) -> list[str]:
-    """A run's cells, as the template writes them, but its learning rate exactly as given (repr), so that
-    every rate of a grid is told apart and read back as the same run."""
+    """A run's cells, as the template writes them, but its learning rate exactly as given (repr),
+    so that every rate of a grid is told apart and read back as the same run."""
     cells = []
     for column in tm.RESULT_COLUMNS:
         value = getattr(r, column)
@@ -317,7 +330,8 @@ class ResultsCsv:
             write_rows(path, [])
 
     def rewrite(self, results: list[RunResult]) -> None:
-        """Replace the file by these rows in this order, in one step (the old file stays if writing fails)."""
+        """Replace the file by these rows in this order, in one step (the old file stays if writing
+        fails)."""
         replace(self.path, lambda partial: write_rows(partial, results))
         self.rows = len(results)
 
@@ -337,8 +351,8 @@ class ResultsCsv:
 
 
 def read_results(paths: typing.Sequence[str], flag: str = "--report") -> list[RunResult]:
-    """The rows of results CSVs, merged. A row repeated across files is kept once; two rows of the same run
-    with different numbers are an error. Errors name `flag`."""
+    """The rows of results CSVs, merged. A row repeated across files is kept once; two rows of the
+    same run with different numbers are an error. Errors name `flag`."""
     kinds = typing.get_type_hints(RunResult)
     parse = {int: int, float: float, str: str, bool: lambda text: {"true": True, "false": False}[text.lower()]}
     results: dict[Run, RunResult] = {}
@@ -367,6 +381,7 @@ def read_results(paths: typing.Sequence[str], flag: str = "--report") -> list[Ru
 
 
 def save_backbone(backbone: dict[str, torch.Tensor], checkpoint_path: str) -> None:
-    """A backbone as a checkpoint that tm.read_backbone() reads (one pretrained on another node, for --resume)."""
+    """A backbone as a checkpoint that tm.read_backbone() reads (one pretrained on another node,
+    for --resume)."""
     os.makedirs(os.path.dirname(checkpoint_path), exist_ok=True)
     torch.save({"state_dict": {f"convnet.{key}": value for key, value in backbone.items()}}, checkpoint_path)

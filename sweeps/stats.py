@@ -1,6 +1,6 @@
-"""Statistics of the summary: means over seeds with t intervals, paired-t and Wilcoxon p-values, equivalence
-tests (TOST), the smallest detectable difference and Holm's adjustment, from scipy. Imported by summary (and
-so by figures and cli); it imports scipy only."""
+"""Statistics of the summary: means over seeds with t intervals, paired-t and Wilcoxon p-values,
+equivalence tests (TOST), the smallest detectable difference and Holm's adjustment, from scipy.
+Imported by summary (and so by figures and cli); it imports scipy only."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ def t_975(df: int) -> float:
 
 @dataclasses.dataclass
 class MeanCI:
-    """Mean over n values with sample standard deviation, 95% t-interval and the two-sided p-value of a
-    one-sample t-test of mean 0 (for a paired difference: the paired t-test); nan for n < 2."""
+    """Mean over n values with sample standard deviation, 95% t-interval and the two-sided p-value
+    of a one-sample t-test of mean 0 (for a paired difference: the paired t-test); nan for n <
+    2."""
 
     n: int
     mean: float
@@ -29,8 +30,8 @@ class MeanCI:
 
     @classmethod
     def of(cls, values: list[float], bounds: tuple[float, float] = (-math.inf, math.inf)) -> MeanCI:
-        """The interval is cut to `bounds`, the metric's possible range: with few seeds t is large, and an
-        accuracy interval of 2 seeds can pass 100%."""
+        """The interval is cut to `bounds`, the metric's possible range: with few seeds t is large,
+        and an accuracy interval of 2 seeds can pass 100%."""
         n = len(values)
         mean = sum(values) / n
         if n < 2:
@@ -48,9 +49,9 @@ class MeanCI:
 
 
 def holm(p_values: list[float]) -> list[float]:
-    """Holm's step-down adjustment of m p-values (nan ones left out of m): the k-th smallest times m - k + 1,
-    never below the one before it, at most 1. It holds the chance of any false finding among them to 5% at
-    an adjusted 0.05, whatever their dependence."""
+    """Holm's step-down adjustment of m p-values (nan ones left out of m): the k-th smallest times
+    m - k + 1, never below the one before it, at most 1. It holds the chance of any false
+    finding among them to 5% at an adjusted 0.05, whatever their dependence."""
     order = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
     adjusted, running = [math.nan] * len(p_values), 0.0
     for rank, (p, i) in enumerate(order):
@@ -60,17 +61,18 @@ def holm(p_values: list[float]) -> list[float]:
 
 
 def wilcoxon_p(differences: list[float]) -> float:
-    """The two-sided p-value of Wilcoxon's signed-rank test of paired differences centred on 0 (scipy's exact
-    distribution for few pairs without ties); nan under 2 pairs or where every difference is 0."""
+    """The two-sided p-value of Wilcoxon's signed-rank test of paired differences centred on 0
+    (scipy's exact distribution for few pairs without ties); nan under 2 pairs or where every
+    difference is 0."""
     if len(differences) < 2 or not any(differences):
         return math.nan
     return float(stats.wilcoxon(differences).pvalue)
 
 
 def tost_p(differences: list[float], margin: float) -> float:
-    """Two one-sided t-tests of equivalence: the larger of the p-values that the mean lies above -margin and
-    below +margin. Under 0.05, a difference larger than the margin either way is rejected at 5% (the 90% t
-    interval lies inside the margin); nan under 2 values."""
+    """Two one-sided t-tests of equivalence: the larger of the p-values that the mean lies above
+    -margin and below +margin. Under 0.05, a difference larger than the margin either way is
+    rejected at 5% (the 90% t interval lies inside the margin); nan under 2 values."""
     n = len(differences)
     if n < 2:
         return math.nan
@@ -82,6 +84,7 @@ def tost_p(differences: list[float], margin: float) -> float:
 
 
 def detectable(sd: float, n: int, power: float = 0.8) -> float:
-    """The smallest true mean difference that a two-sided paired t-test at 5% detects with this power, for
-    paired differences of standard deviation sd over n pairs (the normal approximation with t quantiles)."""
+    """The smallest true mean difference that a two-sided paired t-test at 5% detects with this
+    power, for paired differences of standard deviation sd over n pairs (the normal
+    approximation with t quantiles)."""
     return (t_975(n - 1) + float(stats.t.ppf(power, n - 1))) * sd / math.sqrt(n)

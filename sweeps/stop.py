@@ -1,15 +1,15 @@
-"""Ctrl-C and SIGTERM stop a sweep whenever they arrive, and the finished runs stay. Imported by runs, the
-engines and cli; it imports only the standard library."""
+"""Ctrl-C and SIGTERM stop a sweep whenever they arrive, and the finished runs stay. Imported by
+runs, the engines and cli; it imports only the standard library."""
 
 import contextlib
 import signal
 
 
 class StopSignal:
-    """Ctrl-C (SIGINT) and SIGTERM stop the sweep whenever they arrive. The handler raises KeyboardInterrupt
-    and remembers the signal: code that swallows exceptions may meet it first (the garbage collector runs
-    Lightning's Profiler.__del__, which drops what is raised in it), and check(), called between runs,
-    raises it again."""
+    """Ctrl-C (SIGINT) and SIGTERM stop the sweep whenever they arrive. The handler raises
+    KeyboardInterrupt and remembers the signal: code that swallows exceptions may meet it first
+    (the garbage collector runs Lightning's Profiler.__del__, which drops what is raised in it),
+    and check(), called between runs, raises it again."""
 
     received: int | None = None
     deferring = False
@@ -23,9 +23,9 @@ class StopSignal:
     @classmethod
     @contextlib.contextmanager
     def deferred(cls, then_stop: bool = True):
-        """A signal that arrives in here stops the sweep at the end of the block (around gc.collect(): an
-        exception raised in a __del__ is printed as 'Exception ignored' and dropped), or, then_stop=False,
-        is only remembered (the clean-up after a first signal)."""
+        """A signal that arrives in here stops the sweep at the end of the block (around
+        gc.collect(): an exception raised in a __del__ is printed as 'Exception ignored' and
+        dropped), or, then_stop=False, is only remembered (the clean-up after a first signal)."""
         cls.deferring = True
         try:
             yield
@@ -36,8 +36,8 @@ class StopSignal:
 
     @classmethod
     def install(cls) -> None:
-        """Also after ray.init(), which sets a SIGTERM handler of its own. A SIGINT ignored from the start (a
-        job in the background of a script) stays ignored."""
+        """Also after ray.init(), which sets a SIGTERM handler of its own. A SIGINT ignored from
+        the start (a job in the background of a script) stays ignored."""
         for signum in (signal.SIGINT, signal.SIGTERM):
             if signal.getsignal(signum) is not signal.SIG_IGN or signum == signal.SIGTERM:
                 signal.signal(signum, cls.handle)

@@ -1,13 +1,14 @@
-"""The processes of a local Ray instance, named by PID and start time, and the watch on them from outside the
-driver. Ray's core worker ends the driver at once, with exit 1 and not a word, when its raylet goes, as the
-raylet does when one of its agents dies: nothing in the driver runs after that. So ray_engine starts this
-file as a second process that outlives the driver; the driver tells it the instance's processes as it sees
-them, and "done" when it has stopped the instance itself. If the driver ends without "done", the watch
-names the process that died first, stops what the instance left running and prints how to resume.
+"""The processes of a local Ray instance, named by PID and start time, and the watch on them from
+outside the driver. Ray's core worker ends the driver at once, with exit 1 and not a word, when
+its raylet goes, as the raylet does when one of its agents dies: nothing in the driver runs
+after that. So ray_engine starts this file as a second process that outlives the driver; the
+driver tells it the instance's processes as it sees them, and "done" when it has stopped the
+instance itself. If the driver ends without "done", the watch names the process that died first,
+stops what the instance left running and prints how to resume.
 
-Imported by ray_engine (process_start, children, runs_from, exit_status,
-asked_to_stop, family, is_agent, end) and run by it as a script; it imports
-only the standard library, so that it starts in milliseconds."""
+Imported by ray_engine (process_start, children, runs_from, exit_status, asked_to_stop, family,
+is_agent, end) and run by it as a script; it imports only the standard library, so that it
+starts in milliseconds."""
 
 import contextlib
 import json
@@ -20,8 +21,8 @@ from pathlib import Path
 
 
 def process_start(pid: int) -> int | None:
-    """A process's start time (clock ticks after boot, /proc/PID/stat): with its PID, it names one process
-    for good, where the PID alone may be reused. None once it is gone (or off Linux)."""
+    """A process's start time (clock ticks after boot, /proc/PID/stat): with its PID, it names one
+    process for good, where the PID alone may be reused. None once it is gone (or off Linux)."""
     fields = stat_fields(pid)
     if len(fields) < 20 or fields[0] in "ZX":  # a zombie has ended
         return None
@@ -56,8 +57,8 @@ def runs_from(pid: int, folder: str) -> bool:
 
 
 def exit_status(pid: int) -> int | None:
-    """The exit status, as waitpid() gives it, of a child that has ended and not yet been reaped (its zombie
-    keeps it in /proc/PID/stat); None while it runs or once it is reaped."""
+    """The exit status, as waitpid() gives it, of a child that has ended and not yet been reaped
+    (its zombie keeps it in /proc/PID/stat); None while it runs or once it is reaped."""
     fields = stat_fields(pid)
     return int(fields[49]) if fields[:1] == ["Z"] and len(fields) > 49 else None
 
@@ -72,8 +73,9 @@ def asked_to_stop(pid: int) -> bool:
 
 
 def family(roots: list[int], seen: dict[str, list]) -> None:
-    """Adds to `seen` (PID -> [start time, title]) the processes of `roots` that are alive and their
-    descendants, each with its start time and the title Ray gave it (ray::RuntimeEnvAgent -> RuntimeEnvAgent)."""
+    """Adds to `seen` (PID -> [start time, title]) the processes of `roots` that are alive and
+    their descendants, each with its start time and the title Ray gave it (ray::RuntimeEnvAgent
+    -> RuntimeEnvAgent)."""
     children: dict[int, list[int]] = {}
     for proc in Path("/proc").glob("[0-9]*"):
         with contextlib.suppress(OSError, ValueError, IndexError):
@@ -90,8 +92,8 @@ def family(roots: list[int], seen: dict[str, list]) -> None:
 
 
 def process_title(pid: int) -> str:
-    """What Ray calls a process: its title (ray::RuntimeEnvAgent -> RuntimeEnvAgent), the program it runs
-    (raylet, gcs_server), or for Python the script (log_monitor)."""
+    """What Ray calls a process: its title (ray::RuntimeEnvAgent -> RuntimeEnvAgent), the program
+    it runs (raylet, gcs_server), or for Python the script (log_monitor)."""
     argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     program = os.path.basename(argv[0].removeprefix("ray::"))
     scripts = [arg for arg in argv[1:] if arg.endswith(".py")]
@@ -99,12 +101,13 @@ def process_title(pid: int) -> str:
 
 
 def end(seen: dict[str, list]) -> None:
-    """SIGKILL each process seen that is still that very process: a pidfd is opened first, then its start
-    time checked, so the signal cannot reach a process that took over a freed PID."""
+    """SIGKILL each process seen that is still that very process: a pidfd is opened first, then its
+    start time checked, so the signal cannot reach a process that took over a freed PID."""
     for pid, (start, _) in list(seen.items()):
         pid = int(pid)
         with contextlib.suppress(OSError):
-            if not hasattr(os, "pidfd_open"):  # not Linux 5.3+: the start time just before the signal
+            # not Linux 5.3+: the start time just before the signal
+            if not hasattr(os, "pidfd_open"):
                 if process_start(pid) == start:
                     os.kill(pid, signal.SIGKILL)
                 continue
@@ -117,22 +120,25 @@ def end(seen: dict[str, list]) -> None:
 
 
 def is_agent(title: str) -> bool:
-    """One of the raylet's agents (RuntimeEnvAgent, DashboardAgent): its death takes the raylet with it."""
+    """One of the raylet's agents (RuntimeEnvAgent, DashboardAgent): its death takes the raylet
+    with it."""
     return title.endswith("Agent")
 
 
 def is_own(title: str, roots: list[int], pid: str) -> bool:
-    """One of the instance's own processes (the ones Ray started and its agents), not a worker, which Ray
-    replaces when it dies."""
+    """One of the instance's own processes (the ones Ray started and its agents), not a worker,
+    which Ray replaces when it dies."""
     return int(pid) in roots or is_agent(title)
 
 
 def watch() -> int:
-    """Reads the driver's messages on stdin, one JSON object a line: {"roots", "seen", "ending"} as the driver
-    looks, {"done": true} when it has stopped the instance. Checks the instance's own processes ten times a
-    second, so that the first to die is known when the driver goes: a death counts once the driver is seen
-    alive after it, as the driver's own end takes the raylet with it."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the driver's to handle; this waits for its end
+    """Reads the driver's messages on stdin, one JSON object a line: {"roots", "seen", "ending"} as
+    the driver looks, {"done": true} when it has stopped the instance. Checks the instance's own
+    processes ten times a second, so that the first to die is known when the driver goes: a
+    death counts once the driver is seen alive after it, as the driver's own end takes the
+    raylet with it."""
+    # a Ctrl-C is the driver's to handle; this waits for its end
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     driver, roots, seen, ending, gone, received = os.getppid(), [], {}, "", [], b""
     driver_start = process_start(driver)
@@ -149,10 +155,12 @@ def watch() -> int:
                 seen.update(message["seen"])
         dead = [title for pid, (start, title) in seen.items()
                 if is_own(title, roots, pid) and title not in gone and process_start(int(pid)) != start]
-        if process_start(driver) == driver_start:  # the driver outlived them: their deaths came first
+        # the driver outlived them: their deaths came first
+        if process_start(driver) == driver_start:
             gone += dead
-    # the driver ended without stopping its instance; its end kills the raylet and gcs_server within
-    # milliseconds (they share its fate), its agents only seconds later. So an agent dead now died first.
+    # the driver ended without stopping its instance; its end kills the raylet and gcs_server
+    # within milliseconds (they share its fate), its agents only seconds later. So an agent dead
+    # now died first.
     gone += [title for pid, (start, title) in seen.items()
              if is_agent(title) and title not in gone and process_start(int(pid)) != start]
     time.sleep(0.2)  # what its end takes with it ends too
