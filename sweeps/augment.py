@@ -26,8 +26,13 @@ class Augment:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.generator is None or self.generator.device != images.device:
             self.generator = torch.Generator(images.device).manual_seed(self.seed)
-        angle, scale, dx, dy = (torch.rand(4, len(images), generator=self.generator, device=images.device) * 2 - 1) \
-            * torch.tensor([self.ROTATION, self.SCALING, self.SHIFT, self.SHIFT], device=images.device)[:, None]
+        angle, scale, dx, dy = (
+            torch.rand(4, len(images), generator=self.generator, device=images.device) * 2 - 1
+        ) * torch.tensor(
+            [self.ROTATION, self.SCALING, self.SHIFT, self.SHIFT], device=images.device
+        )[
+            :, None
+        ]
         cos, sin = torch.cos(angle) / (1 + scale), torch.sin(angle) / (1 + scale)
         theta = torch.stack([torch.stack([cos, -sin, dx], 1), torch.stack([sin, cos, dy], 1)], 1)
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
@@ -35,4 +40,3 @@ class Augment:
         # grey)
         moved = F.grid_sample(images, grid, padding_mode="border", align_corners=False)
         return moved.contiguous(memory_format=torch.channels_last)
-

@@ -53,7 +53,11 @@ def run_here(cfg: argparse.Namespace, jobs: list[tuple]) -> Iterator[tuple]:
 
 def clock(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
+    return (
+        f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+        if minutes >= 60
+        else f"{minutes}:{seconds:02d}"
+    )
 
 
 class Progress:
@@ -65,7 +69,11 @@ class Progress:
     def __init__(self, pretraining: int, target_runs: int, workers: int):
         self.left = {"pretraining": pretraining, "target run": target_runs}
         self.seconds: dict[str, list[float]] = {kind: [] for kind in self.left}
-        self.total, self.workers, self.started = pretraining + target_runs, workers, time.monotonic()
+        self.total, self.workers, self.started = (
+            pretraining + target_runs,
+            workers,
+            time.monotonic(),
+        )
 
     def add(self, target_runs: int) -> None:
         """Target runs that --widen added."""
@@ -77,31 +85,55 @@ class Progress:
         self.left[kind] -= 1
         self.seconds[kind].append(result.seconds)
         done = self.total - sum(self.left.values())
-        work = sum(sum(times) / len(times) * self.left[k] for k, times in self.seconds.items() if times)
+        work = sum(
+            sum(times) / len(times) * self.left[k] for k, times in self.seconds.items() if times
+        )
         timed = any(self.left[k] for k, times in self.seconds.items() if times)
-        untimed = [f"{n} {k}{'s' * (n > 1)} not yet timed" for k, n in self.left.items() if n and not self.seconds[k]]
+        untimed = [
+            f"{n} {k}{'s' * (n > 1)} not yet timed"
+            for k, n in self.left.items()
+            if n and not self.seconds[k]
+        ]
         share = max(1, min(self.workers, sum(self.left.values())))
         estimate = "; ".join([f"about {clock(work / share)} left"] * timed + untimed) or "done"
-        return (f"[{done}/{self.total}] {run.target}/{run.mode}: best epoch {result.best_epoch}, test loss "
-                f"{result.test_loss:.4f}, test accuracy {result.test_acc:.4f} (n_train {run.n_train}, seed {run.seed}, "
-                f"lr {run.learning_rate:g}), {result.seconds:.1f} s{where}; "
-                f"{clock(time.monotonic() - self.started)} elapsed; {estimate}")
+        elapsed = clock(time.monotonic() - self.started)
+        return (
+            f"[{done}/{self.total}] {run.target}/{run.mode}: best epoch {result.best_epoch}, "
+            f"test loss {result.test_loss:.4f}, test accuracy {result.test_acc:.4f} "
+            f"(n_train {run.n_train}, seed {run.seed}, lr {run.learning_rate:g}), "
+            f"{result.seconds:.1f} s{where}; {elapsed} elapsed; {estimate}"
+        )
 
 
 def plan_line(cfg: argparse.Namespace, pretraining: list[Run], todo: list[Run]) -> str:
     """What a sweep is about to run, in one line."""
-    rates = "each arm at its own rate" if not cfg.lr_grid else f"rates {', '.join(f'{r:g}' for r in cfg.lr_grid)}"
-    where = (f"on {cfg.workers} workers" if cfg.workers > 1 else "in this process") if not cfg.cluster \
+    rates = (
+        "each arm at its own rate"
+        if not cfg.lr_grid
+        else f"rates {', '.join(f'{r:g}' for r in cfg.lr_grid)}"
+    )
+    where = (
+        (f"on {cfg.workers} workers" if cfg.workers > 1 else "in this process")
+        if not cfg.cluster
         else f"on the Ray cluster at {cfg.cluster}"
+    )
     seed_list = sorted({run.seed for run in todo}) or [cfg.seed]
-    patience = "" if cfg.pretrain_patience is None else f", ending {cfg.pretrain_patience} after the best"
-    start = (f"{len(pretraining)} pretraining{'s' * (len(pretraining) != 1)} ({cfg.source}, {cfg.n_pretrain} "
-             f"images, up to {cfg.pretrain_epochs} epochs{patience}) and" if not cfg.weights else
-             f"from {cfg.backbone} with --weights {cfg.weights}, nothing pretrained:")
-    return (f"Running {start} {len(todo)} target runs "
-            f"({', '.join(cfg.targets)}; n_train {', '.join(map(str, cfg.n_train))}; {', '.join(cfg.modes)}; "
-            + (f"seeds {seed_list[0]}-{seed_list[-1]}; " if len(seed_list) > 1 else "")
-            + f"{rates}; up to {cfg.train_epochs} epochs) {where}")
+    patience = (
+        "" if cfg.pretrain_patience is None else f", ending {cfg.pretrain_patience} after the best"
+    )
+    plural = "s" * (len(pretraining) != 1)
+    start = (
+        f"{len(pretraining)} pretraining{plural} ({cfg.source}, {cfg.n_pretrain} "
+        f"images, up to {cfg.pretrain_epochs} epochs{patience}) and"
+        if not cfg.weights
+        else f"from {cfg.backbone} with --weights {cfg.weights}, nothing pretrained:"
+    )
+    return (
+        f"Running {start} {len(todo)} target runs ({', '.join(cfg.targets)}; "
+        f"n_train {', '.join(map(str, cfg.n_train))}; {', '.join(cfg.modes)}; "
+        + (f"seeds {seed_list[0]}-{seed_list[-1]}; " if len(seed_list) > 1 else "")
+        + f"{rates}; up to {cfg.train_epochs} epochs) {where}"
+    )
 
 
 @dataclasses.dataclass
@@ -143,7 +175,11 @@ class Plan:
 
         def place(item: tuple[int, Run]) -> tuple:
             index, run = item
-            return first[(run.target, run.n_train, run.seed, run.mode)], index >= self.planned, index
+            return (
+                first[(run.target, run.n_train, run.seed, run.mode)],
+                index >= self.planned,
+                index,
+            )
 
         done = [item for item in enumerate(self.runs) if item[1] in self.rows]
         pretrained = [self.rows[run] for run in self.pretraining if run in self.rows]

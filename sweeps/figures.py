@@ -15,8 +15,9 @@ def curve_points(results: list[RunResult]) -> dict[str, dict[str, list[tuple[int
     """The figure's numbers: per target and arm, test accuracy over seeds at each n_train, from the
     same selected runs and MeanCI as the summary."""
     points: dict[str, dict[str, list[tuple[int, MeanCI]]]] = {}
-    for (target, n_train, mode), by_seed in sorted(group_by_arm(results).items(),
-                                                   key=lambda item: (item[0][1], list(ARMS).index(item[0][2]))):
+    for (target, n_train, mode), by_seed in sorted(
+        group_by_arm(results).items(), key=lambda item: (item[0][1], list(ARMS).index(item[0][2]))
+    ):
         points.setdefault(target, {}).setdefault(mode, []).append(
             (n_train, accuracy_ci(by_seed.values())))
     return points
@@ -34,17 +35,29 @@ def draw_figure(results: list[RunResult]):
     points = curve_points(results)
     if not points:  # an interrupted sweep with no complete group yet: a figure that says so
         figure = Figure(figsize=(4.8, 2), layout="constrained")
-        figure.text(0.5, 0.5, "no complete (target, arm, n_train) yet: --resume completes it", ha="center")
+        figure.text(
+            0.5, 0.5, "no complete (target, arm, n_train) yet: --resume completes it", ha="center"
+        )
         return figure
     groups = group_by_arm(results)
-    differences = {target: {mode: [(n, d[0]) for n, _ in curve if (d := paired(groups, target, n, mode))]
-                            for mode, curve in arms.items() if ARMS[mode].pretrained}
-                   for target, arms in points.items()}
+    differences = {
+        target: {
+            mode: [(n, d[0]) for n, _ in curve if (d := paired(groups, target, n, mode))]
+            for mode, curve in arms.items()
+            if ARMS[mode].pretrained
+        }
+        for target, arms in points.items()
+    }
     # an arm without a complete baseline to pair with (a --report of an interrupted sweep) has
     # no difference
     differences = {target: {mode: curve for mode, curve in by_mode.items() if curve}
                    for target, by_mode in differences.items()}
-    below = any(ci.n > 1 for by_mode in differences.values() for curve in by_mode.values() for _, ci in curve)
+    below = any(
+        ci.n > 1
+        for by_mode in differences.values()
+        for curve in by_mode.values()
+        for _, ci in curve
+    )
     figure = Figure(figsize=(4.8 * len(points), 7.6 if below else 4), layout="constrained")
     axes = figure.subplots(1 + below, len(points), squeeze=False)
     for ax, (target, arms) in zip(axes[0], points.items()):
@@ -52,7 +65,9 @@ def draw_figure(results: list[RunResult]):
     for ax, (target, by_mode) in zip(axes[1] if below else [], differences.items()):
         draw_differences(ax, target, by_mode)
     seeds = max(ci.n for arms in points.values() for curve in arms.values() for _, ci in curve)
-    figure.suptitle("1 seed, no interval" if seeds == 1 else f"Mean over {seeds} seeds, 95% interval")
+    figure.suptitle(
+        "1 seed, no interval" if seeds == 1 else f"Mean over {seeds} seeds, 95% interval"
+    )
     return figure
 
 
@@ -124,8 +139,9 @@ def save_figure(figure, path) -> None:
 
 def log_figure(figure, cfg: argparse.Namespace) -> None:
     """The figure in TensorBoard's IMAGES tab, as the run figure/<version>."""
-    tb_logger = lightning.pytorch.loggers.TensorBoardLogger(cfg.log_dir, name="figure", version=cfg.version,
-                                                           default_hp_metric=False)
+    tb_logger = lightning.pytorch.loggers.TensorBoardLogger(
+        cfg.log_dir, name="figure", version=cfg.version, default_hp_metric=False
+    )
     tb_logger.experiment.add_figure("test_accuracy", figure, close=False)
     tb_logger.finalize("success")
 
@@ -136,7 +152,9 @@ def draw_comparison(sweeps: dict[str, list[RunResult]]):
     from matplotlib.figure import Figure
 
     groups = {label: group_by_arm(results) for label, results in sweeps.items()}
-    targets, sizes = (sorted({key[i] for by_arm in groups.values() for key in by_arm}) for i in (0, 1))
+    targets, sizes = (
+        sorted({key[i] for by_arm in groups.values() for key in by_arm}) for i in (0, 1)
+    )
     ran = {key[2] for by_arm in groups.values() for key in by_arm}
     modes = [mode for mode in ARMS if ARMS[mode].pretrained and mode in ran]
     figure = Figure(figsize=(max(6.4, 4.8 * len(targets)), 4 * len(sizes)), layout="constrained")
@@ -159,9 +177,10 @@ def draw_comparison(sweeps: dict[str, list[RunResult]]):
         ax.set_xticks(range(len(modes)), modes)
         ax.set_xlim(-0.5, len(modes) - 0.5)
         ax.grid(alpha=0.3)
-        ax.set(title=f"{target}, {n_train} labelled images", ylabel=f"test accuracy − {baseline_arm()} (points)")
+        ax.set(
+            title=f"{target}, {n_train} labelled images",
+            ylabel=f"test accuracy − {baseline_arm()} (points)",
+        )
         ax.legend()
     figure.suptitle(f"Paired difference with {baseline_arm()}: mean over seeds, 95% interval")
     return figure
-
-

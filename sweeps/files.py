@@ -48,8 +48,10 @@ class SweepLock:
             except BlockingIOError:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
-                raise SweepLocked(f"{self.path.with_suffix('')} is being written by another invocation (PID "
-                                  f"{holder}); wait for it to end or stop it, then --resume") from None
+                raise SweepLocked(
+                    f"{self.path.with_suffix('')} is being written by another invocation (PID "
+                    f"{holder}); wait for it to end or stop it, then --resume"
+                ) from None
             # a holder that ended removed the file after we opened it: lock the file that is
             # there now
             with contextlib.suppress(FileNotFoundError):

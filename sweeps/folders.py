@@ -29,18 +29,29 @@ class ImageFolderSplits:
 
     def __call__(self, root: str, train: bool, download: bool) -> types.SimpleNamespace:
         split = Path(self.folder, "train" if train else "test")
-        to_tensor = torchvision.transforms.Compose([
-            torchvision.transforms.Grayscale(1) if self.channels == 1 else torchvision.transforms.Lambda(rgb),
-            torchvision.transforms.Resize(self.size),
-            torchvision.transforms.PILToTensor(),  # uint8, normalised later like every other target
-        ])
+        to_tensor = torchvision.transforms.Compose(
+            [
+                (
+                    torchvision.transforms.Grayscale(1)
+                    if self.channels == 1
+                    else torchvision.transforms.Lambda(rgb)
+                ),
+                torchvision.transforms.Resize(self.size),
+                # uint8, normalised later like every other target
+                torchvision.transforms.PILToTensor(),
+            ]
+        )
         try:
             dataset = torchvision.datasets.ImageFolder(split, transform=to_tensor)
             images = torch.stack([image for image, _ in dataset]).permute(0, 2, 3, 1)
         # no images (FileNotFoundError), or one PIL cannot read
         except (OSError, ValueError) as err:
-            raise tm.ExperimentError(f"image folder {split}: {str(err).strip().splitlines()[0]}") from None
-        return types.SimpleNamespace(data=images.contiguous(), targets=torch.tensor(dataset.targets))
+            raise tm.ExperimentError(
+                f"image folder {split}: {str(err).strip().splitlines()[0]}"
+            ) from None
+        return types.SimpleNamespace(
+            data=images.contiguous(), targets=torch.tensor(dataset.targets)
+        )
 
 
 def folder_shape(path: str) -> tuple[int, tuple[int, int]]:
@@ -53,7 +64,9 @@ def folder_shape(path: str) -> tuple[int, tuple[int, int]]:
         with Image.open(first) as image:
             return (1 if image.mode in ("L", "1", "I", "F") else 3), (image.height, image.width)
     except OSError as err:
-        raise tm.ExperimentError(f"image folder {path}: {first.name} cannot be read ({err})") from None
+        raise tm.ExperimentError(
+            f"image folder {path}: {first.name} cannot be read ({err})"
+        ) from None
 
 
 def folder_of(target: tm.Target) -> str | None:
@@ -78,12 +91,20 @@ def register_image_folder(path: str, channels: int, size: tuple[int, int]) -> st
         try:
             classes[split], _ = torchvision.datasets.folder.find_classes(root / split)
         except FileNotFoundError:
-            raise tm.ExperimentError(f"image folder {root / split} has no class subfolders; {layout}") from None
+            raise tm.ExperimentError(
+                f"image folder {root / split} has no class subfolders; {layout}"
+            ) from None
     if classes["train"] != classes["test"]:
         only = sorted(set(classes["train"]) ^ set(classes["test"]))
-        raise tm.ExperimentError(f"image folder {root}: train/ and test/ have different classes ({', '.join(only)})")
+        raise tm.ExperimentError(
+            f"image folder {root}: train/ and test/ have different classes ({', '.join(only)})"
+        )
     if name in tm.TARGETS and folder_of(tm.TARGETS[name]) is None:
-        raise tm.ExperimentError(f"image folder {root} is named like the registered target {name}; rename the folder")
-    tm.TARGETS[name] = tm.Target(ImageFolderSplits(str(root), channels, tuple(size)), tuple(classes["train"]))
+        raise tm.ExperimentError(
+            f"image folder {root} is named like the registered target {name}; rename the folder"
+        )
+    tm.TARGETS[name] = tm.Target(
+        ImageFolderSplits(str(root), channels, tuple(size)), tuple(classes["train"])
+    )
     tm.read_split.cache_clear()  # a folder registered anew under a name read before
     return name

@@ -40,7 +40,9 @@ def gpus_per_run(cfg: argparse.Namespace) -> float:
     elsewhere)."""
     if cfg.gpus_per_run is not None:
         return cfg.gpus_per_run
-    on_gpu = cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
+    on_gpu = cfg.accelerator in ("gpu", "cuda") or (
+        cfg.accelerator == "auto" and torch.cuda.is_available()
+    )
     return 1 / cfg.workers if on_gpu else 0.0
 
 
@@ -166,6 +168,31 @@ class RaySweep:
         import ray
 
         self.ray = ray
+        self.start(ray)
+        if self.processes:
+            self.processes.look()
+        resources = ray.cluster_resources()
+        if self.gpus and not resources.get("GPU"):
+            self.__exit__()
+            raise tm.ExperimentError(
+                f"--gpus-per-run {self.gpus:g}, but Ray has no GPU here; pass --gpus-per-run 0"
+            )
+        # Worker processes start now and import torch (seconds) while this process pretrains
+        warm_up = ray.remote(quiet_libraries).options(num_cpus=self.threads)
+        self.slots = int(resources["CPU"] // self.threads)  # runs at a time
+        self.pending = {warm_up.remote(): None for _ in range(self.slots)}
+        on = f"the Ray cluster at {cfg.cluster}" if cfg.cluster else "a local Ray instance"
+        logger.info(
+            f"Target runs on {on}: {resources['CPU']:g} CPUs, {resources.get('GPU', 0):g} GPUs; "
+            f"each run takes {self.threads} "
+            f"CPU(s) and torch thread(s)" + (f" and {self.gpus:g} of a GPU" if self.gpus else "")
+        )
+        return self
+
+    def start(self, ray) -> None:
+        """ray.init(): a local instance of our own, whose processes are
+        noted, or the cluster at --cluster."""
+        cfg = self.cfg
         quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR,
                  "runtime_env": {"py_modules": [tm.__file__, os.path.dirname(sweeps.__file__)]}}
         # "local": a new instance of our own, even where `ray start` runs or left its address behind
@@ -175,13 +202,17 @@ class RaySweep:
         # so that a terminal's Ctrl-C is the driver's to handle; SIGTERM to the whole process
         # group (timeout, a batch scheduler) killed them before the driver could stop the sweep,
         # and Ray then ended the driver (exit 1)
-        blocked = None if cfg.cluster else signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        blocked = (
+            None if cfg.cluster else signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        )
         before = set(watch.children(os.getpid()))
         try:
             ray.init(**({"address": cfg.cluster} if cfg.cluster else local), **quiet)
         # ConnectionError, or a ValueError/RuntimeError for an address Ray cannot use
         except Exception as err:
-            raise tm.ExperimentError(f"cannot start Ray on {cfg.cluster or 'this machine'}: {one_line(err)}") from None
+            raise tm.ExperimentError(
+                f"cannot start Ray on {cfg.cluster or 'this machine'}: {one_line(err)}"
+            ) from None
         finally:
             # ray.init() replaced the SIGTERM handler; one that came meanwhile arrives now
             StopSignal.install()
@@ -192,20 +223,6 @@ class RaySweep:
             ray_folder = os.path.dirname(ray.__file__)
             own = {pid for pid in started if watch.runs_from(pid, ray_folder)}
             self.processes = InstanceProcesses(self.ending, own)
-        if self.processes:
-            self.processes.look()
-        resources = ray.cluster_resources()
-        if self.gpus and not resources.get("GPU"):
-            self.__exit__()
-            raise tm.ExperimentError(f"--gpus-per-run {self.gpus:g}, but Ray has no GPU here; pass --gpus-per-run 0")
-        # Worker processes start now and import torch (seconds) while this process pretrains
-        warm_up = ray.remote(quiet_libraries).options(num_cpus=self.threads)
-        self.slots = int(resources["CPU"] // self.threads)  # runs at a time
-        self.pending = {warm_up.remote(): None for _ in range(self.slots)}
-        logger.info(f"Target runs on {f'the Ray cluster at {cfg.cluster}' if cfg.cluster else 'a local Ray instance'}: "
-                    f"{resources['CPU']:g} CPUs, {resources.get('GPU', 0):g} GPUs; each run takes {self.threads} "
-                    f"CPU(s) and torch thread(s)" + (f" and {self.gpus:g} of a GPU" if self.gpus else ""))
-        return self
 
     def __exit__(self, *exc_info) -> None:
         # Ctrl-C or an error: nothing of this sweep keeps running on the cluster
@@ -266,7 +283,9 @@ class RaySweep:
         """The targets and arms a sweep uses, registered at run time too."""
         cfg = self.cfg
         names = [name for name in (cfg.source, *cfg.targets) if name in tm.TARGETS]
-        return {name: tm.TARGETS[name] for name in names}, {name: tm.ARMS[name] for name in cfg.modes}
+        return {name: tm.TARGETS[name] for name in names}, {
+            name: tm.ARMS[name] for name in cfg.modes
+        }
 
     def outcome(self, ref, run) -> tuple:
         """A finished task's (result, backbone, where, node); its failure
@@ -275,7 +294,9 @@ class RaySweep:
         try:
             return ray.get(ref)
         except ray.exceptions.RayTaskError as err:  # inside the run: bad input, a full disk
-            raise (err.cause if isinstance(err.cause, (tm.ExperimentError, OSError)) else err) from None
+            raise (
+                err.cause if isinstance(err.cause, (tm.ExperimentError, OSError)) else err
+            ) from None
         except ray.exceptions.LocalRayletDiedError:
             self.check_instance()  # an agent's death, which took the raylet with it
             raise ExperimentFailure(self.died("raylet")) from None

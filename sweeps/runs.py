@@ -43,7 +43,8 @@ class Run:
     learning_rate: float
 
     def __str__(self) -> str:
-        return f"{self.target}/{self.mode} n_train {self.n_train} seed {self.seed} lr {self.learning_rate:g}"
+        return (f"{self.target}/{self.mode} n_train {self.n_train} seed {self.seed} "
+                f"lr {self.learning_rate:g}")
 
 
 def run_key(r: RunResult) -> Run:
@@ -80,8 +81,11 @@ def pretraining_runs(cfg: argparse.Namespace) -> list[Run]:
     with --weights: every pretrained arm starts from them."""
     if cfg.weights:
         return []
-    return [Run(cfg.source, "pretrain", seed, cfg.n_pretrain, rate)
-            for seed in dict.fromkeys(backbone_seed(cfg, seed) for seed in seeds(cfg)) for rate in pretraining_rates(cfg)]
+    return [
+        Run(cfg.source, "pretrain", seed, cfg.n_pretrain, rate)
+        for seed in dict.fromkeys(backbone_seed(cfg, seed) for seed in seeds(cfg))
+        for rate in pretraining_rates(cfg)
+    ]
 
 
 def pretrain_checkpoint(cfg: argparse.Namespace, seed: int, rate: float | None = None) -> str:
@@ -137,11 +141,23 @@ def pretrain_backbone(cfg: argparse.Namespace, seed: int) -> tuple[list[RunResul
     for rate in pretraining_rates(cfg):
         started = time.perf_counter()
         # --min-delta is the target runs': pretraining's loss on 2,500 images stays far from 0
-        settings = argparse.Namespace(**{
-            **vars(cfg), "min_delta": 0.0, "pretrain_lr": rate,
-            "patience": cfg.patience if cfg.pretrain_patience is None else cfg.pretrain_patience,
-            "version": os.path.join(cfg.version, *filter(None, [sub_dir(cfg, Run(cfg.source, "pretrain", seed,
-                                                                                      cfg.n_pretrain, rate))]))})
+        settings = argparse.Namespace(
+            **{
+                **vars(cfg),
+                "min_delta": 0.0,
+                "pretrain_lr": rate,
+                "patience": (
+                    cfg.patience if cfg.pretrain_patience is None else cfg.pretrain_patience
+                ),
+                "version": os.path.join(
+                    cfg.version,
+                    *filter(
+                        None,
+                        [sub_dir(cfg, Run(cfg.source, "pretrain", seed, cfg.n_pretrain, rate))],
+                    ),
+                ),
+            }
+        )
         paths[rate], result = (shuffled_pretrain if cfg.shuffle else tm.pretrain)(settings, seed)
         results.append(recorded(result, started))
     pick = min(results, key=lambda r: (not_nan(r.val_loss), r.learning_rate))
@@ -158,7 +174,9 @@ def read_weights(backbone: str, weights: str, channels: int) -> dict[str, torch.
     return tm.read_weights(settings, channels)
 
 
-def execute(cfg: argparse.Namespace, run: Run, backbone: dict | None) -> tuple[RunResult | list, dict | None]:
+def execute(
+    cfg: argparse.Namespace, run: Run, backbone: dict | None
+) -> tuple[RunResult | list, dict | None]:
     """One run, here, through the template's pretrain() and train(), with the template's settings
     for this run: a pretraining is seed's whole pretraining grid, its rows and the backbone it
     keeps; a target run starts from `backbone`."""
@@ -166,7 +184,9 @@ def execute(cfg: argparse.Namespace, run: Run, backbone: dict | None) -> tuple[R
     try:
         if run.mode == "pretrain":
             return pretrain_backbone(cfg, run.seed)
-        settings = argparse.Namespace(**{**vars(cfg), "seed": run.seed, "lr": {**cfg.lr, run.mode: run.learning_rate}})
+        settings = argparse.Namespace(
+            **{**vars(cfg), "seed": run.seed, "lr": {**cfg.lr, run.mode: run.learning_rate}}
+        )
         data = target_data(cfg, run.target, run.n_train, run.seed)
         return recorded(tm.train(backbone, run.mode, data, settings), started), None
     # Lightning ends a fit that a signal interrupted with sys.exit(1): stop the sweep instead
@@ -231,7 +251,9 @@ def learned(rows: list[RunResult], select: str) -> bool:
     return chance is None or pooled_loss([r.val_loss for r in rows], select) < NEAR_CHANCE * chance
 
 
-def candidate_rates(rates: dict[float, list[RunResult]], select: str) -> dict[float, list[RunResult]]:
+def candidate_rates(
+    rates: dict[float, list[RunResult]], select: str
+) -> dict[float, list[RunResult]]:
     """The rates of a selection group that may be chosen. Per seed (--select seed,
     results/PROTOCOL.md), every rate the seed ran. Pooled or mean: those at which at most
     LATE_SHARE of the runs were still improving at the end of their budget, and which learned
@@ -241,7 +263,9 @@ def candidate_rates(rates: dict[float, list[RunResult]], select: str) -> dict[fl
     qualifies, every rate may (the summary's warnings count the late runs)."""
     if select == "seed":
         return rates
-    return {rate: rows for rate, rows in rates.items() if settled(rows) and learned(rows, select)} or rates
+    return {
+        rate: rows for rate, rows in rates.items() if settled(rows) and learned(rows, select)
+    } or rates
 
 
 def select_rates(results: list[RunResult], select: str = "seed") -> list[RunResult]:
@@ -271,7 +295,9 @@ def settle(results: list[RunResult], select: str,
     rows."""
     expected: dict[tuple, set] = {}  # (target, mode, n_train) -> its (seed, rate)s
     for run in planned:
-        expected.setdefault((run.target, run.mode, run.n_train), set()).add((run.seed, run.learning_rate))
+        expected.setdefault((run.target, run.mode, run.n_train), set()).add(
+            (run.seed, run.learning_rate)
+        )
     held: dict[tuple, list[RunResult]] = {}
     for r in results:
         held.setdefault((r.target, r.mode, r.n_train), []).append(r)
@@ -294,9 +320,11 @@ def settle(results: list[RunResult], select: str,
         missing, partial = seeds_of(want) - seeds_of(have), seeds_of(want - have) & seeds_of(have)
         lacking = [f"seed{'s' * (len(found) > 1)} {', '.join(map(str, sorted(found)))} {what}"
                    for found, what in ((missing, "missing"), (partial, "part-done")) if found]
-        incomplete.append(f"{target}/{mode} n_train {n_train} is incomplete: {len(have)} of {len(want)} runs "
-                          f"({'; '.join(lacking)}); its {len(rows)} finished rows stay out of the summary until "
-                          f"--resume completes it")
+        incomplete.append(
+            f"{target}/{mode} n_train {n_train} is incomplete: {len(have)} of {len(want)} runs "
+            f"({'; '.join(lacking)}); its {len(rows)} finished rows stay out of the summary until "
+            f"--resume completes it"
+        )
     return results, incomplete
 
 
@@ -354,7 +382,12 @@ def read_results(paths: typing.Sequence[str], flag: str = "--report") -> list[Ru
     """The rows of results CSVs, merged. A row repeated across files is kept once; two rows of the
     same run with different numbers are an error. Errors name `flag`."""
     kinds = typing.get_type_hints(RunResult)
-    parse = {int: int, float: float, str: str, bool: lambda text: {"true": True, "false": False}[text.lower()]}
+    parse = {
+        int: int,
+        float: float,
+        str: str,
+        bool: lambda text: {"true": True, "false": False}[text.lower()],
+    }
     results: dict[Run, RunResult] = {}
     for path in paths:
         try:
@@ -365,18 +398,26 @@ def read_results(paths: typing.Sequence[str], flag: str = "--report") -> list[Ru
             raise tm.ExperimentError(f"{flag} {path} cannot be read ({reason})") from None
         missing = [column for column in tm.RESULT_COLUMNS if rows and column not in rows[0]]
         if not rows or missing:
-            raise tm.ExperimentError(f"{flag} {path} is not a results CSV of this script "
-                                     f"({'no rows' if not rows else 'no column ' + ', '.join(missing)})")
+            raise tm.ExperimentError(
+                f"{flag} {path} is not a results CSV of this script "
+                f"({'no rows' if not rows else 'no column ' + ', '.join(missing)})"
+            )
         for line, row in enumerate(rows, start=2):
             try:
-                result = RunResult(**{column: parse[kinds[column]](row[column]) for column in tm.RESULT_COLUMNS})
+                result = RunResult(
+                    **{column: parse[kinds[column]](row[column]) for column in tm.RESULT_COLUMNS}
+                )
             except (KeyError, ValueError, TypeError):
-                raise tm.ExperimentError(f"{flag} {path}, line {line}: not a row of results ({row})") from None
+                raise tm.ExperimentError(
+                    f"{flag} {path}, line {line}: not a row of results ({row})"
+                ) from None
             earlier = results.setdefault(run_key(result), result)
             if csv_row(earlier) != csv_row(result):
                 raise tm.ExperimentError(
-                    f"{flag}: {path}, line {line} and an earlier row are the same run ({result.target} {result.mode} "
-                    f"n_train {result.n_train} seed {result.seed} lr {result.learning_rate:g}) with different numbers")
+                    f"{flag}: {path}, line {line} and an earlier row are the same run "
+                    f"({result.target} {result.mode} n_train {result.n_train} seed {result.seed} "
+                    f"lr {result.learning_rate:g}) with different numbers"
+                )
     return list(results.values())
 
 
@@ -384,4 +425,7 @@ def save_backbone(backbone: dict[str, torch.Tensor], checkpoint_path: str) -> No
     """A backbone as a checkpoint that tm.read_backbone() reads (one pretrained on another node,
     for --resume)."""
     os.makedirs(os.path.dirname(checkpoint_path), exist_ok=True)
-    torch.save({"state_dict": {f"convnet.{key}": value for key, value in backbone.items()}}, checkpoint_path)
+    torch.save(
+        {"state_dict": {f"convnet.{key}": value for key, value in backbone.items()}},
+        checkpoint_path,
+    )

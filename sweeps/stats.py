@@ -38,14 +38,23 @@ class MeanCI:
             return cls(n, mean, math.nan, math.nan, math.nan)
         sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
         half_width = t_975(n - 1) * sd / math.sqrt(n)
-        p = 2 * float(stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1)) if sd > 0 else float(mean == 0) or 0.0
-        return cls(n, mean, sd, max(bounds[0], mean - half_width), min(bounds[1], mean + half_width), p)
+        p = (
+            2 * float(stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+            if sd > 0
+            else float(mean == 0) or 0.0
+        )
+        return cls(
+            n, mean, sd, max(bounds[0], mean - half_width), min(bounds[1], mean + half_width), p
+        )
 
     def text(self, digits: int = 4) -> tuple[str, str]:
         """("mean ± sd", "[low, high]") for tables; one value has no spread."""
         if self.n < 2:
             return f"{self.mean:.{digits}f}", "n/a"
-        return f"{self.mean:.{digits}f} ± {self.sd:.{digits}f}", f"[{self.low:.{digits}f}, {self.high:.{digits}f}]"
+        return (
+            f"{self.mean:.{digits}f} ± {self.sd:.{digits}f}",
+            f"[{self.low:.{digits}f}, {self.high:.{digits}f}]",
+        )
 
 
 def holm(p_values: list[float]) -> list[float]:
@@ -80,7 +89,10 @@ def tost_p(differences: list[float], margin: float) -> float:
     se = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1) / n)
     if se == 0:
         return 0.0 if abs(mean) < margin else 1.0
-    return max(float(stats.t.sf((mean + margin) / se, n - 1)), float(stats.t.sf((margin - mean) / se, n - 1)))
+    return max(
+        float(stats.t.sf((mean + margin) / se, n - 1)),
+        float(stats.t.sf((margin - mean) / se, n - 1)),
+    )
 
 
 def detectable(sd: float, n: int, power: float = 0.8) -> float:

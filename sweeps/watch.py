@@ -153,8 +153,11 @@ def watch() -> int:
                     return 0
                 roots, ending = message["roots"], message["ending"]
                 seen.update(message["seen"])
-        dead = [title for pid, (start, title) in seen.items()
-                if is_own(title, roots, pid) and title not in gone and process_start(int(pid)) != start]
+        dead = [
+            title
+            for pid, (start, title) in seen.items()
+            if is_own(title, roots, pid) and title not in gone and process_start(int(pid)) != start
+        ]
         # the driver outlived them: their deaths came first
         if process_start(driver) == driver_start:
             gone += dead
@@ -167,8 +170,11 @@ def watch() -> int:
     family([int(pid) for pid in seen], seen)  # workers started since the driver last looked
     end(seen)
     agents = [title for title in gone if is_agent(title)]
-    what = (f"the local Ray instance stopped under the script: its {(agents or gone)[0]} process died" if gone else
-            f"the script (PID {driver}) was ended from outside; its local Ray instance is stopped")
+    what = (
+        f"the local Ray instance stopped under the script: its {(agents or gone)[0]} process died"
+        if gone
+        else f"the script (PID {driver}) was ended from outside; its local Ray instance is stopped"
+    )
     print(f"error: {what}; {ending}", file=sys.stderr, flush=True)
     return 0
 
