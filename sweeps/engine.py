@@ -69,11 +69,9 @@ class Progress:
     def __init__(self, pretraining: int, target_runs: int, workers: int):
         self.left = {"pretraining": pretraining, "target run": target_runs}
         self.seconds: dict[str, list[float]] = {kind: [] for kind in self.left}
-        self.total, self.workers, self.started = (
-            pretraining + target_runs,
-            workers,
-            time.monotonic(),
-        )
+        self.total = pretraining + target_runs
+        self.workers = workers
+        self.started = time.monotonic()
 
     def add(self, target_runs: int) -> None:
         """Target runs that --widen added."""
@@ -150,8 +148,7 @@ class Plan:
 
     def grid(self, run: Run) -> list[Run]:
         """The runs among which run's rate is selected."""
-        group = selection_group(run, self.select)
-        return [r for r in self.runs if selection_group(r, self.select) == group]
+        return self.grids()[selection_group(run, self.select)]
 
     def grids(self) -> dict[tuple, list[Run]]:
         grids: dict[tuple, list[Run]] = {}
@@ -169,17 +166,16 @@ class Plan:
     def ordered(self) -> list[RunResult]:
         """The rows in the results' order: pretraining first, then each
         (target, n_train, seed, arm)'s grid together, widened rates last."""
+        def block(run: Run) -> tuple:
+            return run.target, run.n_train, run.seed, run.mode
+
         first: dict[tuple, int] = {}
         for index, run in enumerate(self.runs):
-            first.setdefault((run.target, run.n_train, run.seed, run.mode), index)
+            first.setdefault(block(run), index)
 
         def place(item: tuple[int, Run]) -> tuple:
             index, run = item
-            return (
-                first[(run.target, run.n_train, run.seed, run.mode)],
-                index >= self.planned,
-                index,
-            )
+            return first[block(run)], index >= self.planned, index
 
         done = [item for item in enumerate(self.runs) if item[1] in self.rows]
         pretrained = [self.rows[run] for run in self.pretraining if run in self.rows]

@@ -37,22 +37,31 @@ def stat_fields(pid: int) -> list[str]:
         return []
 
 
+def children_by_parent() -> dict[int, list[int]]:
+    """Every process's children, from /proc: parent PID -> child PIDs."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        fields = stat_fields(int(proc.name))
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(proc.name))
+    return children
+
+
 def children(parent: int) -> list[int]:
     """The processes whose parent is `parent`: ray_engine takes those
     that ray.init() started as the instance's own."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        fields = stat_fields(int(proc.name))
-        if fields[1:2] == [str(parent)]:
-            found.append(int(proc.name))
-    return found
+    return children_by_parent().get(parent, [])
+
+
+def command_line(pid: int) -> list[str]:
+    """The process's arguments, its program first (Ray's title for its own)."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
 
 
 def runs_from(pid: int, folder: str) -> bool:
     """Whether the process runs a program, or a script, from `folder`."""
     with contextlib.suppress(OSError):
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        return any(arg.startswith(folder + os.sep) for arg in argv[:3])
+        return any(arg.startswith(folder + os.sep) for arg in command_line(pid)[:3])
     return False
 
 
@@ -76,11 +85,7 @@ def family(roots: list[int], seen: dict[str, list]) -> None:
     """Adds to `seen` (PID -> [start time, title]) the processes of `roots` that are alive and
     their descendants, each with its start time and the title Ray gave it (ray::RuntimeEnvAgent
     -> RuntimeEnvAgent)."""
-    children: dict[int, list[int]] = {}
-    for proc in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(proc.name))
+    children = children_by_parent()
     todo = list(roots)
     while todo:
         pid = todo.pop()
@@ -94,7 +99,7 @@ def family(roots: list[int], seen: dict[str, list]) -> None:
 def process_title(pid: int) -> str:
     """What Ray calls a process: its title (ray::RuntimeEnvAgent -> RuntimeEnvAgent), the program
     it runs (raylet, gcs_server), or for Python the script (log_monitor)."""
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    argv = command_line(pid)
     program = os.path.basename(argv[0].removeprefix("ray::"))
     scripts = [arg for arg in argv[1:] if arg.endswith(".py")]
     return Path(scripts[0]).stem if program.startswith("python") and scripts else program

@@ -31,6 +31,12 @@ def network_args(**given) -> argparse.Namespace:
     )
 
 
+def resnet_on_even_odd(weights) -> list[str]:
+    """A ResNet-18 from a weights file at 32 pixels, on even/odd."""
+    return ["--backbone", "resnet18", "--weights", str(weights), "--image-size", "32",
+            "--targets", "even-odd"]
+
+
 def trained_looking(seed: int) -> dict[str, torch.Tensor]:
     """A ResNet-18 state_dict whose every tensor differs from a fresh network's, BatchNorm's
     statistics too."""
@@ -326,14 +332,7 @@ def test_the_template_alone_starts_each_pretrained_arm_from_the_weights_and_from
     monkeypatch.setattr(tm, "fit", watched)
     caplog.set_level("INFO", logger="transfer_mnist")
     argv = tiny_args + [
-        "--backbone",
-        "resnet18",
-        "--weights",
-        str(tmp_path / "mine.pt"),
-        "--image-size",
-        "32",
-        "--targets",
-        "even-odd",
+        *resnet_on_even_odd(tmp_path / "mine.pt"),
         "--modes",
         "finetuned",
         "from_scratch",
@@ -397,14 +396,7 @@ def test_a_sweep_with_weights_gives_the_same_rows_on_local_workers_as_in_one_pro
 
     torch.save(trained_looking(7), tmp_path / "mine.pt")
     argv = tiny_args + [
-        "--backbone",
-        "resnet18",
-        "--weights",
-        str(tmp_path / "mine.pt"),
-        "--image-size",
-        "32",
-        "--targets",
-        "even-odd",
+        *resnet_on_even_odd(tmp_path / "mine.pt"),
         "--seeds",
         "2",
         "--threads",
