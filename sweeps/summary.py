@@ -86,16 +86,19 @@ def paired_runs(arms: pd.DataFrame) -> pd.DataFrame:
     return pairs.sort_values(["order", "seed"])
 
 
-def comparisons(arms: pd.DataFrame) -> pd.DataFrame:
+def comparisons(arms: pd.DataFrame, primaries: dict[str, int] | None = None) -> pd.DataFrame:
     """Per pretrained arm: MeanCIs of its differences with the baseline in
-    test accuracy and loss, and the first in points."""
+    test accuracy and loss, the first in points, and whether it is a
+    primary (PRIMARY_ARM at the target's size in `primaries`)."""
     rows = []
-    for key, pair in paired_runs(arms).groupby(KEY, sort=False):
+    for (target, n_train, mode), pair in paired_runs(arms).groupby(KEY, sort=False):
         acc, loss = pair.acc.tolist(), pair.loss.tolist()
         # rounded so that equal differences tie, as Wilcoxon's ranks need
         diffs = [round(100 * d, 6) for d in acc]
-        rows.append([*key, MeanCI.of(acc, (-1.0, 1.0)), MeanCI.of(loss), diffs])
-    return pd.DataFrame(rows, columns=[*KEY, "acc", "loss", "diffs"])
+        primary = mode == PRIMARY_ARM and n_train == (primaries or {}).get(target)
+        rows.append([target, n_train, mode, MeanCI.of(acc, (-1.0, 1.0)), MeanCI.of(loss), diffs,
+                     primary])
+    return pd.DataFrame(rows, columns=[*KEY, "acc", "loss", "diffs", "primary"])
 
 
 def points(ci: MeanCI) -> str:
@@ -153,29 +156,6 @@ def format_table(results: list[RunResult]) -> str:
     return aligned(table)
 
 
-def accuracy_ci(runs: typing.Iterable[RunResult]) -> MeanCI:
-    """For the figure: mean test accuracy over seeds, 95% interval."""
-    return MeanCI.of([r.test_acc for r in runs], ACCURACY_RANGE)
-
-
-def group_by_arm(results: list[RunResult]) -> dict[tuple, dict]:
-    """For the figure: the selected runs of each arm, by seed."""
-    groups: dict[tuple, dict[int, RunResult]] = {}
-    for r in results:
-        if r.mode in ARMS and r.selected:
-            groups.setdefault((r.target, r.n_train, r.mode), {})[r.seed] = r
-    return groups
-
-
-def paired(groups: dict, target: str, n_train: int, mode: str) -> tuple[MeanCI, MeanCI] | None:
-    """For the figure: an arm of group_by_arm() minus the baseline, in test
-    accuracy and loss; None without a seed of both."""
-    runs = groups[(target, n_train, mode)].values()
-    base = groups.get((target, n_train, baseline_arm()), {}).values()
-    compared = comparisons(frame([*runs, *base]))
-    return None if compared.empty else (compared.acc[0], compared.loss[0])
-
-
 def primary_sizes(sizes: dict[str, set[int]], augmented: bool = False) -> dict[str, int]:
     """Each target's primary size in a sweep of results/PROTOCOL.md: PRIMARY_N_TRAIN or
     the largest below; none with --augment, or with larger sizes only."""
@@ -195,6 +175,11 @@ def sizes_run(arms: pd.DataFrame) -> dict[str, set[int]]:
     return {target: set(sizes) for target, sizes in arms.groupby("target").n_train}
 
 
+def protocol_comparisons(arms: pd.DataFrame, augmented: bool, protocol: bool) -> pd.DataFrame:
+    """comparisons() with the primaries of a sweep of results/PROTOCOL.md."""
+    return comparisons(arms, primary_sizes(sizes_run(arms), augmented) if protocol else None)
+
+
 ARM_HEADER = ["target", "n_train", "mode", "seeds", "test acc mean ± sd", "95% CI",
               "test loss mean ± sd", "95% CI"]
 DIFF_HEADER = ["target", "n_train", "paired difference", "seeds", "Δ test acc mean ± sd",
@@ -207,7 +192,6 @@ def summarize(results: list[RunResult], augmented: bool = False,
     paired by seed, with its paired-t p and Holm's adjustment over the
     table, the primaries marked in a sweep of results/PROTOCOL.md."""
     arms = arm_runs(results)
-    at = primary_sizes(sizes_run(arms), augmented) if protocol else {}
     means = []
     for (target, n_train, mode), runs in arms.groupby(KEY, sort=False):
         acc = MeanCI.of(runs.test_acc.tolist(), ACCURACY_RANGE)
@@ -215,11 +199,11 @@ def summarize(results: list[RunResult], augmented: bool = False,
         if head := runs.head_stage.sum():
             mode += f" ({head} of {len(runs)} tested on the head stage)"
         means.append([target, str(n_train), mode, str(acc.n), *acc.text(), *loss.text()])
-    seeds, compared = arms.groupby(KEY).size(), comparisons(arms)
+    seeds, compared = arms.groupby(KEY).size(), protocol_comparisons(arms, augmented, protocol)
     rows = []
     adjusted = holm([acc.p for acc in compared.acc])
-    for (target, n_train, mode, acc, loss, _), p in zip(compared.values, adjusted):
-        primary = " (primary)" * (mode == PRIMARY_ARM and n_train == at.get(target))
+    for (target, n_train, mode, acc, loss, _, primary), p in zip(compared.values, adjusted):
+        primary = " (primary)" * primary
         rows.append([target, str(n_train), f"{mode} - {baseline_arm()}{primary}",
                      str(seeds[target, n_train, mode]), *acc.text(), p_text(acc.p),
                      p_text(p), *loss.text()])
@@ -238,11 +222,10 @@ def preregistered(results: list[RunResult], augmented: bool = False,
     the smallest difference the seeds detect. Holm runs over a protocol
     sweep's primaries, and only they are read; elsewhere over all."""
     arms = arm_runs(results)
-    at = primary_sizes(sizes_run(arms), augmented) if protocol else None
     rows, tests, sds = [], [], []
-    for target, n_train, mode, *_, diffs in comparisons(arms).values:
+    compared = protocol_comparisons(arms, augmented, protocol)
+    for target, n_train, mode, _, _, diffs, primary in compared.values:
         ci = MeanCI.of(diffs, POINTS_RANGE)
-        primary = at is not None and mode == PRIMARY_ARM and n_train == at.get(target)
         sides = [sum(d > 0 for d in diffs), sum(d < 0 for d in diffs),
                  sum(d == 0 for d in diffs)]
         wilcoxon, tost = wilcoxon_p(diffs), tost_p(diffs, EQUIVALENCE_MARGIN)
@@ -251,9 +234,9 @@ def preregistered(results: list[RunResult], augmented: bool = False,
             str(ci.n), f"{ci.mean:+.1f}", f"{statistics.median(diffs):+.1f}",
             f"[{ci.low:+.1f}, {ci.high:+.1f}]" if ci.n > 1 else "n/a",
             " / ".join(map(str, sides)), p_text(wilcoxon), "", p_text(tost), "exploratory"])
-        if primary or at is None:
+        if primary or not protocol:
             tests.append((rows[-1], wilcoxon, tost, ci.mean))
-        if primary or (at is None and mode == PRIMARY_ARM):
+        if primary or (not protocol and mode == PRIMARY_ARM):
             sds.append((ci.sd, ci.n))
     found = "a finding" if protocol else "a difference"
     for (row, _, tost, mean), p in zip(tests, holm([test[1] for test in tests])):

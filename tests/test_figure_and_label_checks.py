@@ -55,7 +55,7 @@ def test_intervals_stay_within_what_the_metric_can_reach_in_tables_and_figure():
     (errorbars, _) = ax.containers
     segments = [segment for collection in ax.collections for segment in collection.get_segments()]
     assert min(y for segment in segments for _, y in segment) >= 0 and max(y for s in segments for _, y in s) <= 100
-    ci = summary.accuracy_ci(r for r in results if r.mode == "finetuned")
+    ((_, ci),) = figures.curve_points(results)["even-odd"]["finetuned"]
     assert (100 * ci.low, 100 * ci.high) == (0.0, 100.0)  # the same numbers as the table
     assert len(errorbars) == 3
 

@@ -182,10 +182,10 @@ def test_the_figure_shows_the_summary_s_numbers():
     assert list(lines["finetuned"].get_ydata()) == pytest.approx([85.0, 94.0])
     assert len(ax.collections) == 2  # one 95% band per arm
     # below, the answer: finetuned minus from_scratch, paired by seed, at each size
-    groups = summary.group_by_arm(results)
+    compared = summary.comparisons(summary.arm_runs(results)).set_index(["n_train", "mode"]).acc
     (errorbar,) = below.containers
     assert list(errorbar.lines[0].get_ydata()) == pytest.approx(
-        [100 * summary.paired(groups, "even-odd", n, "finetuned")[0].mean for n in (50, 200)])
+        [100 * compared[n, "finetuned"].mean for n in (50, 200)])
 
 
 def test_a_run_writes_the_figure_beside_the_csv_and_into_tensorboard(tiny_args, tmp_path):
