@@ -1,6 +1,6 @@
 """Figures: test accuracy against the number of labelled images (a sweep),
 and the paired differences of several sweeps side by side, as PNG and in
-TensorBoard's IMAGES tab. Imported by cli only; it imports summary and
+TensorBoard's IMAGES tab. Imported by cli only; it imports tables and
 the template; matplotlib only when a figure is drawn (not pyplot: no
 global state, no window; PNG through Agg).
 """
@@ -12,7 +12,7 @@ import pandas as pd
 
 from sweeps.files import replace
 from sweeps.runs import RunResult
-from sweeps.summary import (
+from sweeps.tables import (
     ACCURACY_RANGE, ARMS, KEY, MeanCI, arm_runs, baseline_arm, comparisons, pretrained_arms)
 
 

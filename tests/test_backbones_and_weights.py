@@ -15,7 +15,8 @@ from torch import nn
 
 import transfer_mnist as tm
 from sweeps import resume, settings
-from sweeps.summary import POINTS_RANGE, preregistered, write_summary
+from sweeps.summary import write_summary
+from sweeps.tables import POINTS_RANGE, preregistered
 
 
 def network_args(**given) -> argparse.Namespace:

@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 import transfer_mnist as tm
-from sweeps import cli, figures, runs, summary
+from sweeps import cli, figures, runs, summary, tables
 
 
 def read_csv(path) -> list[dict[str, str]]:
@@ -47,7 +47,7 @@ def test_intervals_stay_within_what_the_metric_can_reach_in_tables_and_figure():
     results = [run(seed=0, test_acc=0.83, test_loss=0.9), run(seed=1, test_acc=0.999, test_loss=0.01),
                run(seed=0, mode="from_scratch", test_acc=0.99, test_loss=0.05),
                run(seed=1, mode="from_scratch", test_acc=0.5, test_loss=1.2)]
-    arms, differences = (table.values.tolist() for table in summary.summarize(results))
+    arms, differences = (table.values.tolist() for table in tables.summarize(results))
     finetuned = arms[0]
     assert finetuned[5] == "[0.0000, 1.0000]" and finetuned[7].startswith("[0.0000, ")
     assert differences[0][5].startswith("[-1.0000, ") and differences[0][5].endswith(", 1.0000]")
@@ -72,13 +72,13 @@ def test_the_markdown_warns_that_two_or_three_seeds_give_wide_intervals(tmp_path
 def test_the_edge_count_needs_a_grid_of_three_rates():
     two = runs.select_rates([run(seed=s, learning_rate=lr, val_loss=v) for s in (0, 1)
                            for lr, v in ((1e-4, 0.2), (1e-3, 0.3))])
-    (row,) = summary.budget_table(two).values.tolist()
+    (row,) = tables.budget_table(two).values.tolist()
     assert row[5] == "n/a: a grid of 2 rates is all edges"
     three = runs.select_rates([run(seed=s, learning_rate=lr, val_loss=v) for s, best in ((0, 1e-3), (1, 1e-2))
                              for lr, v in ((1e-4, 0.3), (1e-3, 0.2 if best == 1e-3 else 0.4), (1e-2, 0.1 if best == 1e-2 else 0.5))])
-    (row,) = summary.budget_table(three).values.tolist()
+    (row,) = tables.budget_table(three).values.tolist()
     assert row[5] == "1 of 2"  # seed 0 chose the middle rate, seed 1 the top
-    (row,) = summary.budget_table([run()]).values.tolist()
+    (row,) = tables.budget_table([run()]).values.tolist()
     assert row[5] == "no grid"
 
 

@@ -9,7 +9,7 @@ from conftest import sweep_settings
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import transfer_mnist as tm
-from sweeps import cli, figures, runs, summary
+from sweeps import cli, figures, runs, tables
 
 
 def read_csv(path) -> list[dict[str, str]]:
@@ -30,7 +30,7 @@ def test_the_rate_is_selected_on_validation_loss_never_on_test():
             run(seed=1, learning_rate=1e-4, val_loss=0.40, test_acc=0.90), run(seed=1, learning_rate=1e-3, val_loss=0.20, test_acc=0.60)]
     runs.select_rates(grid)
     assert [r.selected for r in grid] == [True, False, False, True]
-    (arm,) = [row for row in summary.summarize(grid)[0].values.tolist() if row[2] == "finetuned"]
+    (arm,) = [row for row in tables.summarize(grid)[0].values.tolist() if row[2] == "finetuned"]
     assert arm[4].startswith("0.6500 ± ")  # the mean of the selected runs' test accuracy: (0.70 + 0.60) / 2
     tie = runs.select_rates([run(learning_rate=1e-3, val_loss=0.3), run(learning_rate=1e-4, val_loss=0.3)])
     assert [r.selected for r in tie] == [False, True]  # a tie goes to the lower rate
@@ -62,7 +62,7 @@ def test_the_budget_table_counts_rates_edges_and_runs_still_improving():
         *(run(seed=1, learning_rate=rate, val_loss=loss, best_epoch=95) for rate, loss in ((1e-4, 0.4), (1e-3, 0.1),
                                                                                             (1e-2, 0.4))),
         run(mode="from_scratch", learning_rate=3e-4, best_epoch=100)])
-    rows = {row[1]: row for row in summary.budget_table(results).values.tolist()}
+    rows = {row[1]: row for row in tables.budget_table(results).values.tolist()}
     # seed 0 chose the grid's lowest rate (an edge); seed 1 the middle, every rate of its still improving at 95 of 100
     assert rows["finetuned"][2:] == ["2", "0.0001, 0.001, 0.01", "0.0001 ×1, 0.001 ×1", "1 of 2", "1 of 2"]
     assert rows["from_scratch"][2:] == ["1", "0.0003", "0.0003 ×1", "no grid", "1 of 1"]
@@ -170,7 +170,7 @@ def test_the_figure_shows_the_summary_s_numbers():
                                        (50, 1, "from_scratch", 0.6), (200, 0, "finetuned", 0.95), (200, 1, "finetuned", 0.93),
                                        (200, 0, "from_scratch", 0.85), (200, 1, "from_scratch", 0.8)]]
     points = figures.curve_points(results)
-    arms = {(row[1], row[2]): row for row in summary.summarize(results)[0].values.tolist()}
+    arms = {(row[1], row[2]): row for row in tables.summarize(results)[0].values.tolist()}
     for mode, curve in points["even-odd"].items():
         assert [n for n, _ in curve] == [50, 200]
         for n, ci in curve:
@@ -182,7 +182,7 @@ def test_the_figure_shows_the_summary_s_numbers():
     assert list(lines["finetuned"].get_ydata()) == pytest.approx([85.0, 94.0])
     assert len(ax.collections) == 2  # one 95% band per arm
     # below, the answer: finetuned minus from_scratch, paired by seed, at each size
-    compared = summary.comparisons(summary.arm_runs(results)).set_index(["n_train", "mode"]).acc
+    compared = tables.comparisons(tables.arm_runs(results)).set_index(["n_train", "mode"]).acc
     (errorbar,) = below.containers
     assert list(errorbar.lines[0].get_ydata()) == pytest.approx(
         [100 * compared[n, "finetuned"].mean for n in (50, 200)])

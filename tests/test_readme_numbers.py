@@ -5,7 +5,7 @@ import shlex
 from pathlib import Path
 
 import transfer_mnist as tm
-from sweeps import cli, runs, summary
+from sweeps import cli, runs, tables
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -17,7 +17,7 @@ def run(mode, seed, acc, target="t", n_train=20):
 def test_the_percent_table_gives_means_and_paired_differences_in_points():
     rows = [run("finetuned", 0, 0.95), run("finetuned", 1, 0.93), run("from_scratch", 0, 0.90),
             run("from_scratch", 1, 0.86)]
-    table = summary.percent_table(rows)
+    table = tables.percent_table(rows)
     assert list(table.columns) == ["target", "n_train", "finetuned", "from_scratch", "finetuned − from_scratch"]
     # differences 5 and 7 points: mean 6, sd 1.414, t(0.975, 1) = 12.706 -> half-width 12.7
     assert table.values.tolist() == [["t", "20", "94.0", "88.0", "+6.0 [-6.7, +18.7]"]]
@@ -32,7 +32,7 @@ def test_report_compares_sweeps_side_by_side(tiny_args, tmp_path, capsys):
                     "--results-csv", str(out)]) == 0
     compared = out.with_suffix(".md").read_text()
     a = runs.read_results([str(tmp_path / "a.csv")])
-    (row,) = summary.percent_table(a, differences=["finetuned"]).values.tolist()
+    (row,) = tables.percent_table(a, differences=["finetuned"]).values.tolist()
     assert "| plain | " + " | ".join(row) + " |" in compared  # each sweep's own numbers, labelled
     means, _, side_by_side = compared.partition("The paired differences")  # the means with the primary's alone
     assert "frozen − from_scratch" not in means and "| even-odd | 20 | frozen − from_scratch |" in side_by_side

@@ -11,7 +11,7 @@ import signal
 import torch
 
 import transfer_mnist as tm
-from sweeps import cli, data, engine, resume, runs, settings, start, stats, summary
+from sweeps import cli, data, engine, resume, runs, settings, start, stats, summary, tables
 from sweeps.runs import RunResult
 from sweeps.stop import StopSignal
 
@@ -295,7 +295,7 @@ def test_the_summary_gives_p_values_holm_the_primary_comparison_and_a_sensitivit
                                                                    val_loss=0.5, selected=False)]
     text = summary.write_summary(results, str(tmp_path / "s.md"), "pooled")
     markdown = (tmp_path / "s.md").read_text()
-    arms, differences = (table.values.tolist() for table in summary.summarize(results))
+    arms, differences = (table.values.tolist() for table in tables.summarize(results))
     finetuned, frozen = differences
     p_finetuned = stats.MeanCI.of([0.10 + 0.01 * s for s in range(5)]).p
     p_frozen = stats.MeanCI.of([0.05 + 0.004 * s for s in range(5)]).p
@@ -303,11 +303,11 @@ def test_the_summary_gives_p_values_holm_the_primary_comparison_and_a_sensitivit
     assert finetuned[2] == "finetuned - from_scratch" and frozen[2] == "frozen - from_scratch"
     holm = sorted([p_frozen * 2, max(p_frozen * 2, p_finetuned)]) if p_frozen < p_finetuned else None
     assert holm is not None  # frozen's steadier lead has the smaller p: it is multiplied by 2, finetuned's by 1
-    assert finetuned[6:8] == [summary.p_text(p_finetuned), summary.p_text(holm[1])]
-    assert frozen[6:8] == [summary.p_text(p_frozen), summary.p_text(holm[0])]
+    assert finetuned[6:8] == [tables.p_text(p_finetuned), tables.p_text(holm[1])]
+    assert frozen[6:8] == [tables.p_text(p_frozen), tables.p_text(holm[0])]
     assert "(primary)" not in markdown and "over the 2 comparisons of this table" in markdown and "Holm p" in text
     # against from_scratch at 1e-2 (not chosen): finetuned leads by 0.04 + 0.009 * seed, 5.8 points on average
-    table = summary.sensitivity_table(results)
+    table = tables.sensitivity_table(results)
     header, (sensitive, _) = list(table.columns), table.values.tolist()
     assert header[3:] == ["from_scratch at 0.001", "from_scratch at 0.01",
                           "bound: from_scratch at its best rate on the test set"]
@@ -323,7 +323,7 @@ def test_warnings_name_a_collapsed_run_and_lp_ft_rows_tested_on_their_head_stage
     assert any(w.startswith("even-odd/from_scratch n_train 50 seed 4 (lr 0.001), a selected run, is no better than "
                             "chance on validation (loss 0.6927; guessing gives 0.6931)") for w in warnings)
     assert "lp_ft: 1 of 2 selected runs were tested on their head stage (best epoch within it" in " ".join(warnings)
-    arms = summary.summarize(results)[0].values.tolist()
+    arms = tables.summarize(results)[0].values.tolist()
     assert [r[2] for r in arms if r[2].startswith("lp_ft")] == ["lp_ft (1 of 2 tested on the head stage)"]
 
 
@@ -332,7 +332,7 @@ def test_a_comparison_gives_the_change_of_each_lead_paired_by_seed():
               for mode in ("finetuned", "from_scratch")]
     after = [row(mode, seed, acc + (0.03 + 0.01 * seed if mode == "finetuned" else 0))
              for seed, acc in enumerate((0.7, 0.72, 0.74)) for mode in ("finetuned", "from_scratch")]
-    (change,) = summary.change_table({"overlapping": before, "fair": after, "one seed": after[:2]}).values.tolist()
+    (change,) = tables.change_table({"overlapping": before, "fair": after, "one seed": after[:2]}).values.tolist()
     assert change[:5] == ["even-odd", "50", "finetuned − from_scratch", "fair − overlapping", "3"]
     assert change[5].startswith("-1.0 [")  # leads 5, 5, 5 then 3, 4, 5 points
 

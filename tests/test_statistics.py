@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import stats as scipy_stats
 
-from sweeps import runs, stats, summary
+from sweeps import runs, stats, summary, tables
 
 
 def row(target, mode, seed, acc, n_train=200, rate=1e-3, val_loss=0.3, selected=True, best_epoch=10,
@@ -44,14 +44,14 @@ def test_holm_runs_over_the_primaries_alone_and_each_primary_gets_a_reading():
                 results += [row(target, "from_scratch", seed, 0.80, n_train),
                             row(target, "finetuned", seed, 0.80 + gain / 100, n_train),
                             row(target, "frozen", seed, 0.80 + gain / 100, n_train)]
-    table, power = summary.preregistered(results)
+    table, power = tables.preregistered(results)
     rows = table.values.tolist()
     primaries = {r[0]: r for r in rows if r[2] == "finetuned − from_scratch (primary)"}
     assert set(primaries) == set(gains) and all(r[1] == "200" for r in primaries.values())
     wilcoxon = {target: stats.wilcoxon_p(points) for target, points in gains.items()}
     adjusted = dict(zip(wilcoxon, stats.holm(list(wilcoxon.values()))))
     for target, r in primaries.items():
-        assert r[8] == summary.p_text(wilcoxon[target]) and r[9] == summary.p_text(adjusted[target])
+        assert r[8] == tables.p_text(wilcoxon[target]) and r[9] == tables.p_text(adjusted[target])
     assert primaries["even-odd"][11] == "a finding: +4.9 points"
     assert primaries["digits-5-9"][11] == "no difference beyond ±2 points"
     assert primaries["fashion-mnist"][11] == "not shown either way"
@@ -68,17 +68,17 @@ def test_equal_differences_tie_in_wilcoxon_s_ranks_whatever_the_floats_say():
              (0.9733, 0.96), (0.9588, 0.95), (0.93, 0.94), (0.969, 0.96)]
     results = [r for seed, (tuned, scratch) in enumerate(pairs, start=200)
                for r in (row("even-odd", "finetuned", seed, tuned), row("even-odd", "from_scratch", seed, scratch))]
-    (primary,) = summary.preregistered(results)[0].values.tolist()
+    (primary,) = tables.preregistered(results)[0].values.tolist()
     exact = [1.12, 1.12, 1.0, 1.01, 1.0, 1.05, 1.33, 0.88, -1.0, 0.9]
     assert len(set(exact)) < len(exact)  # ties, which change the ranks and the test
-    assert primary[8] == summary.p_text(scipy_stats.wilcoxon(exact).pvalue)
+    assert primary[8] == tables.p_text(scipy_stats.wilcoxon(exact).pvalue)
 
 
 def test_collapsed_and_still_improving_runs_are_counted_at_every_rate_not_only_the_selected():
     results = [row("even-odd", "from_scratch", seed, 0.5, rate=3e-2, val_loss=0.69, selected=False)
                for seed in range(9)]  # 9 of 10 at chance (ln 2 = 0.693): collapsed
     results += [row("even-odd", "from_scratch", 9, 0.9, rate=3e-2, val_loss=0.2, selected=True, best_epoch=99)]
-    table = summary.collapses(results)
+    table = tables.collapses(results)
     header, rows = list(table.columns), table.values.tolist()
     (only,) = rows
     assert dict(zip(header, only)) == {"target": "even-odd", "n_train": "200", "mode": "from_scratch",
@@ -114,8 +114,8 @@ def test_the_primaries_sit_at_200_labels_and_a_sweep_of_500_labels_alone_has_non
     def marked(results, select="seed", protocol=True):
         summary.write_summary(results, str(tmp_path / "s.md"), select=select, protocol=protocol)
         text = (tmp_path / "s.md").read_text()
-        return ([r[1] for r in summary.preregistered(results, protocol=protocol)[0].values.tolist() if "(primary)" in r[2]],
-                [r[1] for r in summary.summarize(results, protocol=protocol)[1].values.tolist() if "(primary)" in r[2]], text)
+        return ([r[1] for r in tables.preregistered(results, protocol=protocol)[0].values.tolist() if "(primary)" in r[2]],
+                [r[1] for r in tables.summarize(results, protocol=protocol)[1].values.tolist() if "(primary)" in r[2]], text)
 
     # results/PROTOCOL.md: 200 labels, also beside 500; both tables mark the same row
     assert marked(sweep(50, 200, 500))[:2] == (["200"], ["200"])

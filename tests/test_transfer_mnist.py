@@ -17,7 +17,7 @@ from conftest import template_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import transfer_mnist as tm
-from sweeps import cli, runs, stats, summary
+from sweeps import cli, runs, stats, summary, tables
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -398,7 +398,7 @@ def test_paired_difference_is_taken_seed_by_seed():
     results = [run("finetuned", 0, 0.90, 0.3), run("from_scratch", 0, 0.80, 0.5),
                run("finetuned", 1, 0.80, 0.4), run("from_scratch", 1, 0.75, 0.6),
                run("finetuned", 2, 0.85, 0.2), run("from_scratch", 2, 0.80, 0.5)]
-    arms, differences = (table.values.tolist() for table in summary.summarize(results))
+    arms, differences = (table.values.tolist() for table in tables.summarize(results))
     assert [row[2] for row in arms] == ["finetuned", "from_scratch"]
     assert arms[0][4:6] == ["0.8500 ± 0.0500", "[0.7258, 0.9742]"]  # 0.85 ± 4.303 * 0.05 / sqrt(3)
     # differences 0.10, 0.05, 0.05: mean 0.0667, sd 0.0289, half-width 4.303 * 0.0289 / sqrt(3) = 0.0717
