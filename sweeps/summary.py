@@ -1,8 +1,8 @@
-"""The report of a sweep: its console summary and its Markdown, from the
-tables of sweeps.tables (each printed aligned and written as Markdown,
-each comparison once), the warnings where the answer is fragile, and the
-comparison of several sweeps. Imported by figures and cli only; it
-imports files, runs, settings, stats, tables and the template.
+"""The report of a sweep: its console summary and its Markdown, each of
+sweeps.tables' tables printed aligned and written as Markdown, each
+comparison once; the warnings where the answer is fragile; several
+sweeps compared. Imported by cli only; it imports files, runs, settings,
+stats and tables.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from sweeps.runs import NEAR_CHANCE, RunResult, chance_loss
 from sweeps.settings import LR_BOUNDS, PRIMARY_ARM, PRIMARY_N_TRAIN
 from sweeps.stats import MeanCI, t_975
 from sweeps.tables import (
-    ARMS, KEY, MARGIN, arm_runs, at_an_edge, baseline_arm, budget_table, collapses, frame,
-    percent_table, preregistered, primary_sizes, rate_choices, run_table, sensitivity_table,
-    sizes_run, summarize, change_table, comparison_table)
+    ARMS, KEY, MARGIN, arm_runs, at_an_edge, baseline_arm, budget_table, change_table,
+    collapses, comparison_table, frame, percent_table, preregistered, primary_sizes,
+    rate_choices, sensitivity_table, sizes_run, summarize)
 
 def aligned(table: pd.DataFrame) -> str:
     """Columns padded to their widest cell, a rule under the header."""
@@ -36,6 +36,22 @@ def aligned(table: pd.DataFrame) -> str:
 def markdown(table: pd.DataFrame) -> str:
     cells = [list(table.columns), ["---"] * table.shape[1], *table.values.tolist()]
     return "\n".join(f"| {' | '.join(row)} |" for row in cells)
+
+
+RUN_CELLS = {
+    "target": "{0.target}", "mode": "{0.mode}", "n_train": "{0.n_train}",
+    "seed": "{0.seed}", "lr": "{0.learning_rate:g}", "best epoch": "{0.best_epoch}",
+    "val loss": "{0.val_loss:.4f}", "test loss": "{0.test_loss:.4f}",
+    "test acc": "{0.test_acc:.4f}"}
+
+
+def run_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """A line per run; with a grid of rates, which was selected."""
+    table = pd.DataFrame([[cell.format(r) for cell in RUN_CELLS.values()]
+                          for r in rows.itertuples()], columns=list(RUN_CELLS))
+    if not rows.selected.all():
+        table["selected"] = rows.selected.map({True: "yes", False: ""})
+    return table
 
 
 def format_table(results: list[RunResult]) -> str:

@@ -1,10 +1,6 @@
 """The summary's tables, each a grouping or pivot of one DataFrame of a
-sweep's rows: the means over seeds, each pretrained arm minus the
-baseline paired by seed, the pre-registered tests, the percent table, the
-collapsed runs, the rates run and chosen, the sensitivity to the
-baseline's rate, the change of a lead between sweeps. Cells are text, as
-printed. Imported by summary and figures; it imports runs, settings,
-stats and the template.
+sweep's rows, their cells text as printed. Imported by summary and
+figures; it imports runs, settings, stats and the template.
 """
 
 from __future__ import annotations
@@ -73,10 +69,12 @@ def arm_runs(results: list[RunResult]) -> pd.DataFrame:
     return chosen.drop_duplicates([*KEY, "seed"], keep="last")
 
 
-def paired_runs(arms: pd.DataFrame) -> pd.DataFrame:
-    """Each pretrained arm's runs beside the baseline's of their seed, and
-    the differences (acc, loss): arm by arm as they ran, seed by seed."""
-    base = arms[arms["mode"] == baseline_arm()][[*PAIR, "test_acc", "test_loss"]]
+def paired_runs(arms: pd.DataFrame, base: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Each pretrained arm's runs beside the baseline's of their seed (in
+    `base`, or selected), and the differences (acc, loss): arm by arm as
+    they ran, seed by seed."""
+    base = arms[arms["mode"] == baseline_arm()] if base is None else base
+    base = base[[*PAIR, "learning_rate", "test_acc", "test_loss"]]
     pairs = arms[arms["mode"].isin(pretrained_arms())]
     pairs = pairs.merge(base, on=PAIR, suffixes=("", "_base"))
     pairs["acc"] = pairs.test_acc - pairs.test_acc_base
@@ -112,22 +110,6 @@ def p_text(p: float) -> str:
     if math.isnan(p):
         return "n/a"
     return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
-
-
-RUN_CELLS = {
-    "target": "{0.target}", "mode": "{0.mode}", "n_train": "{0.n_train}",
-    "seed": "{0.seed}", "lr": "{0.learning_rate:g}", "best epoch": "{0.best_epoch}",
-    "val loss": "{0.val_loss:.4f}", "test loss": "{0.test_loss:.4f}",
-    "test acc": "{0.test_acc:.4f}"}
-
-
-def run_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """A line per run; with a grid of rates, which was selected."""
-    table = pd.DataFrame([[cell.format(r) for cell in RUN_CELLS.values()]
-                          for r in rows.itertuples()], columns=list(RUN_CELLS))
-    if not rows.selected.all():
-        table["selected"] = rows.selected.map({True: "yes", False: ""})
-    return table
 
 
 def primary_sizes(sizes: dict[str, set[int]], augmented: bool = False) -> dict[str, int]:
@@ -261,10 +243,8 @@ def sensitivity_table(results: list[RunResult]) -> pd.DataFrame | None:
     best = by_rate.agg(lambda acc: sum(acc.tolist()) / len(acc)).groupby(
         KEY[:2], sort=False).idxmax()
     arms = arm_runs(results)
+    pairs = paired_runs(arms, base_runs)
     arms = arms[arms["mode"].isin(pretrained_arms())]
-    pairs = arms.merge(base_runs[[*PAIR, "learning_rate", "test_acc"]], on=PAIR,
-                       suffixes=("", "_base")).sort_values("seed")
-    pairs["acc"] = pairs.test_acc - pairs.test_acc_base
     cells = pairs.groupby([*KEY, "learning_rate_base"]).acc.agg(
         lambda acc: points(MeanCI.of(acc.tolist(), (-1.0, 1.0))))
     table = []
