@@ -1,8 +1,6 @@
-"""The report of a sweep: its console summary and its Markdown, each of
-sweeps.tables' tables printed aligned and written as Markdown, each
-comparison once; the warnings where the answer is fragile; several
-sweeps compared. Imported by cli only; it imports files, runs, settings,
-stats and tables.
+"""A sweep's report: sweeps.tables' tables printed aligned and written as
+Markdown, each comparison once; the warnings; several sweeps compared.
+Imported by cli only; it imports files, runs, settings, stats and tables.
 """
 
 from __future__ import annotations
@@ -17,12 +15,13 @@ import pandas as pd
 
 from sweeps.files import replace_text
 from sweeps.runs import NEAR_CHANCE, RunResult, chance_loss
-from sweeps.settings import LR_BOUNDS, PRIMARY_ARM, PRIMARY_N_TRAIN
+from sweeps.settings import LR_BOUNDS, PRIMARY_ARM
 from sweeps.stats import MeanCI, t_975
 from sweeps.tables import (
-    ARMS, KEY, MARGIN, arm_runs, at_an_edge, baseline_arm, budget_table, change_table,
-    collapses, comparison_table, frame, percent_table, preregistered, primary_sizes,
-    rate_choices, sensitivity_table, sizes_run, summarize)
+    ARMS, KEY, MARGIN, arm_runs, baseline_arm, change_table, collapses, comparison_table, frame,
+    no_primaries, percent_table, preregistered, primary_sizes, sensitivity_table, sizes_run,
+    summarize)
+
 
 def aligned(table: pd.DataFrame) -> str:
     """Columns padded to their widest cell, a rule under the header."""
@@ -39,10 +38,9 @@ def markdown(table: pd.DataFrame) -> str:
 
 
 RUN_CELLS = {
-    "target": "{0.target}", "mode": "{0.mode}", "n_train": "{0.n_train}",
-    "seed": "{0.seed}", "lr": "{0.learning_rate:g}", "best epoch": "{0.best_epoch}",
-    "val loss": "{0.val_loss:.4f}", "test loss": "{0.test_loss:.4f}",
-    "test acc": "{0.test_acc:.4f}"}
+    "target": "{0.target}", "mode": "{0.mode}", "n_train": "{0.n_train}", "seed": "{0.seed}",
+    "lr": "{0.learning_rate:g}", "best epoch": "{0.best_epoch}", "val loss": "{0.val_loss:.4f}",
+    "test loss": "{0.test_loss:.4f}", "test acc": "{0.test_acc:.4f}"}
 
 
 def run_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -55,21 +53,12 @@ def run_table(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def format_table(results: list[RunResult]) -> str:
-    """The run table with each run's wall time: none after --report, and
-    "earlier" for an earlier invocation's rows of a resumed sweep."""
+    """The run table with each run's wall time ("earlier": a resumed one's)."""
     rows = frame(results)
     table = run_table(rows)
     if rows.seconds.notna().any():
         table["time"] = ["earlier" if math.isnan(s) else f"{s:.1f} s" for s in rows.seconds]
     return aligned(table)
-
-
-def no_primaries(sizes: dict[str, set[int]], augmented: bool = False) -> str:
-    """Why a sweep of results/PROTOCOL.md has no primary, or ''."""
-    if primary_sizes(sizes, augmented):
-        return ""
-    return "A sweep with --augment" if augmented else \
-        f"A sweep of more than {PRIMARY_N_TRAIN} labels only"
 
 
 def collapsed_lines(results: list[RunResult]) -> str:
@@ -82,11 +71,40 @@ def collapsed_lines(results: list[RunResult]) -> str:
     return "\n  ".join([heading, *lines]) if lines else ""
 
 
+def at_an_edge(choices: pd.DataFrame) -> int | None:
+    """How many chose an edge of their grid but a bound; None under 3 rates."""
+    return None if choices.rates.min() < 3 else int(choices.edge.sum() - choices.bound.sum())
+
+
+BUDGET_HEADER = ["target", "mode", "runs", "learning rates run", "learning rates chosen",
+                 "at an edge of the rates run", "best epoch in the last tenth of the budget"]
+
+
+def budget_table(results: list[RunResult]) -> pd.DataFrame:
+    """Per target and arm: the rates run and chosen, at an edge, late."""
+    rows = frame(results)
+    ran = rows.groupby(["target", "mode"]).learning_rate.unique()
+    choices = rows[rows.arm & rows.selected].groupby(["target", "mode"], sort=False)
+    table = []
+    for (target, mode), chosen in choices:
+        n, edge = len(chosen), at_an_edge(chosen)
+        counts = chosen.learning_rate.value_counts().sort_index().items()
+        table.append([
+            target, mode, str(n), ", ".join(f"{rate:g}" for rate in sorted(ran[target, mode])),
+            ", ".join(f"{rate:g} ×{k}" for rate, k in counts),
+            "no grid" if chosen.rates.max() == 1 else
+            f"n/a: a grid of {chosen.rates.min()} rates is all edges" if edge is None else
+            f"{edge} of {n}", f"{chosen.late.sum()} of {n}"])
+    return pd.DataFrame(table, columns=BUDGET_HEADER)
+
+
 def fragile(results: list[RunResult]) -> list[str]:
-    """Where the answer is fragile, in words, each with what it counts
-    against and what to do: for the end of the console and the Markdown."""
-    rows, choices = frame(results), rate_choices(results)
+    """Where the answer is fragile, each with what to do about it."""
+    rows = frame(results)
     warnings = backbone_warnings(rows[~rows.arm & rows.selected])
+    choices = rows[rows.arm & rows.selected]
+    group = choices.groupby(["target", "mode"], sort=False).ngroup()
+    choices = choices.iloc[group.argsort(kind="stable")]  # grouped by target and arm
     for mode in ARMS:
         chosen = choices[choices["mode"] == mode]
         late, head, n = chosen.late.sum(), chosen.head_stage.sum(), len(chosen)
@@ -171,8 +189,7 @@ def write_summary(results: list[RunResult], path: str, select: str = "seed",
                   warnings: typing.Sequence[str] = (), augmented: bool = False,
                   protocol: bool = False, network: str = "") -> str:
     """Markdown at `path`: the summary over seeds (the run table for one
-    seed) with each comparison once, the sensitivity, the rates and the
-    warnings. Returns the console's summary ('' for one seed)."""
+    seed); returns the console's summary ('' for one seed)."""
     rows, budget = frame(results), budget_table(results)
     closing = "## Learning rates and epoch budget\n\n"
     if not rows.selected.all():
@@ -210,8 +227,7 @@ def sensitivity_text(results: list[RunResult]) -> str:
 
 
 def t_tests(results: list[RunResult], differences: pd.DataFrame) -> tuple[str, list[str]]:
-    """The comparisons of rates chosen over seeds, by paired t-tests with
-    Holm's adjustment: as Markdown, and the console's."""
+    """Rates chosen over seeds: paired t-tests, as Markdown and console's."""
     text = ("Paired by seed: both arms of a seed share the training subset and the head's "
             "initial weights. p: the paired t-test of no difference in test accuracy; Holm p: "
             f"adjusted by Holm's method over the {len(differences)} comparisons of this table, "
@@ -223,9 +239,8 @@ def t_tests(results: list[RunResult], differences: pd.DataFrame) -> tuple[str, l
 
 def seed_comparisons(results: list[RunResult], augmented: bool,
                      protocol: bool) -> tuple[str, list[str]]:
-    """The comparisons of a seed-selected sweep by results/PROTOCOL.md's
-    tests, as Markdown and the console's: pre-registered in its own
-    sweeps, its rules applied elsewhere."""
+    """A seed-selected sweep by results/PROTOCOL.md's tests: as Markdown,
+    and the console's; pre-registered in its own sweeps only."""
     table, power = preregistered(results, augmented, protocol)
     title = "The pre-registered comparisons (results/PROTOCOL.md)"
     tost = f"a difference within {MARGIN} shown by two one-sided tests at 5%"
@@ -248,8 +263,7 @@ def seed_comparisons(results: list[RunResult], augmented: bool,
 
 
 def log_learning_curves(results: list[RunResult], cfg: argparse.Namespace) -> None:
-    """TensorBoard: each arm's mean test accuracy and loss over seeds
-    against n_train (the step), a run per arm under learning_curve/."""
+    """TensorBoard: each arm's means over seeds, n_train the step."""
     arms = arm_runs(results)
     for mode in cfg.modes:
         curve = lightning.pytorch.loggers.TensorBoardLogger(
@@ -266,9 +280,8 @@ def log_learning_curves(results: list[RunResult], cfg: argparse.Namespace) -> No
 
 def write_comparison(sweeps: dict[str, list[RunResult]], sources: dict[str, list[str]],
                      path: Path) -> str:
-    """Markdown at `path`: each sweep's mean accuracies with PRIMARY_ARM's
-    lead, all leads side by side and how each changes. Returns the side
-    by side table for the console."""
+    """Markdown at `path`: the sweeps' means, leads and changes; returns
+    the leads side by side for the console."""
     ran = {r.mode for results in sweeps.values() for r in results}
     modes = [mode for mode in ARMS if mode in ran]
     means = pd.concat([percent_table(results, modes, [PRIMARY_ARM]).assign(sweep=label)

@@ -70,9 +70,7 @@ def arm_runs(results: list[RunResult]) -> pd.DataFrame:
 
 
 def paired_runs(arms: pd.DataFrame, base: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Each pretrained arm's runs beside the baseline's of their seed (in
-    `base`, or selected), and the differences (acc, loss): arm by arm as
-    they ran, seed by seed."""
+    """Pretrained arms' runs beside the baseline's (`base`, or selected) of their seed."""
     base = arms[arms["mode"] == baseline_arm()] if base is None else base
     base = base[[*PAIR, "learning_rate", "test_acc", "test_loss"]]
     pairs = arms[arms["mode"].isin(pretrained_arms())]
@@ -83,16 +81,16 @@ def paired_runs(arms: pd.DataFrame, base: pd.DataFrame | None = None) -> pd.Data
     return pairs.sort_values(["order", "seed"])
 
 
-def comparisons(arms: pd.DataFrame, primaries: dict[str, int] | None = None) -> pd.DataFrame:
-    """Per pretrained arm: MeanCIs of its differences with the baseline in
-    test accuracy and loss, the first in points, and whether it is a
-    primary (PRIMARY_ARM at the target's size in `primaries`)."""
+def comparisons(arms: pd.DataFrame, augmented: bool = False,
+                protocol: bool = False) -> pd.DataFrame:
+    """Per pretrained arm: MeanCIs of its paired differences with the baseline."""
+    at = primary_sizes(sizes_run(arms), augmented) if protocol else {}
     rows = []
     for (target, n_train, mode), pair in paired_runs(arms).groupby(KEY, sort=False):
         acc, loss = pair.acc.tolist(), pair.loss.tolist()
         # rounded so that equal differences tie, as Wilcoxon's ranks need
         diffs = [round(100 * d, 6) for d in acc]
-        primary = mode == PRIMARY_ARM and n_train == (primaries or {}).get(target)
+        primary = mode == PRIMARY_ARM and n_train == at.get(target)
         rows.append([target, n_train, mode, MeanCI.of(acc, (-1.0, 1.0)), MeanCI.of(loss), diffs,
                      primary])
     return pd.DataFrame(rows, columns=[*KEY, "acc", "loss", "diffs", "primary"])
@@ -113,20 +111,21 @@ def p_text(p: float) -> str:
 
 
 def primary_sizes(sizes: dict[str, set[int]], augmented: bool = False) -> dict[str, int]:
-    """Each target's primary size in a sweep of results/PROTOCOL.md:
-    PRIMARY_N_TRAIN or the largest below; none with --augment, or with
-    larger sizes only."""
+    """Each target's primary size in a sweep of results/PROTOCOL.md."""
     below = {target: [n for n in ns if n <= PRIMARY_N_TRAIN] for target, ns in sizes.items()}
     return {} if augmented else {target: max(ns) for target, ns in below.items() if ns}
 
 
+def no_primaries(sizes: dict[str, set[int]], augmented: bool = False) -> str:
+    """Why a sweep of results/PROTOCOL.md has no primary, or ''."""
+    if primary_sizes(sizes, augmented):
+        return ""
+    return "A sweep with --augment" if augmented else \
+        f"A sweep of more than {PRIMARY_N_TRAIN} labels only"
+
+
 def sizes_run(arms: pd.DataFrame) -> dict[str, set[int]]:
     return {target: set(sizes) for target, sizes in arms.groupby("target").n_train}
-
-
-def protocol_comparisons(arms: pd.DataFrame, augmented: bool, protocol: bool) -> pd.DataFrame:
-    """comparisons() with the primaries of a sweep of results/PROTOCOL.md."""
-    return comparisons(arms, primary_sizes(sizes_run(arms), augmented) if protocol else None)
 
 
 ARM_HEADER = ["target", "n_train", "mode", "seeds", "test acc mean ± sd", "95% CI",
@@ -137,9 +136,7 @@ DIFF_HEADER = ["target", "n_train", "paired difference", "seeds", "Δ test acc m
 
 def summarize(results: list[RunResult], augmented: bool = False,
               protocol: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Each arm's means over seeds; each pretrained arm minus the baseline,
-    paired by seed, with its paired-t p and Holm's adjustment over the
-    table, the primaries marked in a sweep of results/PROTOCOL.md."""
+    """Each arm's means over seeds; each pretrained arm minus the baseline."""
     arms = arm_runs(results)
     means = []
     for (target, n_train, mode), runs in arms.groupby(KEY, sort=False):
@@ -148,7 +145,7 @@ def summarize(results: list[RunResult], augmented: bool = False,
         if head := runs.head_stage.sum():
             mode += f" ({head} of {len(runs)} tested on the head stage)"
         means.append([target, str(n_train), mode, str(acc.n), *acc.text(), *loss.text()])
-    seeds, compared = arms.groupby(KEY).size(), protocol_comparisons(arms, augmented, protocol)
+    seeds, compared = arms.groupby(KEY).size(), comparisons(arms, augmented, protocol)
     rows = []
     adjusted = holm([acc.p for acc in compared.acc])
     for (target, n_train, mode, acc, loss, _, primary), p in zip(compared.values, adjusted):
@@ -166,11 +163,9 @@ PREREGISTERED_HEADER = [
 
 def preregistered(results: list[RunResult], augmented: bool = False,
                   protocol: bool = True) -> tuple[pd.DataFrame, str]:
-    """The comparisons as results/PROTOCOL.md tests them, in points, and
-    the smallest difference the seeds detect. Holm runs over a protocol
-    sweep's primaries, and only they are read; elsewhere over all."""
+    """The comparisons as results/PROTOCOL.md tests them, and power_line()."""
     rows, tests, sds = [], [], []
-    compared = protocol_comparisons(arm_runs(results), augmented, protocol)
+    compared = comparisons(arm_runs(results), augmented, protocol)
     for target, n_train, mode, _, _, diffs, primary in compared.values:
         ci = MeanCI.of(diffs, POINTS_RANGE)
         sides = [sum(d > 0 for d in diffs), sum(d < 0 for d in diffs),
@@ -214,8 +209,7 @@ def power_line(sds: list[tuple[float, int]], protocol: bool) -> str:
 
 
 def collapses(results: list[RunResult]) -> pd.DataFrame:
-    """Per target, n_train, arm and rate, over every run: how many collapsed
-    (near chance) and how many were still improving at their budget."""
+    """Per arm and rate, over every run: how many collapsed, how many were late."""
     rows = frame(results)
     counts = rows[rows.arm].groupby([*KEY, "learning_rate"]).agg(
         runs=("seed", "size"), collapsed=("collapsed", "sum"), late=("late", "sum"),
@@ -230,9 +224,8 @@ def collapses(results: list[RunResult]) -> pd.DataFrame:
 
 
 def sensitivity_table(results: list[RunResult]) -> pd.DataFrame | None:
-    """Each pretrained arm minus the baseline at every rate the baseline
-    ran, paired by seed, and at its rate of the best mean test accuracy:
-    a bound, never a result (the test set picks it). None without a grid."""
+    """Each pretrained arm minus the baseline at each of the baseline's
+    rates, and at its best on the test set; None without a grid."""
     rows, base = frame(results), baseline_arm()
     base_runs = rows[rows["mode"] == base]
     base_runs = base_runs.drop_duplicates([*PAIR, "learning_rate"], keep="last")
@@ -261,8 +254,7 @@ def sensitivity_table(results: list[RunResult]) -> pd.DataFrame | None:
 
 def percent_table(results: list[RunResult], modes: list[str] | None = None,
                   differences: list[str] | None = None) -> pd.DataFrame:
-    """Per (target, n_train): the mean test accuracy in % of `modes` (or of
-    the arms that ran), and the leads of `differences` (or of all) in points."""
+    """Mean test accuracy in % of `modes`, the leads of `differences` in points."""
     arms, base = arm_runs(results), baseline_arm()
     modes = modes or [mode for mode in ARMS if mode in set(arms["mode"])]
     shown = modes if differences is None else differences
@@ -278,47 +270,8 @@ def percent_table(results: list[RunResult], modes: list[str] | None = None,
     return table.reindex(columns=header).fillna("–")
 
 
-def rate_choices(results: list[RunResult]) -> pd.DataFrame:
-    """The selected runs, grouped by target and arm."""
-    rows = frame(results)
-    chosen = rows[rows.arm & rows.selected]
-    order = chosen.groupby(["target", "mode"], sort=False).ngroup()
-    return chosen.iloc[order.argsort(kind="stable")]
-
-
-def at_an_edge(choices: pd.DataFrame) -> int | None:
-    """How many chose an edge of their grid (it may be too narrow) but a
-    bound, where --widen stops; None under 3 rates: all are edges."""
-    if choices.rates.min() < 3:
-        return None
-    return int(choices.edge.sum() - choices.bound.sum())
-
-
-BUDGET_HEADER = ["target", "mode", "runs", "learning rates run", "learning rates chosen",
-                 "at an edge of the rates run", "best epoch in the last tenth of the budget"]
-
-
-def budget_table(results: list[RunResult]) -> pd.DataFrame:
-    """Per target and arm, over its selected runs: the rates run and chosen,
-    how often at an edge, and how many were still improving at the end."""
-    ran = frame(results).groupby(["target", "mode"]).learning_rate.unique()
-    rows = []
-    choices = rate_choices(results).groupby(["target", "mode"], sort=False)
-    for (target, mode), chosen in choices:
-        n, edge = len(chosen), at_an_edge(chosen)
-        counts = chosen.learning_rate.value_counts().sort_index().items()
-        rows.append([
-            target, mode, str(n), ", ".join(f"{rate:g}" for rate in sorted(ran[target, mode])),
-            ", ".join(f"{rate:g} ×{k}" for rate, k in counts),
-            "no grid" if chosen.rates.max() == 1 else
-            f"n/a: a grid of {chosen.rates.min()} rates is all edges" if edge is None else
-            f"{edge} of {n}", f"{chosen.late.sum()} of {n}"])
-    return pd.DataFrame(rows, columns=BUDGET_HEADER)
-
-
 def comparison_table(sweeps: dict[str, list[RunResult]]) -> pd.DataFrame:
-    """Each pretrained arm minus the baseline, in points with its 95%
-    interval, side by side for several sweeps (--report LABEL=CSV ...)."""
+    """Each pretrained arm minus the baseline in points, sweep by sweep."""
     arms = {label: arm_runs(results) for label, results in sweeps.items()}
     keys = {key for runs in arms.values() for key in runs.groupby(KEY).groups
             if ARMS[key[2]].pretrained}
@@ -330,9 +283,8 @@ def comparison_table(sweeps: dict[str, list[RunResult]]) -> pd.DataFrame:
 
 
 def change_table(sweeps: dict[str, list[RunResult]]) -> pd.DataFrame | None:
-    """How each pretrained arm's lead over the baseline changes from one
-    sweep to a later one, paired by the seeds they share: in points with
-    its 95% interval and paired-t p. None where none shares two seeds."""
+    """How each lead changes from a sweep to a later one, paired by the
+    seeds they share; None where none shares two seeds."""
     leads = {label: paired_runs(arm_runs(results)).set_index([*KEY, "seed"]).acc
              for label, results in sweeps.items()}
     rows = []

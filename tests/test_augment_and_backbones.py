@@ -10,7 +10,7 @@ import torch
 from conftest import template_args
 
 import transfer_mnist as tm
-from sweeps import cli, resume, runs, tables
+from sweeps import cli, resume, runs, summary
 from sweeps.augment import Augment
 from sweeps.data import TrainingBatches
 
@@ -107,7 +107,7 @@ def test_mean_selection_marks_one_rate_per_group_the_lowest_mean_validation_loss
     assert [r.selected for r in results] == [True, False, False, True, False, True]
     runs.select_rates(results, "mean")
     assert [r.selected for r in results] == [True, False, True, False, False, True]
-    (finetuned, _) = tables.budget_table(results).values.tolist()
+    (finetuned, _) = summary.budget_table(results).values.tolist()
     assert finetuned[4] == "0.001 ×2"
 
 

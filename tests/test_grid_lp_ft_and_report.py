@@ -9,7 +9,7 @@ from conftest import sweep_settings
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import transfer_mnist as tm
-from sweeps import cli, figures, runs, tables
+from sweeps import cli, figures, runs, summary, tables
 
 
 def read_csv(path) -> list[dict[str, str]]:
@@ -62,7 +62,7 @@ def test_the_budget_table_counts_rates_edges_and_runs_still_improving():
         *(run(seed=1, learning_rate=rate, val_loss=loss, best_epoch=95) for rate, loss in ((1e-4, 0.4), (1e-3, 0.1),
                                                                                             (1e-2, 0.4))),
         run(mode="from_scratch", learning_rate=3e-4, best_epoch=100)])
-    rows = {row[1]: row for row in tables.budget_table(results).values.tolist()}
+    rows = {row[1]: row for row in summary.budget_table(results).values.tolist()}
     # seed 0 chose the grid's lowest rate (an edge); seed 1 the middle, every rate of its still improving at 95 of 100
     assert rows["finetuned"][2:] == ["2", "0.0001, 0.001, 0.01", "0.0001 ×1, 0.001 ×1", "1 of 2", "1 of 2"]
     assert rows["from_scratch"][2:] == ["1", "0.0003", "0.0003 ×1", "no grid", "1 of 1"]
