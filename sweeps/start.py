@@ -218,8 +218,9 @@ def prepare_outputs(cfg: Namespace, created: list, stack: contextlib.ExitStack) 
     if cfg.overwrite and log_dir.is_dir() and not cfg.dry_run:
         clear_log_dir(log_dir)
     try:
-        created += topmost_missing(log_dir)
+        missing = topmost_missing(log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
+        created += missing
         tempfile.TemporaryFile(dir=log_dir).close()
     except OSError as err:
         raise ExperimentError(f"--log-dir {log_dir} cannot be created or written "
@@ -231,8 +232,9 @@ def prepare_outputs(cfg: Namespace, created: list, stack: contextlib.ExitStack) 
     if csv_path.is_dir():
         raise ExperimentError(f"--results-csv {csv_path} is a folder, not a file")
     try:
-        created += topmost_missing(csv_path.parent)
+        missing = topmost_missing(csv_path.parent)
         csv_path.parent.mkdir(parents=True, exist_ok=True)
+        created += missing
         if not cfg.resume:
             lock = SweepLock(csv_path)
             lock.acquire()
