@@ -1,10 +1,6 @@
-"""--resume: the settings saved beside a sweep's CSV (the resolved
-flags, what made its rows, its backbones' digests), and a sweep
-continued from them. Imported by engine, ray_engine and cli
-(saved_settings for --report); it imports settings, runs, files and
-the template."""
+"""--resume: the settings beside a sweep's CSV (X.json), and a sweep continued from them or
+borrowing its backbones. Imported by the engines and cli; imports settings, runs and files."""
 
-import argparse
 import contextlib
 import dataclasses
 import hashlib
@@ -12,56 +8,39 @@ import importlib.metadata
 import json
 import os
 import platform
-from collections.abc import Callable, Iterable
+from argparse import Namespace
 from pathlib import Path
+
+import torch
 
 import transfer_mnist as tm
 from sweeps.files import replace_text
 from sweeps.runs import RunResult, read_results
 from sweeps.settings import complete, one_line
+from transfer_mnist import ExperimentError
 
-logger = tm.logger  # the experiment's console, as the template's
-Error = tm.ExperimentError
-
-# What a resumed sweep may change: where things are and how the runs
-# are spread, not what a run computes. --threads may change too, with a
-# warning: it changes the order of float sums, so a whole run's numbers
-RESUME_MAY_CHANGE = {"data_dir", "log_dir", "results_csv", "workers", "threads",
-                     "cluster", "gpus_per_run", "devices", "resume"}
-# The code that makes a sweep's rows: the template and these modules;
-# the reporting ones (summary, figures, cli) may change without a row
-RUN_MAKING = ("settings", "runs", "stop", "files", "augment", "data", "folders",
-              "start", "engine", "ray_engine", "resume")
-# The instruction sets whose kernels torch chooses between: they decide
-# which float code a run executes
+# What a resumed sweep may change: where things are and how runs are spread (--threads: warned)
+RESUME_MAY_CHANGE = {"data_dir", "log_dir", "results_csv", "workers", "threads", "cluster",
+                     "gpus_per_run", "devices", "resume"}
+# The code that makes a sweep's rows: the template and these modules, not the reporting ones.
+RUN_MAKING = ("settings", "runs", "stop", "files", "augment", "data", "folders", "start",
+              "engine", "ray_engine", "resume")
 ISA_FLAGS = ("sse", "ssse3", "avx", "fma", "f16c", "amx", "bmi", "popcnt", "abm", "movbe")
-# The settings' format: every sweep in results/ is in it (migrated
-# once); this code reads no other
-FORMAT = 3
-# The settings that name files or folders: saved relative to the CSV's
-# folder, so that --resume finds them from any working folder (and a
-# sweep moved with its log folder and data resumes)
-PATHS = ("data_dir", "log_dir", "results_csv")
-# What makes a backbone: a sweep may borrow another's (--backbones-from)
-# where these are the same
+FORMAT = 3  # every sweep in results/ is in it (migrated once); this code reads no other
 PRETRAINING = ("source", "n_pretrain", "pretrain_epochs", "pretrain_lr")
 
 
 @dataclasses.dataclass
 class Resumed:
-    """What an interrupted sweep left: its rows, pretraining included,
-    its backbones' checkpoints and what made its rows (made_by())."""
+    """An interrupted sweep's rows, backbones, what made them, and what --widen added."""
 
     rows: list[RunResult]
-    checkpoints: dict[int, str]  # pretraining seed -> checkpoint
+    checkpoints: dict[int, str]
     made_by: dict
-    # (target, mode, n_train, rate[, seed]) that --widen added
     widened: list[tuple] = dataclasses.field(default_factory=list)
 
 
 def settings_path(csv_path: str | Path) -> Path:
-    """The settings of the sweep whose rows are in csv_path, saved
-    beside it at its start."""
     return Path(csv_path).with_suffix(".json")
 
 
@@ -69,79 +48,40 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def file_sha256(path: str | Path) -> str:
-    return sha256(Path(path).read_bytes())
-
-
-def code_digests() -> tuple[str, str]:
-    """Digests of the code that makes the rows (the template but its
-    docstring, whose headline changes with the results, and the
-    run-making modules of this package), and of all of it, reporting
-    included."""
-    template = Path(tm.__file__).read_text()
-    package = {path.stem: path.read_text()
-               for path in sorted(Path(__file__).parent.glob("*.py"))}
-    making = [template[template.index('"""', 4) + 3:],
-              *(package[name] for name in RUN_MAKING)]
-    everything = [template, *package.values()]
-    return sha256("\0".join(making).encode()), sha256("\0".join(everything).encode())
-
-
-def version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def machine() -> dict:
-    """The libraries and the kind of CPU that make a row: of the machine
-    a sweep runs on, and of each node of a cluster."""
     libraries = ("torch", "torchvision", "lightning", "ray")
-    return {**{name: version(name) for name in libraries}, "cpu": cpu_kind()}
+    return {**{name: importlib.metadata.version(name) for name in libraries}, "cpu": cpu_kind()}
 
 
 def made_by(threads: int, accelerator: str) -> dict:
-    """What makes a row besides the settings: the code, the libraries,
-    the kind of CPU, the torch threads and the accelerator."""
-    code, everything = code_digests()
-    return {"code_sha256": code, "script_sha256": everything, **machine(),
-            "threads": threads, "accelerator": accelerator}
+    """What makes a row besides the settings: its code, all code, machine, threads, device."""
+    template = Path(tm.__file__).read_text()
+    package = {path.stem: path.read_text() for path in sorted(Path(__file__).parent.glob("*.py"))}
+    making = [template[template.index('"""', 4) + 3:], *(package[name] for name in RUN_MAKING)]
+    return {"code_sha256": sha256("\0".join(making).encode()),
+            "script_sha256": sha256("\0".join([template, *package.values()]).encode()),
+            **machine(), "threads": threads, "accelerator": accelerator}
 
 
 def cpu_kind() -> dict[str, str]:
-    """The kind of CPU, as exactly as "the same kind" needs (float
-    kernels differ between kinds, and 500 epochs amplify that):
-    /proc/cpuinfo's vendor, family, model and stepping (a model name
-    such as "Intel(R) Xeon(R) Processor" covers several), the
-    instruction-set flags, and the kernels torch picked from them."""
-    fields: dict[str, str] = {}
+    """The CPU as exactly as float kernels differ: model, stepping, the ISA_FLAGS torch uses."""
+    fields = {}
     with contextlib.suppress(OSError):
-        first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-        for line in first_cpu.splitlines():
+        for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines():
             key, _, value = line.partition(":")
             fields[key.strip()] = value.strip()
-    flags = sorted(f for f in fields.get("flags", "").split() if f.startswith(ISA_FLAGS))
-    capability = ""
-    with contextlib.suppress(Exception):  # torch before 2.1 cannot say
-        import torch
-
-        capability = torch.backends.cpu.get_cpu_capability()
-    model_name = fields.get("model name", platform.processor() or platform.machine())
-    return {"model_name": model_name,
+    flags = sorted(flag for flag in fields.get("flags", "").split() if flag.startswith(ISA_FLAGS))
+    return {"model_name": fields.get("model name", platform.processor() or platform.machine()),
             **{key.replace(" ", "_"): fields.get(key, "")
                for key in ("vendor_id", "cpu family", "model", "stepping")},
-            "isa_flags": " ".join(flags), "torch_cpu_capability": capability}
+            "isa_flags": " ".join(flags),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def differences(saved: dict, now: dict) -> list[str]:
-    """The entries of two made_by() records that differ (the CPU's field
-    by field), named: cpu.stepping."""
+    """What differs between two made_by() records but all code and threads: cpu.stepping, ..."""
     differ = []
-    for key in sorted(saved.keys() | now.keys()):
-        # the reporting code; --threads may change, with a warning
-        if key in ("script_sha256", "threads"):
-            continue
+    for key in sorted((saved.keys() | now.keys()) - {"script_sha256", "threads"}):
         old, new = saved.get(key), now.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
             differ += [f"{key}.{name}" for name in differences(old, new)]
@@ -150,47 +90,32 @@ def differences(saved: dict, now: dict) -> list[str]:
     return differ
 
 
-def update_settings(csv_path: str, change: Callable[[dict], None], new: bool = False) -> None:
-    """The one place that writes the settings beside a sweep's CSV: read
-    (or, `new`, begun empty), changed, and replaced in one step, so that
-    a signal or a full disk while writing leaves the old settings whole."""
-    path = settings_path(csv_path)
-    settings = {} if new else json.loads(path.read_text())
+def update_settings(csv_path: str, change, new: bool = False) -> None:
+    """The one place that writes the settings: read (`new`: none), changed, replaced in one step."""
+    settings = {} if new else json.loads(settings_path(csv_path).read_text())
     change(settings)
-    replace_text(path, json.dumps(settings, indent=1) + "\n")
+    replace_text(settings_path(csv_path), json.dumps(settings, indent=1) + "\n")
 
 
 def relative_paths(config: dict, folder: Path, to_csv: bool) -> dict:
-    """config's paths (PATHS, and image folders among source and
-    targets) relative to the CSV's `folder` (to_csv), or back from there
-    to paths that open from here."""
+    """config's paths relative to the CSV's `folder` (to_csv: resume from anywhere), or back."""
     def path(value):
-        if to_csv:
-            return os.path.relpath(value, folder)
-        return value if os.path.isabs(value) else os.path.normpath(folder / value)
+        return os.path.relpath(value, folder) if to_csv else os.path.normpath(folder / value)
 
-    def folder_target(name):
-        if name in tm.TARGETS:
-            return name
-        return path(name) if to_csv or os.path.isdir(path(name)) else name
+    def path_if(value, exists):  # a dataset's or published weights' name stays
+        there = value not in tm.TARGETS and exists(value if to_csv else path(value))
+        return path(value) if there else value
 
-    changed = {name: path(config[name]) for name in PATHS
-               if config.get(name) is not None}
-    weights = config.get("weights")  # a file's path, or published weights' name
-    if weights and os.path.isfile(weights if to_csv else path(weights)):
-        changed["weights"] = path(weights)
-    if "source" in config:
-        changed["source"] = folder_target(config["source"])
-    if "targets" in config:
-        changed["targets"] = [folder_target(name) for name in config["targets"]]
+    changed = {name: path(config[name]) for name in ("data_dir", "log_dir", "results_csv")
+               if config[name] is not None}
+    changed["weights"] = config["weights"] and path_if(config["weights"], os.path.isfile)
+    changed["source"] = path_if(config["source"], os.path.isdir)
+    changed["targets"] = [path_if(name, os.path.isdir) for name in config["targets"]]
     return {**config, **changed}
 
 
-def save_settings(cfg: argparse.Namespace, csv_path: str, checkpoints: dict[int, str],
-                  made: dict) -> None:
-    """The settings beside the CSV: the resolved flags (paths relative
-    to the CSV), what made the rows, and each backbone's checkpoint
-    (relative to the CSV too) with a digest once it is written."""
+def save_settings(cfg: Namespace, csv_path: str, checkpoints: dict[int, str], made: dict) -> None:
+    """The settings at a sweep's start: its flags, what makes its rows, where backbones go."""
     folder = Path(csv_path).parent
     settings = {"format": FORMAT, "config": relative_paths(vars(cfg), folder, to_csv=True),
                 "made_by": made, "weights": weights_record(cfg),
@@ -199,243 +124,171 @@ def save_settings(cfg: argparse.Namespace, csv_path: str, checkpoints: dict[int,
     update_settings(csv_path, lambda saved: saved.update(settings), new=True)
 
 
-def weights_record(cfg: argparse.Namespace) -> dict | None:
-    """--weights as the sweep began with them: the backbone, the name or
-    file given, the file read (a published one in torch's cache) and its
-    SHA-256, which --resume checks."""
+def weights_record(cfg: Namespace) -> dict | None:
     if not cfg.weights:
         return None
     path = tm.weights_path(cfg)
-    return {"backbone": cfg.backbone, "weights": cfg.weights,
-            "path": os.path.abspath(path), "sha256": file_sha256(path)}
+    return {"backbone": cfg.backbone, "weights": cfg.weights, "path": os.path.abspath(path),
+            "sha256": sha256(Path(path).read_bytes())}
 
 
-def check_weights_unchanged(resume: str, saved: dict | None, cfg: argparse.Namespace) -> None:
-    """--resume continues with the weights the sweep began with, byte
-    for byte."""
+def check_weights_unchanged(resume: str, saved: dict | None, cfg: Namespace) -> None:
+    """--resume goes on with the weights the sweep began with (`saved`), byte for byte."""
     if not saved:
         return
     path = tm.weights_path(cfg)
-    now = file_sha256(path) if os.path.isfile(path) else None
+    now = sha256(Path(path).read_bytes()) if os.path.isfile(path) else None
     if now != saved["sha256"]:
-        found = f"SHA-256 {now[:12]}" if now else "missing"
-        raise Error(f"--resume {resume}: --weights {cfg.weights} are not those the sweep "
-                    f"began with ({path}: {found}, the sweep's {saved['sha256'][:12]}); "
-                    "put them back, or start a new sweep")
+        raise ExperimentError(f"--resume {resume}: --weights {cfg.weights} are not those the "
+                              f"sweep began with ({path}: SHA-256 {now and now[:12]})")
 
 
-def record_backbone(csv_path: str, seed: int, checkpoint_path: str,
-                    rates: dict | None = None) -> None:
-    """Record seed's freshly written backbone in the settings, where it
-    was written (a resumed sweep may write into another --log-dir) and
-    with its digest, which --resume checks; with --pretrain-lr-grid, the
-    best validation loss of every pretraining rate it was chosen from
-    (`rates`)."""
+def record_backbone(csv_path: str, seed: int, checkpoint_path: str, rates=None) -> None:
+    """Seed's new backbone: where it is, its digest, each pretraining rate's best loss."""
     record = {"path": os.path.relpath(checkpoint_path, Path(csv_path).parent),
-              "sha256": file_sha256(checkpoint_path)}
+              "sha256": sha256(Path(checkpoint_path).read_bytes())}
     if rates:
         record["pretraining val_loss by rate"] = {f"{r:g}": v for r, v in rates.items()}
     update_settings(csv_path, lambda settings: settings["checkpoints"].update({str(seed): record}))
 
 
-class NodeRecords:
-    """On a cluster, each row's node with its libraries and CPU
-    (machine()), in the settings beside the CSV ("nodes": address ->
-    machine, "row_nodes": run -> address), recorded before the row. A
-    node unlike one that made other rows of the sweep (or its own earlier
-    rows, on a resume) is named once, with what differs."""
+def record_widened(csv_path: str, run, per_seed: bool = False) -> None:
+    rate = [run.target, run.mode, run.n_train, run.learning_rate] + [run.seed] * per_seed
+    update_settings(csv_path, lambda settings: settings.setdefault("widened", []).append(rate))
 
-    def __init__(self, csv_path: str):
-        self.csv_path, self.named = csv_path, set()
+
+@dataclasses.dataclass
+class NodeRecords:
+    """On a cluster, each row's node and its machine(), recorded before the row. A node unlike
+    one that made other rows (or its own, on a resume) is named once, with what differs."""
+
+    csv_path: str
+    named: set = dataclasses.field(default_factory=set)
 
     def __call__(self, run, node: dict) -> None:
-        update_settings(self.csv_path, lambda settings: self.record(settings, run, node))
-
-    def record(self, settings: dict, run, node: dict) -> None:
-        nodes = settings.setdefault("nodes", {})
         address, record = node["ip"], {k: v for k, v in node.items() if k != "ip"}
-        if address not in self.named:
-            self.named.add(address)
-            for other, earlier in nodes.items():
-                if differ := differences(earlier, record):
-                    made = ("its own earlier rows" if other == address
-                            else f"the rows of node {other}")
-                    logger.warning(f"Warning: node {address} is not like what made {made}: "
-                                   f"{', '.join(differ)} differ; the rows of the two may not "
-                                   "be comparable")
+        update_settings(self.csv_path, lambda settings: self.record(settings, run, address, record))
+
+    def record(self, settings: dict, run, address: str, record: dict) -> None:
+        nodes = settings.setdefault("nodes", {})
+        for other, earlier in nodes.items() if address not in self.named else ():
+            if differ := differences(earlier, record):
+                made = "its own earlier rows" if other == address else f"the rows of node {other}"
+                tm.logger.warning(f"Warning: node {address} is not like what made {made}: "
+                                  f"{', '.join(differ)} differ; the rows of the two may not "
+                                  "be comparable")
+        self.named.add(address)
         nodes[address] = record
         settings.setdefault("row_nodes", {})[str(run)] = address
 
 
 def saved_settings(csv_path: str | Path) -> dict:
-    """The settings saved beside a results CSV (config, made_by,
-    checkpoints), or {} where there are none (a CSV from elsewhere)."""
-    try:
+    """The settings beside a results CSV, or {} where none can be read."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         settings = json.loads(settings_path(csv_path).read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(settings, dict) or not isinstance(settings.get("config"), dict):
-        return {}
-    if settings.get("format") != FORMAT:
-        logger.warning(f"Warning: {settings_path(csv_path)} is in another format of settings "
-                       f"({settings.get('format')}, this code reads {FORMAT}): "
-                       "read as if it had none")
-        return {}
-    return settings
+        if settings["format"] != FORMAT:
+            tm.logger.warning(f"Warning: {settings_path(csv_path)} is in another format of "
+                              f"settings ({settings['format']}, this code reads {FORMAT}): ignored")
+        elif isinstance(settings["config"], dict):
+            return settings
+    return {}
 
 
-def saved_backbones(saved: dict, csv_path: str) -> tuple[dict[int, Path], dict[int, str]]:
-    """The checkpoints a sweep recorded, by seed, as paths that open
-    from here, and their digests."""
-    recorded = {int(seed): c for seed, c in saved["checkpoints"].items()}
-    folder = Path(csv_path).parent
-    return ({seed: folder / c["path"] for seed, c in recorded.items()},
-            {seed: c["sha256"] for seed, c in recorded.items()})
+def backbones(checkpoints: dict, csv_path: str, seeds, flag: str) -> dict[int, str]:
+    """A sweep's backbones by seed, as paths from here; those of `seeds` checked unchanged."""
+    paths = {int(seed): Path(csv_path).parent / c["path"] for seed, c in checkpoints.items()}
+    for seed in seeds:
+        if not (seed in paths and paths[seed].is_file()):
+            raise ExperimentError(f"{flag}: the sweep's backbone {paths.get(seed)} is missing")
+        if checkpoints[str(seed)]["sha256"] != sha256(paths[seed].read_bytes()):
+            raise ExperimentError(f"{flag}: the sweep's backbone {paths[seed]} has changed since "
+                                  "it was written")
+    return {seed: str(path) for seed, path in paths.items()}
 
 
-def read_saved(cfg: argparse.Namespace) -> tuple:
-    """The settings saved beside --resume CSV, its flags completed, what
-    made its rows and its backbones (saved_backbones())."""
-    path = settings_path(cfg.resume)
+def resume_settings(cfg: Namespace, given: set[str]) -> tuple[Namespace, Resumed]:
+    """The --resume sweep's settings, and the given flags that do not change a run's numbers."""
+    flag = f"--resume {cfg.resume}"
     try:
-        saved = json.loads(path.read_text())
-        if saved.get("format") != FORMAT:
-            raise ValueError(f"format {saved.get('format')}, this code reads {FORMAT}")
-        config = relative_paths(saved["config"], path.parent, to_csv=False)
-        settings = complete(argparse.Namespace(**config))
-        backbones = saved_backbones(saved, cfg.resume)
-        return saved, settings, saved["made_by"], backbones
+        saved = json.loads(settings_path(cfg.resume).read_text())
+        if saved["format"] != FORMAT:
+            raise ValueError(f"format {saved['format']}, this code reads {FORMAT}")
+        config = relative_paths(saved["config"], Path(cfg.resume).parent, to_csv=False)
+        settings = complete(Namespace(**config))
+        made = saved["made_by"]
+        has_rows = len(Path(cfg.resume).read_bytes().splitlines()) > 1
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise Error(f"--resume {cfg.resume}: cannot read the sweep's settings from {path} "
-                    f"({one_line(err)}); only a results CSV this script wrote can be "
-                    "resumed") from None
-
-
-def check_given(cfg: argparse.Namespace, given: set[str], settings: argparse.Namespace) -> None:
-    """The flags on this command line that a resumed sweep may not
-    change, as the sweep had them."""
+        raise ExperimentError(f"{flag}: cannot read the sweep's settings or rows "
+                              f"({one_line(err)})") from None
     if "overwrite" in given:
-        raise Error(f"--resume {cfg.resume} continues that sweep; --overwrite would delete it")
+        raise ExperimentError(f"{flag} continues that sweep; --overwrite would delete it")
+    settings.overwrite = False
     differ = [name for name in sorted(given - RESUME_MAY_CHANGE)
               if getattr(cfg, name) != getattr(settings, name)]
     if differ:
-        name = differ[0]
         also = f" (also differing: {', '.join(differ[1:])})" if differ[1:] else ""
-        raise Error(f"--resume {cfg.resume}: --{name.replace('_', '-')} {getattr(cfg, name)} "
-                    f"differs from the sweep's {getattr(settings, name)}, which produced its "
-                    f"rows; drop it or start a new sweep{also}")
-    if cfg.results_csv and Path(cfg.results_csv).resolve() != Path(cfg.resume).resolve():
-        raise Error(f"--resume {cfg.resume} writes to that file; "
-                    f"drop --results-csv {cfg.results_csv}")
-
-
-def resume_settings(cfg: argparse.Namespace,
-                    given: set[str]) -> tuple[argparse.Namespace, Resumed]:
-    """The saved settings of the sweep in --resume CSV, with what `given`
-    (the flags on this command line) may change; a flag that would
-    change a run's numbers must match the saved value, and nothing that
-    destroys (--overwrite) is restored."""
-    saved, settings, made, (checkpoints, digests) = read_saved(cfg)
-    check_given(cfg, given, settings)
-    moved = Path(cfg.log_dir).resolve() != Path(settings.log_dir).resolve()
-    if moved and "log_dir" in given:
+        raise ExperimentError(f"{flag}: --{differ[0].replace('_', '-')} {getattr(cfg, differ[0])} "
+                              f"differs from the sweep's {getattr(settings, differ[0])}{also}")
+    if Path(cfg.results_csv or cfg.resume).resolve() != Path(cfg.resume).resolve():
+        raise ExperimentError(f"{flag} writes to that file; drop --results-csv")
+    if "log_dir" in given and Path(cfg.log_dir).resolve() != Path(settings.log_dir).resolve():
         settings.version = ""  # another log folder: the resumed runs take a new version there
     for name in given & RESUME_MAY_CHANGE:
         setattr(settings, name, getattr(cfg, name))
-    settings.overwrite = False  # it cleared the log folder once, at the sweep's start; never again
     if "threads" not in given:  # the sweep's threads, whatever --workers is now
         settings.threads = made["threads"]
     elif cfg.threads != made["threads"]:
-        logger.warning(f"--threads {cfg.threads} differs from the sweep's {made['threads']}: "
-                       "the remaining rows come from another order of float sums, and may "
-                       "differ from an uninterrupted sweep's")
-    try:  # a sweep stopped during its first pretraining has a header and no rows
-        with open(cfg.resume) as f:
-            has_rows = len(f.readlines()) > 1
-        rows = read_results([cfg.resume], "--resume") if has_rows else []
-    except OSError as err:
-        raise Error(f"--resume {cfg.resume} cannot be read ({one_line(err)})") from None
+        tm.logger.warning(f"--threads {cfg.threads}, the sweep's {made['threads']}: the remaining "
+                          "rows may differ from an uninterrupted sweep's (float sums)")
+    rows = read_results([cfg.resume], "--resume") if has_rows else []  # stopped in pretraining
     pretrained = {r.seed for r in rows if r.mode not in tm.ARMS}
-    check_backbones(f"--resume {cfg.resume}", pretrained, checkpoints, digests)
+    backbone_paths = backbones(saved["checkpoints"], cfg.resume, pretrained, flag)
     check_weights_unchanged(cfg.resume, saved.get("weights"), settings)
-    settings.resume, settings.results_csv = cfg.resume, cfg.resume
-    widened = [tuple(entry) for entry in saved.get("widened", [])]
-    paths = {seed: str(path) for seed, path in checkpoints.items()}
-    return settings, Resumed(rows, paths, made, widened)
-
-
-def check_backbones(flag: str, seeds: Iterable[int], checkpoints: dict[int, Path],
-                    digests: dict) -> None:
-    """Each backbone of `seeds` is where its sweep recorded it,
-    unchanged since its digest was saved."""
-    for seed in seeds:
-        checkpoint = checkpoints.get(seed)
-        if checkpoint is None or not checkpoint.is_file():
-            raise Error(f"{flag}: the sweep's pretrained backbone {checkpoint} is missing; "
-                        "resume where it was written, or start a new sweep")
-        if digests[seed] != file_sha256(checkpoint):
-            raise Error(f"{flag}: the sweep's pretrained backbone {checkpoint} has changed since "
-                        "it was written (another sweep in the same --log-dir?); start a new sweep")
+    settings.resume = settings.results_csv = cfg.resume
+    return settings, Resumed(rows, backbone_paths, made, list(map(tuple, saved.get("widened", []))))
 
 
 def pretraining_settings(config: dict, threads: int | None) -> dict:
-    """PRETRAINING's values, with the patience pretraining ran with, its
-    order of batches and its torch threads."""
+    """What makes a backbone: a sweep may borrow another's where these are the same."""
     patience = config.get("pretrain_patience")
     return {**{name: config.get(name) for name in PRETRAINING}, "threads": threads,
             "pretraining patience": config.get("patience") if patience is None else patience,
-            "shuffled batches": bool(config.get("shuffle")),  # settings before --shuffle: never
+            "shuffled batches": bool(config.get("shuffle")),
             "pretraining rates": tuple(config.get("pretrain_lr_grid") or ())}
 
 
-def borrowed_backbones(cfg: argparse.Namespace, seeds: set[int], threads: int | None) -> Resumed:
-    """--backbones-from CSV: that sweep's backbones of `seeds` and their
-    pretraining rows, where it pretrained them as this sweep would
-    (PRETRAINING) and each is unchanged since its digest was saved."""
+def borrowed_backbones(cfg: Namespace, seeds: set[int], threads: int | None) -> Resumed:
+    """That sweep's backbones and pretraining rows of `seeds`, where pretrained as here."""
     csv_path = cfg.backbones_from
     flag = f"--backbones-from {csv_path}"
     saved = saved_settings(csv_path)
-    if not saved or "checkpoints" not in saved:
-        raise Error(f"{flag}: no sweep's settings beside it ({settings_path(csv_path)})")
-    made = saved.get("made_by", {})
+    if "checkpoints" not in saved:
+        raise ExperimentError(f"{flag}: no sweep's settings beside it")
     config = relative_paths(saved["config"], Path(csv_path).parent, to_csv=False)
-    theirs = pretraining_settings(config, made.get("threads"))
+    theirs = pretraining_settings(config, saved["made_by"]["threads"])
     ours = pretraining_settings(vars(cfg), threads)
     if differ := [name for name in ours if ours[name] != theirs[name]]:
         shown = "; ".join(f"{name} {theirs[name]}, here {ours[name]}" for name in differ)
-        raise Error(f"{flag}: its backbones were pretrained otherwise ({shown})")
-    rows = [r for r in read_results([csv_path], flag)
-            if r.mode not in tm.ARMS and r.seed in seeds]
+        raise ExperimentError(f"{flag}: its backbones were pretrained otherwise ({shown})")
+    rows = [r for r in read_results([csv_path], flag) if r.mode not in tm.ARMS and r.seed in seeds]
     if missing := seeds - {r.seed for r in rows}:
-        raise Error(f"{flag} has no backbone of seed{'s' * (len(missing) > 1)} "
-                    f"{', '.join(map(str, sorted(missing)))}")
-    checkpoints, digests = saved_backbones(saved, csv_path)
-    check_backbones(flag, seeds, checkpoints, digests)
-    return Resumed(rows, {seed: str(checkpoints[seed]) for seed in seeds}, made)
-
-
-def record_widened(csv_path: str, run, per_seed: bool = False) -> None:
-    """A rate that --widen added to run's (target, mode, n_train), for
-    every seed or (per_seed) for run's seed alone, in the settings
-    before its runs start."""
-    rate = [run.target, run.mode, run.n_train, run.learning_rate] + [run.seed] * per_seed
-    update_settings(csv_path, lambda settings: settings.setdefault("widened", []).append(rate))
+        raise ExperimentError(f"{flag} has no backbone of seed {min(missing)}")
+    checkpoints = backbones(saved["checkpoints"], csv_path, seeds, flag)
+    return Resumed(rows, {seed: checkpoints[seed] for seed in seeds}, saved["made_by"])
 
 
 def check_made_by(resumed: Resumed, now: dict, resume: str) -> None:
-    """--resume adds rows only where the same code, libraries, kind of
-    CPU and accelerator would make them."""
-    def value(record, name):
-        for part in name.split("."):
-            record = record.get(part) if isinstance(record, dict) else None
-        return str(record)[:12] if name.endswith("sha256") else str(record)
+    """--resume adds rows only where the same code, libraries, CPU and accelerator would."""
+    def shown(record, name):  # cpu.stepping: record["cpu"]["stepping"]; a digest's start
+        key, _, field = name.partition(".")
+        value = record.get(key, {}).get(field) if field else record.get(key)
+        return str(value)[:12] if key == "code_sha256" else value
 
     if differ := differences(resumed.made_by, now):
-        names = {"code_sha256": "the code that makes the rows"}
-        shown = "; ".join(f"{names.get(name, name)} {value(resumed.made_by, name)}, "
-                          f"here {value(now, name)}" for name in differ[:3])
-        raise Error(f"--resume {resume}: the sweep's rows were made otherwise ({shown}); "
-                    "resume with what made them, or start a new sweep")
+        named = {"code_sha256": "the code that makes the rows"}.get
+        listed = "; ".join(f"{named(name, name)} {shown(resumed.made_by, name)}, "
+                           f"here {shown(now, name)}" for name in differ[:3])
+        raise ExperimentError(f"--resume {resume}: the sweep's rows were made otherwise ({listed})")
 
 
 def resume_command(csv_path: str) -> str:
@@ -443,6 +296,5 @@ def resume_command(csv_path: str) -> str:
 
 
 def resume_hint(csv_path: str) -> str:
-    """How a failed sweep's message ends, in the driver and in the watch
-    (sweeps/watch.py) alike."""
+    """How a failed sweep's message ends, here and in sweeps/watch.py."""
     return f"the finished runs are in {csv_path}; to go on: {resume_command(csv_path)}"
