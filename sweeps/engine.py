@@ -128,11 +128,9 @@ class Plan:
 def make_plan(cfg: argparse.Namespace, resumed: Resumed | None) -> Plan:
     """The sweep's runs; a resumed sweep's with the rates its grids were widened by, and its
     rows."""
-    if resumed is None:
-        return Plan(pretraining_runs(cfg), sweep_runs(cfg), cfg.select, {})
-    runs = sweep_runs(cfg) + widened_runs(cfg, resumed.widened)
-    rows = {run_key(r): r for r in resumed.rows}
-    return Plan(pretraining_runs(cfg), runs, cfg.select, rows)
+    widened = widened_runs(cfg, resumed.widened) if resumed else []
+    rows = {run_key(r): r for r in resumed.rows} if resumed else {}
+    return Plan(pretraining_runs(cfg), sweep_runs(cfg) + widened, cfg.select, rows)
 
 
 def widening(cfg: argparse.Namespace, plan: Plan, grid: list[Run]) -> tuple[list[Run], str]:
@@ -225,11 +223,10 @@ class Sweep:
             for r in results:
                 self.hooks["on_node"](run_key(r), node)
 
-    def pretrained(self, seed: int, results: list[RunResult] | RunResult, backbone: dict,
-                   where: str, node: dict | None) -> None:
+    def pretrained(self, seed: int, results: list[RunResult], backbone: dict, where: str,
+                   node: dict | None) -> None:
         """Seed's pretraining grid is done: its backbone and row are the pick's; every rate's
         validation loss goes into the settings."""
-        results = results if isinstance(results, list) else [results]
         self.noted(results, node)
         pick = next(r for r in results if r.selected)
         checkpoint = pretrain_checkpoint(self.cfg, seed, pick.learning_rate)
@@ -268,22 +265,16 @@ def start_line(cfg: argparse.Namespace, plan: Plan, backbones: dict) -> str:
     """What a sweep is about to run, in one line."""
     todo = plan.todo()
     pretraining = [run for run in plan.pretraining if run.seed not in backbones]
-    if cfg.weights:
-        start = f"from {cfg.backbone} with --weights {cfg.weights}, nothing pretrained:"
-    else:
-        patience = cfg.pretrain_patience
-        patience = "" if patience is None else f", ending {patience} after the best"
-        start = (f"{len(pretraining)} pretraining{'s' * (len(pretraining) != 1)} ({cfg.source}, "
-                 f"{cfg.n_pretrain} images, up to {cfg.pretrain_epochs} epochs{patience}) and")
-    seed_list = sorted({run.seed for run in todo})
-    seed_range = f"seeds {seed_list[0]}-{seed_list[-1]}; " if len(seed_list) > 1 else ""
-    rates = ", ".join(f"{r:g}" for r in cfg.lr_grid)
-    rates = f"rates {rates}" if cfg.lr_grid else "each arm at its own rate"
-    where = f"on {cfg.workers} workers" if cfg.workers > 1 else "in this process"
-    where = f"on the Ray cluster at {cfg.cluster}" if cfg.cluster else where
-    return (f"Running {start} {len(todo)} target runs ({', '.join(cfg.targets)}; n_train "
-            f"{', '.join(map(str, cfg.n_train))}; {', '.join(cfg.modes)}; {seed_range}{rates}; "
-            f"up to {cfg.train_epochs} epochs) {where}")
+    seed_list = sorted({run.seed for run in todo}) or [cfg.seed]
+    rates = ", ".join(f"{r:g}" for r in cfg.lr_grid) or "each arm's own"
+    where = f"{cfg.workers} workers" if cfg.workers > 1 else "this process"
+    where = f"the Ray cluster at {cfg.cluster}" if cfg.cluster else where
+    after = f"from --weights {cfg.weights}" if cfg.weights else (
+        f"after {len(pretraining)} pretraining runs ({cfg.source}, {cfg.n_pretrain} images, "
+        f"up to {cfg.pretrain_epochs} epochs)")
+    return (f"Running {len(todo)} target runs {after} on {where}: {', '.join(cfg.targets)}; "
+            f"n_train {', '.join(map(str, cfg.n_train))}; {', '.join(cfg.modes)}; "
+            f"seeds {seed_list[0]}-{seed_list[-1]}; rates {rates}; up to {cfg.train_epochs} epochs")
 
 
 def known_backbones(cfg: argparse.Namespace, plan: Plan, resumed: Resumed | None,

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import typing
 from collections.abc import Iterator
 
 import torch
@@ -186,10 +185,13 @@ class RaySweep:
         wait here, in order; a cluster, which may grow, gets them all."""
         ray = self.ray
         cfg = self.worker_settings()
-        registry = [ray.put(self.registry())]  # a list: Ray passes the id, not the value
+        # the targets and arms, registered at run time too; in a list: Ray passes the id
+        names = [name for name in (cfg.source, *cfg.targets) if name in tm.TARGETS]
+        targets = {name: tm.TARGETS[name] for name in names}
+        registry = [ray.put((targets, {name: tm.ARMS[name] for name in cfg.modes}))]
         task = ray.remote(run_remote).options(num_cpus=self.threads, num_gpus=self.gpus,
                                               max_retries=RETRIES, retry_exceptions=False)
-        stored: dict[int, typing.Any] = {}  # each backbone put into the object store once
+        stored: dict = {}  # each backbone put into the object store once
         queue = list(jobs)
         pending: dict = {}  # task -> its run
         while queue or pending:
@@ -216,13 +218,6 @@ class RaySweep:
             cfg.weights = os.path.abspath(cfg.weights)
         return cfg
 
-    def registry(self) -> tuple[dict, dict]:
-        """The targets and arms a sweep uses, registered at run time too."""
-        cfg = self.cfg
-        names = [name for name in (cfg.source, *cfg.targets) if name in tm.TARGETS]
-        arms = {name: tm.ARMS[name] for name in cfg.modes}
-        return {name: tm.TARGETS[name] for name in names}, arms
-
     def outcome(self, ref, run) -> tuple:
         """A finished task's (result, backbone, where, node); its failure as the sweep's."""
         ray = self.ray
@@ -231,11 +226,10 @@ class RaySweep:
         except ray.exceptions.RayTaskError as err:  # inside the run: bad input, a full disk
             cause = err.cause
             raise (cause if isinstance(cause, (tm.ExperimentError, OSError)) else err) from None
-        except ray.exceptions.LocalRayletDiedError:
-            self.check_instance()  # an agent's death, which took the raylet with it
-            raise ExperimentFailure(watch.DIED.format("raylet")) from None
-        except ray.exceptions.RayError as err:  # its worker died every time
-            self.check_instance()  # or the instance under it
+        except ray.exceptions.RayError as err:  # its worker died every time, or the instance
+            self.check_instance()
+            if isinstance(err, ray.exceptions.LocalRayletDiedError):
+                raise ExperimentFailure(watch.DIED.format("raylet")) from None
             raise ExperimentFailure(f"{run} failed {RETRIES + 1} times: its worker process died "
                                     f"({type(err).__name__})") from None
 

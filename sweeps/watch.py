@@ -12,6 +12,7 @@ DIED) and run by it as a script; it imports only the standard library, so that i
 milliseconds."""
 
 import contextlib
+import itertools
 import os
 import select
 import signal
@@ -135,17 +136,16 @@ def watch(ending: str, roots: list[int]) -> int:
     (not a worker: Ray replaces those) counts once the driver is seen alive after it, as the
     driver's own end takes the raylet with it."""
     # a Ctrl-C or SIGTERM is the driver's to handle; this waits for its end
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     driver = os.getppid()
     driver_start = process_start(driver)
     seen: dict[int, tuple] = {}
     gone: list[str] = []
-    looks = 0
-    while not select.select([0], [], [], 0.1)[0]:
+    for looks in itertools.count():
         if looks % 10 == 0:  # new workers, once a second: a look reads all of /proc
             family(roots, seen)
-        looks += 1
+        if select.select([0], [], [], 0.1)[0]:
+            break
         dead = [title for pid, (start, title) in seen.items()
                 if (pid in roots or is_agent(title)) and title not in gone
                 and process_start(pid) != start]
