@@ -1,7 +1,6 @@
-"""A sweep from start to end: its plan (engine.Plan, every run keyed by runs.Run) executed in
-phases, in this process or on Ray (ray_engine): pretraining, then rounds of target runs, each
-row written as its run ends and its grid's choice made once the grid is complete. Imported by
-cli; it imports settings, runs, stop, resume, ray_engine and the template."""
+"""A sweep from start to end: its plan (Plan) run in phases, here or on Ray (ray_engine), each
+row written as its run ends. Imported by cli; imports settings, runs, stop, resume, ray_engine
+and the template."""
 
 import argparse
 import contextlib
@@ -19,25 +18,10 @@ import torch
 import transfer_mnist as tm
 from sweeps.ray_engine import RaySweep
 from sweeps.resume import Resumed
-from sweeps.runs import (
-    ResultsCsv,
-    Run,
-    RunResult,
-    execute,
-    learned,
-    pretrain_checkpoint,
-    pretraining_rates,
-    pretraining_runs,
-    read_weights,
-    run_key,
-    save_backbone,
-    select_rates,
-    selection_group,
-    settled,
-    still_improving,
-    sweep_runs,
-    widened_runs,
-)
+from sweeps.runs import (ResultsCsv, Run, RunResult, execute, learned, pretrain_checkpoint,
+                         pretraining_rates, pretraining_runs, read_weights, run_key,
+                         save_backbone, select_rates, selection_group, settled, still_improving,
+                         sweep_runs, widened_runs)
 from sweeps.settings import backbone_seed, next_rate, run_threads, seeds
 from sweeps.stop import StopSignal
 
@@ -45,23 +29,17 @@ logger = tm.logger  # the experiment's console, as the template's
 
 
 def run_here(cfg: argparse.Namespace, jobs: list[tuple]) -> Iterator[tuple]:
-    """Each (run, backbone) of `jobs` in this process, one after the other: (run, result,
-    backbone, where, node) as each ends."""
+    """Each (run, backbone) here, in turn: (run, result, backbone, where, node) as each ends."""
     for run, backbone in jobs:
         StopSignal.check()
         result, backbone = execute(cfg, run, backbone)
         yield run, result, backbone, "", None
 
 
-def clock(seconds: float) -> str:
-    return str(datetime.timedelta(seconds=round(seconds)))
-
-
 class Progress:
-    """The console's line for each finished run: [k/N], its numbers and seconds, the time since
-    the first run began and an estimate of what is left: the mean seconds of the finished runs of
-    each kind (pretraining, target run) times the runs of that kind left, shared among the
-    workers. Target runs not yet timed are left out of the estimate, and the line says so."""
+    """The console's line for each finished run: [k/N], its numbers, the time elapsed and left:
+    each kind's mean seconds (pretraining, target run) times its runs left, over the workers;
+    a kind not yet timed is named instead."""
 
     def __init__(self, pretraining: int, target_runs: int, workers: int):
         self.left = {"pretraining": pretraining, "target run": target_runs}
@@ -77,23 +55,22 @@ class Progress:
         left = sum(self.left.values())
         work = sum(statistics.fmean(self.seconds[kind]) * n
                    for kind, n in self.left.items() if self.seconds[kind])
-        estimate = [f"about {clock(work / min(self.workers, left))} left"] if work else []
-        estimate += [f"{n} {kind}s not yet timed"
+        clock = datetime.timedelta(seconds=round(work / min(self.workers, left or 1)))
+        estimate = [f"about {clock} left"] if work else []
+        estimate += [f"{n} {kind}{'s' * (n > 1)} not yet timed"
                      for kind, n in self.left.items() if n and not self.seconds[kind]]
-        return (
-            f"[{done}/{done + left}] {run.target}/{run.mode}: best epoch {result.best_epoch}, "
-            f"test loss {result.test_loss:.4f}, test accuracy {result.test_acc:.4f} "
-            f"(n_train {run.n_train}, seed {run.seed}, lr {run.learning_rate:g}), "
-            f"{result.seconds:.1f} s{where}; {clock(time.monotonic() - self.started)} elapsed; "
-            + ("; ".join(estimate) or "done")
-        )
+        elapsed = datetime.timedelta(seconds=round(time.monotonic() - self.started))
+        return (f"[{done}/{done + left}] {run.target}/{run.mode}: best epoch {result.best_epoch}, "
+                f"test loss {result.test_loss:.4f}, test accuracy {result.test_acc:.4f} "
+                f"(n_train {run.n_train}, seed {run.seed}, lr {run.learning_rate:g}), "
+                f"{result.seconds:.1f} s{where}; {elapsed} elapsed; "
+                + ("; ".join(estimate) or "done"))
 
 
 @dataclasses.dataclass
 class Plan:
-    """Every run of a sweep, keyed by its Run, and the rows finished so far: the backbones'
-    pretraining, the target runs in the results' order (sweep_runs()), then the rates that
-    --widen added."""
+    """Every run of a sweep, keyed by its Run, and the rows finished so far: the pretraining, the
+    target runs in the results' order (sweep_runs()), then the rates that --widen added."""
 
     pretraining: list[Run]
     runs: list[Run]
@@ -107,16 +84,12 @@ class Plan:
             grids.setdefault(selection_group(run, self.select), []).append(run)
         return grids
 
-    def complete(self, grid: list[Run]) -> bool:
-        return all(run in self.rows for run in grid)
-
     def todo(self) -> list[Run]:
         """The target runs without a row, in the plan's order."""
         return [run for run in self.runs if run not in self.rows]
 
     def ordered(self) -> list[RunResult]:
-        """The rows in the results' order: pretraining first, then each (target, n_train, seed,
-        arm)'s grid together, in the plan's order (widened rates last)."""
+        """The rows: pretraining, then each (target, n_train, seed, arm)'s runs in plan order."""
         first: dict[tuple, int] = {}
         for run in self.runs:
             first.setdefault((run.target, run.n_train, run.seed, run.mode), len(first))
@@ -126,17 +99,15 @@ class Plan:
 
 
 def make_plan(cfg: argparse.Namespace, resumed: Resumed | None) -> Plan:
-    """The sweep's runs; a resumed sweep's with the rates its grids were widened by, and its
-    rows."""
+    """The sweep's runs; a resumed sweep's with the rates it widened by, and its rows."""
     widened = widened_runs(cfg, resumed.widened) if resumed else []
     rows = {run_key(r): r for r in resumed.rows} if resumed else {}
     return Plan(pretraining_runs(cfg), sweep_runs(cfg) + widened, cfg.select, rows)
 
 
 def widening(cfg: argparse.Namespace, plan: Plan, grid: list[Run]) -> tuple[list[Run], str]:
-    """--widen, of a complete grid: the runs of the next rate beyond the edge where its pick
-    sits (for every seed of a pooled group, for its seed alone with --select seed), and the line
-    that says why; or no runs, with a warning where a lower rate would not settle either."""
+    """--widen, of a complete grid: the runs of the next rate past the edge where its pick sits
+    (for each seed it holds) and why; or none, warning where a lower rate would not settle."""
     rows = [plan.rows[run] for run in grid]
     picked = [r for r in rows if r.selected]
     pick = picked[0].learning_rate if picked else None
@@ -148,9 +119,8 @@ def widening(cfg: argparse.Namespace, plan: Plan, grid: list[Run]) -> tuple[list
     which = f"{first.target}/{first.mode} n_train {first.n_train}"
     if cfg.select != "seed" and rate < pick and not settled(picked) \
             and learned(picked, cfg.select):
-        # no rate had settled by the ceiling (candidate_rates): a lower one would settle later
-        # still. A pick that learned nothing (the rates above it diverge too) says nothing of
-        # the rates below it
+        # no rate settled by the ceiling: a lower one would settle later still. A pick that
+        # learned nothing (the rates above it diverge too) says nothing of those below it
         late = sum(map(still_improving, picked))
         return [], (f"{which}: not widened below {pick:g}, where {late} of {len(picked)} runs "
                     f"were still improving at the end of their budget: raise --train-epochs")
@@ -158,8 +128,8 @@ def widening(cfg: argparse.Namespace, plan: Plan, grid: list[Run]) -> tuple[list
            for seed in sorted({run.seed for run in grid})]
     if cfg.select == "seed":
         which += f" seed {first.seed}"
-    ran = ", ".join(f"{r:g}" for r in sorted(set(rates)))
-    return new, (f"{which}: the pick {pick:g} sits at an edge of the rates run ({ran}); "
+    return new, (f"{which}: the pick {pick:g} sits at an edge of the rates run "
+                 f"({', '.join(f'{r:g}' for r in sorted(set(rates)))}); "
                  f"adding {rate:g} for {len(new)} seed{'s' * (len(new) > 1)}")
 
 
@@ -168,9 +138,8 @@ def nothing(*args) -> None:
 
 
 class Sweep:
-    """The phases of a sweep and what each finished run leaves: its row in the CSV as it ends,
-    its grid's choice once the grid is complete, the settings' records through the hooks (see
-    run_experiment)."""
+    """The phases of a sweep and what each finished run leaves: its row, its grid's choice once
+    the grid is complete, the settings' records through the hooks (see run_experiment)."""
 
     def __init__(self, cfg: argparse.Namespace, plan: Plan, csv_out: ResultsCsv,
                  backbones: dict, hooks: dict):
@@ -190,20 +159,18 @@ class Sweep:
                 if run.seed not in self.backbones and run.learning_rate == first]
         for run, results, backbone, where, node in execute_all(jobs):
             self.pretrained(run.seed, results, backbone, where, node)
-        while True:
-            self.widen()
-            todo = self.plan.todo()
-            if not todo:
-                return
+        self.widen()
+        while todo := self.plan.todo():
             jobs = [(run, self.backbones[backbone_seed(self.cfg, run.seed)]) for run in todo]
             for run, result, _, where, node in execute_all(jobs):
                 self.finished(run, result, where, node)
+            self.widen()
 
     def widen(self) -> None:
-        """Adds to the plan the runs that --widen asks of each complete grid not yet examined at
-        its size."""
+        """Adds the runs --widen asks of each complete grid not yet examined at its size."""
         for group, grid in self.plan.grids().items():
-            if (group, len(grid)) in self.examined or not self.plan.complete(grid):
+            complete = all(run in self.plan.rows for run in grid)
+            if (group, len(grid)) in self.examined or not complete:
                 continue
             self.examined.add((group, len(grid)))
             select_rates([self.plan.rows[run] for run in grid], self.cfg.select)
@@ -216,18 +183,11 @@ class Sweep:
             elif line:
                 logger.warning(line)
 
-    def noted(self, results: list[RunResult], node: dict | None) -> None:
-        """on_node, before the rows: the node of a cluster that made them (local workers run on
-        this machine, which made_by records)."""
-        if node and self.cfg.cluster:
-            for r in results:
-                self.hooks["on_node"](run_key(r), node)
-
     def pretrained(self, seed: int, results: list[RunResult], backbone: dict, where: str,
                    node: dict | None) -> None:
-        """Seed's pretraining grid is done: its backbone and row are the pick's; every rate's
-        validation loss goes into the settings."""
-        self.noted(results, node)
+        """Seed's pretraining grid is done: the backbone and row are the pick's."""
+        for r in results:  # on a cluster: the node, before the rows
+            self.hooks["on_node"](run_key(r), node)
         pick = next(r for r in results if r.selected)
         checkpoint = pretrain_checkpoint(self.cfg, seed, pick.learning_rate)
         self.backbones[seed] = backbone
@@ -244,10 +204,10 @@ class Sweep:
     def finished(self, run: Run, result: RunResult, where: str, node: dict | None) -> None:
         """A target run's row goes to the CSV as it finishes, `selected` false until its grid is
         complete; then the grid's choice is made and the CSV rewritten with it."""
-        self.noted([result], node)
+        self.hooks["on_node"](run, node)
         self.plan.rows[run] = result
         grid = self.plan.grids()[selection_group(run, self.cfg.select)]
-        result.selected = self.plan.complete(grid)
+        result.selected = all(r in self.plan.rows for r in grid)
         if result.selected and len(grid) > 1:
             select_rates([self.plan.rows[r] for r in grid], self.cfg.select)
             self.csv_out.rewrite(self.plan.ordered())
@@ -255,8 +215,7 @@ class Sweep:
             self.csv_out.append(result)
         logger.info(self.progress.line(run, result, where))
         # Free the finished run now: Lightning's reference cycles keep its tensors until the
-        # cyclic collector happens to run. The objects alive before the first run are frozen
-        # (run_experiment).
+        # cyclic collector runs. What was alive before the first run is frozen (run_experiment)
         with StopSignal.deferred():
             gc.collect()
 
@@ -279,20 +238,17 @@ def start_line(cfg: argparse.Namespace, plan: Plan, backbones: dict) -> str:
 
 def known_backbones(cfg: argparse.Namespace, plan: Plan, resumed: Resumed | None,
                     borrowed: Resumed | None, csv_out: ResultsCsv, on_pretrained) -> dict:
-    """Each backbone seed's tensors that exist already: --weights for every seed, or the
-    backbones pretrained earlier or borrowed from another sweep (--backbones-from: its
-    pretraining rows and digests come here first)."""
+    """Each backbone seed's tensors that exist already: --weights, or the backbones pretrained
+    earlier or borrowed (--backbones-from: their rows and digests come here first)."""
     if cfg.weights:  # every pretrained arm starts from them, whatever its seed
         channels = tm.resolve_network(cfg).channels
         state = read_weights(cfg.backbone, cfg.weights, channels)
         return {backbone_seed(cfg, seed): state for seed in seeds(cfg)}
-    checkpoints = {}
-    for sweep in (borrowed, resumed):
-        checkpoints.update(sweep.checkpoints if sweep else {})
+    checkpoints = {**(borrowed.checkpoints if borrowed else {}),
+                   **(resumed.checkpoints if resumed else {})}
     for r in borrowed.rows if borrowed else []:
         if run_key(r) in plan.pretraining and run_key(r) not in plan.rows:
-            if on_pretrained:
-                on_pretrained(r.seed, borrowed.checkpoints[r.seed], None)
+            (on_pretrained or nothing)(r.seed, borrowed.checkpoints[r.seed], None)
             csv_out.append(r)
             plan.rows[run_key(r)] = r
     return {run.seed: tm.read_backbone(checkpoints[run.seed])
@@ -304,15 +260,12 @@ def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resume
                    on_node: Callable[[Run, dict], None] | None = None,
                    on_widened: Callable[[Run], None] | None = None,
                    borrowed: Resumed | None = None) -> list[RunResult]:
-    """The sweep's plan, executed in phases in this process or on Ray (--workers, --cluster):
-    pretraining, then the target runs, then each round of rates that --widen adds. Rows go to
-    the CSV as their runs finish; at the end the CSV holds them in the plan's order. A resumed
-    sweep runs the plan minus the rows it holds. `borrowed`: another sweep's backbones
-    (--backbones-from), whose rows are copied instead. Hooks: on_pretrained(seed, checkpoint,
-    rates) once a backbone is written or borrowed, before its row (rates: every pretraining
-    rate's validation loss, None for one rate); on a cluster, on_node(run, node) before each
-    row; on_widened(run), for the first seed's run of each rate that --widen adds, before it
-    starts."""
+    """The sweep's plan in phases, here or on Ray (--workers, --cluster): pretraining, the target
+    runs, each round of rates that --widen adds; a resumed sweep's minus its rows. Rows go to the
+    CSV as runs finish, in the plan's order at the end. `borrowed`: --backbones-from. Hooks,
+    each before its row: on_pretrained(seed, checkpoint, rates: every pretraining rate's
+    validation loss, or None), on a cluster on_node(run, node), on_widened(run) for the first
+    seed's run of each rate --widen adds."""
     plan = make_plan(cfg, resumed)
     backbones = known_backbones(cfg, plan, resumed, borrowed, csv_out, on_pretrained)
     if resumed:
@@ -321,13 +274,14 @@ def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resume
                     f"{len(backbones)} of {len(plan.pretraining)} pretraining runs done, skipped; "
                     f"{len(plan.runs) - done} target runs remain")
     logger.info(start_line(cfg, plan, backbones))
+    # on_node: local workers run on this machine, which made_by records
+    on_node = on_node if cfg.cluster else None
     hooks = {"on_pretrained": on_pretrained, "on_node": on_node, "on_widened": on_widened}
     sweep = Sweep(cfg, plan, csv_out, backbones, hooks)
     threads = run_threads(cfg)
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(threads or torch_threads)  # pretraining too: the same numbers
-    # The libraries' objects, alive for good, stay out of each run's collection
-    # (Sweep.finished)
+    # the libraries' objects, alive for good, stay out of each run's collection (finished())
     gc.collect()
     gc.freeze()
     try:
