@@ -37,9 +37,8 @@ def run_here(cfg: argparse.Namespace, jobs: list[tuple]) -> Iterator[tuple]:
 
 
 class Progress:
-    """The console's line for each finished run: [k/N], its numbers, the time elapsed and left:
-    each kind's mean seconds (pretraining, target run) times its runs left, over the workers;
-    a kind not yet timed is named instead."""
+    """The console's line per finished run: [k/N], its numbers, the time elapsed and left: each
+    kind's mean seconds times its runs left, over the workers (a kind not yet timed is named)."""
 
     def __init__(self, pretraining: int, target_runs: int, workers: int):
         self.left = {"pretraining": pretraining, "target run": target_runs}
@@ -183,9 +182,10 @@ class Sweep:
             elif line:
                 logger.warning(line)
 
-    def pretrained(self, seed: int, results: list[RunResult], backbone: dict, where: str,
+    def pretrained(self, seed: int, results: list | RunResult, backbone: dict, where: str,
                    node: dict | None) -> None:
         """Seed's pretraining grid is done: the backbone and row are the pick's."""
+        results = results if isinstance(results, list) else [results]  # a stand-in's row
         for r in results:  # on a cluster: the node, before the rows
             self.hooks["on_node"](run_key(r), node)
         pick = next(r for r in results if r.selected)
