@@ -1,14 +1,15 @@
-"""A sweep from start to end: pretrain (once, or once per seed), then every run of the plan, in
-this process or on Ray (ray_engine), each row written as its run ends and its grid's choice made
-once the grid is complete. Imported by cli; it imports settings, runs, stop, resume, ray_engine
+"""A sweep from start to end: its plan (Plan) run in phases, here or on Ray (ray_engine), each
+row written as its run ends. Imported by cli; imports settings, runs, stop, resume, ray_engine
 and the template."""
 
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import functools
 import gc
 import os
+import statistics
 import time
 from collections.abc import Callable, Iterator
 
@@ -17,25 +18,10 @@ import torch
 import transfer_mnist as tm
 from sweeps.ray_engine import RaySweep
 from sweeps.resume import Resumed
-from sweeps.runs import (
-    ResultsCsv,
-    Run,
-    RunResult,
-    execute,
-    learned,
-    read_weights,
-    pretrain_checkpoint,
-    pretraining_rates,
-    pretraining_runs,
-    run_key,
-    save_backbone,
-    select_rates,
-    selection_group,
-    settled,
-    still_improving,
-    sweep_runs,
-    widened_runs,
-)
+from sweeps.runs import (ResultsCsv, Run, RunResult, execute, learned, pretrain_checkpoint,
+                         pretraining_rates, pretraining_runs, read_weights, run_key,
+                         save_backbone, select_rates, selection_group, settled, still_improving,
+                         sweep_runs, widened_runs)
 from sweeps.settings import backbone_seed, next_rate, run_threads, seeds
 from sweeps.stop import StopSignal
 
@@ -43,321 +29,230 @@ logger = tm.logger  # the experiment's console, as the template's
 
 
 def run_here(cfg: argparse.Namespace, jobs: list[tuple]) -> Iterator[tuple]:
-    """Each (run, backbone) of `jobs` in this process, one after the
-    other: (run, result, backbone, where, node) as each ends."""
+    """Each (run, backbone) here, in turn: (run, result, backbone, where, node) as each ends."""
     for run, backbone in jobs:
         StopSignal.check()
         result, backbone = execute(cfg, run, backbone)
         yield run, result, backbone, "", None
 
 
-def clock(seconds: float) -> str:
-    minutes, seconds = divmod(round(seconds), 60)
-    return (
-        f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
-        if minutes >= 60
-        else f"{minutes}:{seconds:02d}"
-    )
-
-
 class Progress:
-    """The console's line for each finished run: [k/N], its numbers and seconds, the time since the
-    first run began and an estimate of what is left: the mean seconds of the finished runs of
-    each kind (pretraining, target run) times the runs of that kind left, shared among the
-    workers. Target runs not yet timed are left out of the estimate, and the line says so."""
+    """The console's line per finished run: [k/N], its numbers, the time elapsed and left: each
+    kind's mean seconds times its runs left, over the workers (a kind not yet timed is named)."""
 
     def __init__(self, pretraining: int, target_runs: int, workers: int):
         self.left = {"pretraining": pretraining, "target run": target_runs}
         self.seconds: dict[str, list[float]] = {kind: [] for kind in self.left}
-        self.total = pretraining + target_runs
         self.workers = workers
         self.started = time.monotonic()
 
-    def add(self, target_runs: int) -> None:
-        """Target runs that --widen added."""
-        self.left["target run"] += target_runs
-        self.total += target_runs
-
-    def line(self, run, result: RunResult, where: str) -> str:
+    def line(self, run: Run, result: RunResult, where: str) -> str:
         kind = "pretraining" if run.mode == "pretrain" else "target run"
         self.left[kind] -= 1
         self.seconds[kind].append(result.seconds)
-        done = self.total - sum(self.left.values())
-        work = sum(
-            sum(times) / len(times) * self.left[k] for k, times in self.seconds.items() if times
-        )
-        timed = any(self.left[k] for k, times in self.seconds.items() if times)
-        untimed = [
-            f"{n} {k}{'s' * (n > 1)} not yet timed"
-            for k, n in self.left.items()
-            if n and not self.seconds[k]
-        ]
-        share = max(1, min(self.workers, sum(self.left.values())))
-        estimate = "; ".join([f"about {clock(work / share)} left"] * timed + untimed) or "done"
-        elapsed = clock(time.monotonic() - self.started)
-        return (
-            f"[{done}/{self.total}] {run.target}/{run.mode}: best epoch {result.best_epoch}, "
-            f"test loss {result.test_loss:.4f}, test accuracy {result.test_acc:.4f} "
-            f"(n_train {run.n_train}, seed {run.seed}, lr {run.learning_rate:g}), "
-            f"{result.seconds:.1f} s{where}; {elapsed} elapsed; {estimate}"
-        )
-
-
-def plan_line(cfg: argparse.Namespace, pretraining: list[Run], todo: list[Run]) -> str:
-    """What a sweep is about to run, in one line."""
-    rates = (
-        "each arm at its own rate"
-        if not cfg.lr_grid
-        else f"rates {', '.join(f'{r:g}' for r in cfg.lr_grid)}"
-    )
-    where = (
-        (f"on {cfg.workers} workers" if cfg.workers > 1 else "in this process")
-        if not cfg.cluster
-        else f"on the Ray cluster at {cfg.cluster}"
-    )
-    seed_list = sorted({run.seed for run in todo}) or [cfg.seed]
-    patience = (
-        "" if cfg.pretrain_patience is None else f", ending {cfg.pretrain_patience} after the best"
-    )
-    plural = "s" * (len(pretraining) != 1)
-    start = (
-        f"{len(pretraining)} pretraining{plural} ({cfg.source}, {cfg.n_pretrain} "
-        f"images, up to {cfg.pretrain_epochs} epochs{patience}) and"
-        if not cfg.weights
-        else f"from {cfg.backbone} with --weights {cfg.weights}, nothing pretrained:"
-    )
-    return (
-        f"Running {start} {len(todo)} target runs ({', '.join(cfg.targets)}; "
-        f"n_train {', '.join(map(str, cfg.n_train))}; {', '.join(cfg.modes)}; "
-        + (f"seeds {seed_list[0]}-{seed_list[-1]}; " if len(seed_list) > 1 else "")
-        + f"{rates}; up to {cfg.train_epochs} epochs) {where}"
-    )
+        done = sum(map(len, self.seconds.values()))
+        left = sum(self.left.values())
+        work = sum(statistics.fmean(self.seconds[kind]) * n
+                   for kind, n in self.left.items() if self.seconds[kind])
+        clock = datetime.timedelta(seconds=round(work / min(self.workers, left or 1)))
+        estimate = [f"about {clock} left"] if work else []
+        estimate += [f"{n} {kind}{'s' * (n > 1)} not yet timed"
+                     for kind, n in self.left.items() if n and not self.seconds[kind]]
+        elapsed = datetime.timedelta(seconds=round(time.monotonic() - self.started))
+        return (f"[{done}/{done + left}] {run.target}/{run.mode}: best epoch {result.best_epoch}, "
+                f"test loss {result.test_loss:.4f}, test accuracy {result.test_acc:.4f} "
+                f"(n_train {run.n_train}, seed {run.seed}, lr {run.learning_rate:g}), "
+                f"{result.seconds:.1f} s{where}; {elapsed} elapsed; "
+                + ("; ".join(estimate) or "done"))
 
 
 @dataclasses.dataclass
 class Plan:
-    """Every run of a sweep, keyed by its Run, and the rows finished so
-    far: the backbones' pretraining, the target runs in the results'
-    order (sweep_runs()), then the rates that --widen added."""
+    """Every run of a sweep, keyed by its Run, and the rows finished so far: the pretraining, the
+    target runs in the results' order (sweep_runs()), then the rates that --widen added."""
 
     pretraining: list[Run]
     runs: list[Run]
-    planned: int  # runs[:planned] are sweep_runs(), the rest widened
     select: str
-    rows: dict[Run, RunResult] = dataclasses.field(default_factory=dict)
-
-    def grid(self, run: Run) -> list[Run]:
-        """The runs among which run's rate is selected."""
-        return self.grids()[selection_group(run, self.select)]
+    rows: dict[Run, RunResult]
 
     def grids(self) -> dict[tuple, list[Run]]:
+        """The runs among which each rate is selected."""
         grids: dict[tuple, list[Run]] = {}
         for run in self.runs:
             grids.setdefault(selection_group(run, self.select), []).append(run)
         return grids
-
-    def complete(self, grid: list[Run]) -> bool:
-        return all(run in self.rows for run in grid)
 
     def todo(self) -> list[Run]:
         """The target runs without a row, in the plan's order."""
         return [run for run in self.runs if run not in self.rows]
 
     def ordered(self) -> list[RunResult]:
-        """The rows in the results' order: pretraining first, then each
-        (target, n_train, seed, arm)'s grid together, widened rates last."""
-        def block(run: Run) -> tuple:
-            return run.target, run.n_train, run.seed, run.mode
-
+        """The rows: pretraining, then each (target, n_train, seed, arm)'s runs in plan order."""
         first: dict[tuple, int] = {}
-        for index, run in enumerate(self.runs):
-            first.setdefault(block(run), index)
-
-        def place(item: tuple[int, Run]) -> tuple:
-            index, run = item
-            return first[block(run)], index >= self.planned, index
-
-        done = [item for item in enumerate(self.runs) if item[1] in self.rows]
-        pretrained = [self.rows[run] for run in self.pretraining if run in self.rows]
-        return pretrained + [self.rows[run] for _, run in sorted(done, key=place)]
+        for run in self.runs:
+            first.setdefault((run.target, run.n_train, run.seed, run.mode), len(first))
+        blocks = sorted(self.runs, key=lambda run: first[run.target, run.n_train, run.seed,
+                                                         run.mode])
+        return [self.rows[run] for run in self.pretraining + blocks if run in self.rows]
 
 
 def make_plan(cfg: argparse.Namespace, resumed: Resumed | None) -> Plan:
-    """The sweep's runs; a resumed sweep's with the rates its grids were
-    widened by, and its rows."""
-    runs = sweep_runs(cfg)
-    planned = len(runs)
-    runs += widened_runs(cfg, resumed.widened if resumed else [])
-    plan = Plan(pretraining_runs(cfg), runs, planned, cfg.select)
-    plan.rows = {run_key(r): r for r in resumed.rows} if resumed else {}
-    return plan
+    """The sweep's runs; a resumed sweep's with the rates it widened by, and its rows."""
+    widened = widened_runs(cfg, resumed.widened) if resumed else []
+    rows = {run_key(r): r for r in resumed.rows} if resumed else {}
+    return Plan(pretraining_runs(cfg), sweep_runs(cfg) + widened, cfg.select, rows)
 
 
 def widening(cfg: argparse.Namespace, plan: Plan, grid: list[Run]) -> tuple[list[Run], str]:
-    """--widen, of a complete grid: the runs of the next rate beyond the
-    edge where its pick sits (for every seed of a pooled group, for its
-    seed alone with --select seed), and the line that says why; or no
-    runs, with a warning where a lower rate would not settle either."""
+    """--widen, of a complete grid: the runs of the next rate past the edge where its pick sits
+    (for each seed it holds) and why; or none, warning where a lower rate would not settle."""
     rows = [plan.rows[run] for run in grid]
-    pick = next((r.learning_rate for r in rows if r.selected), None)
+    picked = [r for r in rows if r.selected]
+    pick = picked[0].learning_rate if picked else None
     rates = [r.learning_rate for r in rows]
     rate = next_rate(rates, pick) if cfg.widen and pick else None
     if rate is None:
         return [], ""
-    picked = [r for r in rows if r.selected]
-    target, mode, n_train = grid[0].target, grid[0].mode, grid[0].n_train
+    first = grid[0]
+    which = f"{first.target}/{first.mode} n_train {first.n_train}"
     if cfg.select != "seed" and rate < pick and not settled(picked) \
             and learned(picked, cfg.select):
-        # no rate had settled by the ceiling (candidate_rates): a lower
-        # one would settle later still. A pick that learned nothing (the
-        # rates above it diverge too) says nothing of the rates below it
+        # no rate settled by the ceiling: a lower one would settle later still. A pick that
+        # learned nothing (the rates above it diverge too) says nothing of those below it
         late = sum(map(still_improving, picked))
-        return [], (f"{target}/{mode} n_train {n_train}: not widened below {pick:g}, "
-                    f"where {late} of {len(picked)} runs were still improving at the "
-                    f"end of their budget: raise --train-epochs")
-    seeds_run = sorted({run.seed for run in grid})
-    new = [Run(target, mode, seed, n_train, rate) for seed in seeds_run]
-    which = f"{target}/{mode} n_train {n_train}"
+        return [], (f"{which}: not widened below {pick:g}, where {late} of {len(picked)} runs "
+                    f"were still improving at the end of their budget: raise --train-epochs")
+    new = [Run(first.target, first.mode, seed, first.n_train, rate)
+           for seed in sorted({run.seed for run in grid})]
     if cfg.select == "seed":
-        which += f" seed {grid[0].seed}"
-    ran = ", ".join(f"{r:g}" for r in sorted(set(rates)))
-    return new, (f"{which}: the pick {pick:g} sits at an edge of the rates run ({ran}); "
+        which += f" seed {first.seed}"
+    return new, (f"{which}: the pick {pick:g} sits at an edge of the rates run "
+                 f"({', '.join(f'{r:g}' for r in sorted(set(rates)))}); "
                  f"adding {rate:g} for {len(new)} seed{'s' * (len(new) > 1)}")
 
 
-def borrow(plan: Plan, borrowed: Resumed | None, csv_out: ResultsCsv,
-           on_pretrained: Callable | None) -> None:
-    """Another sweep's backbones (--backbones-from): their pretraining
-    rows and digests, here first."""
-    for r in borrowed.rows if borrowed else []:
-        if run_key(r) in plan.pretraining and run_key(r) not in plan.rows:
-            if on_pretrained:
-                on_pretrained(r.seed, borrowed.checkpoints[r.seed], None)
-            csv_out.append(r)
-            plan.rows[run_key(r)] = r
-
-
-def known_backbones(cfg: argparse.Namespace, plan: Plan, checkpoints: dict) -> dict:
-    """Each backbone seed's tensors that exist already: --weights for
-    every seed, or the backbones pretrained (or borrowed) earlier."""
-    if cfg.weights:  # every pretrained arm starts from them, whatever its seed
-        channels = tm.resolve_network(cfg).channels
-        state = read_weights(cfg.backbone, cfg.weights, channels)
-        return {backbone_seed(cfg, seed): state for seed in seeds(cfg)}
-    return {run.seed: tm.read_backbone(checkpoints[run.seed])
-            for run in plan.pretraining if run in plan.rows}
+def nothing(*args) -> None:
+    """A hook not given."""
 
 
 class Sweep:
-    """The phases of a sweep and what each finished run leaves: its row
-    in the CSV as it ends, its grid's choice once the grid is complete,
-    the settings' records through the hooks (see run_experiment)."""
+    """The phases of a sweep and what each finished run leaves: its row, its grid's choice once
+    the grid is complete, the settings' records through the hooks (see run_experiment)."""
 
     def __init__(self, cfg: argparse.Namespace, plan: Plan, csv_out: ResultsCsv,
                  backbones: dict, hooks: dict):
-        self.cfg, self.plan, self.csv_out = cfg, plan, csv_out
-        self.backbones, self.hooks = backbones, hooks
+        self.cfg = cfg
+        self.plan = plan
+        self.csv_out = csv_out
+        self.backbones = backbones  # backbone seed -> its tensors
+        self.hooks = {name: hook or nothing for name, hook in hooks.items()}
         self.examined: set[tuple] = set()  # (grid, its size): widened once
-        todo = plan.todo()
         pretraining = {run.seed for run in plan.pretraining} - backbones.keys()
-        self.progress = Progress(len(pretraining), len(todo), max(cfg.workers, 1))
+        self.progress = Progress(len(pretraining), len(plan.todo()), max(cfg.workers, 1))
 
     def run(self, execute_all: Callable) -> None:
         """Pretraining, then rounds of target runs until no grid widens."""
         first = pretraining_rates(self.cfg)[0]  # a seed's pretraining grid is one job
         jobs = [(run, None) for run in self.plan.pretraining
                 if run.seed not in self.backbones and run.learning_rate == first]
-        for run, result, backbone, where, node in execute_all(jobs):
-            # a pretraining grid: a row per rate
-            results = result if isinstance(result, list) else [result]
+        for run, results, backbone, where, node in execute_all(jobs):
             self.pretrained(run.seed, results, backbone, where, node)
-        while True:
-            self.widen()
-            todo = self.plan.todo()
-            if not todo:
-                return
+        self.widen()
+        while todo := self.plan.todo():
             jobs = [(run, self.backbones[backbone_seed(self.cfg, run.seed)]) for run in todo]
             for run, result, _, where, node in execute_all(jobs):
                 self.finished(run, result, where, node)
+            self.widen()
 
     def widen(self) -> None:
-        """Adds to the plan the runs that --widen asks of each complete
-        grid not yet examined at its size."""
+        """Adds the runs --widen asks of each complete grid not yet examined at its size."""
         for group, grid in self.plan.grids().items():
-            if len(grid) < 2 or (group, len(grid)) in self.examined:
-                continue
-            if not self.plan.complete(grid):
+            complete = all(run in self.plan.rows for run in grid)
+            if (group, len(grid)) in self.examined or not complete:
                 continue
             self.examined.add((group, len(grid)))
             select_rates([self.plan.rows[run] for run in grid], self.cfg.select)
             new, line = widening(self.cfg, self.plan, grid)
-            if not new:
-                if line:
-                    logger.warning(line)
-                continue
-            if self.hooks.get("on_widened"):  # before the runs: a resume runs them too
-                self.hooks["on_widened"](new[0])
-            logger.info(line)
-            self.plan.runs += new
-            self.progress.add(len(new))
+            if new:
+                self.hooks["on_widened"](new[0])  # before the runs: a resume runs them too
+                logger.info(line)
+                self.plan.runs += new
+                self.progress.left["target run"] += len(new)
+            elif line:
+                logger.warning(line)
 
-    def noted(self, results: list[RunResult], node: dict | None) -> None:
-        """on_node, before the rows: the node of a cluster that made them
-        (local workers run on this machine, which made_by records)."""
-        if node and self.hooks.get("on_node") and self.cfg.cluster:
-            for r in results:
-                self.hooks["on_node"](run_key(r), node)
-
-    def pretrained(self, seed: int, results: list[RunResult], backbone: dict, where: str,
+    def pretrained(self, seed: int, results: list | RunResult, backbone: dict, where: str,
                    node: dict | None) -> None:
-        """Seed's pretraining grid is done: its backbone and row are the
-        pick's; every rate's validation loss goes into the settings."""
-        self.noted(results, node)
+        """Seed's pretraining grid is done: the backbone and row are the pick's."""
+        results = results if isinstance(results, list) else [results]  # a stand-in's row
+        for r in results:  # on a cluster: the node, before the rows
+            self.hooks["on_node"](run_key(r), node)
         pick = next(r for r in results if r.selected)
         checkpoint = pretrain_checkpoint(self.cfg, seed, pick.learning_rate)
         self.backbones[seed] = backbone
         if not os.path.isfile(checkpoint):  # made on another node: kept for --resume
             save_backbone(backbone, checkpoint)
-        if self.hooks.get("on_pretrained"):
-            # before the row: a resume that finds the row finds the digest
-            rates = {r.learning_rate: r.val_loss for r in results}
-            self.hooks["on_pretrained"](seed, checkpoint, rates if len(results) > 1 else None)
+        # before the row: a resume that finds the row finds the digest
+        rates = {r.learning_rate: r.val_loss for r in results}
+        self.hooks["on_pretrained"](seed, checkpoint, rates if len(results) > 1 else None)
         self.plan.rows[run_key(pick)] = pick
         self.csv_out.append(pick)
         logger.info(self.progress.line(run_key(pick), pick, where))
         StopSignal.check()
 
     def finished(self, run: Run, result: RunResult, where: str, node: dict | None) -> None:
-        """A target run's row goes to the CSV as it finishes, `selected`
-        false until its grid is complete; then the grid's choice is made
-        and the CSV rewritten with it."""
-        self.noted([result], node)
+        """A target run's row goes to the CSV as it finishes, `selected` false until its grid is
+        complete; then the grid's choice is made and the CSV rewritten with it."""
+        self.hooks["on_node"](run, node)
         self.plan.rows[run] = result
-        grid = self.plan.grid(run)
-        result.selected = self.plan.complete(grid)
+        grid = self.plan.grids()[selection_group(run, self.cfg.select)]
+        result.selected = all(r in self.plan.rows for r in grid)
         if result.selected and len(grid) > 1:
             select_rates([self.plan.rows[r] for r in grid], self.cfg.select)
             self.csv_out.rewrite(self.plan.ordered())
         else:
             self.csv_out.append(result)
         logger.info(self.progress.line(run, result, where))
-        # Free the finished run now: Lightning's reference cycles keep
-        # its tensors until the cyclic collector happens to run. The
-        # objects alive before the first run are frozen (run_experiment).
+        # Free the finished run now: Lightning's reference cycles keep its tensors until the
+        # cyclic collector runs. What was alive before the first run is frozen (run_experiment)
         with StopSignal.deferred():
             gc.collect()
 
 
-def announce(cfg: argparse.Namespace, plan: Plan, backbones: dict, resumed: str | None) -> None:
-    """The console's lines before the first run: what a resumed sweep
-    (at `resumed`) skips, and what runs."""
+def start_line(cfg: argparse.Namespace, plan: Plan, backbones: dict) -> str:
+    """What a sweep is about to run, in one line."""
     todo = plan.todo()
-    if resumed:
-        logger.info(f"Resuming {resumed}: {len(plan.runs) - len(todo)} of {len(plan.runs)} "
-                    f"target runs and {len(backbones)} of {len(plan.pretraining)} pretraining "
-                    f"runs done, skipped; {len(todo)} target runs remain")
     pretraining = [run for run in plan.pretraining if run.seed not in backbones]
-    logger.info(plan_line(cfg, pretraining, todo))
+    seed_list = sorted({run.seed for run in todo}) or [cfg.seed]
+    rates = ", ".join(f"{r:g}" for r in cfg.lr_grid) or "each arm's own"
+    where = f"{cfg.workers} workers" if cfg.workers > 1 else "this process"
+    where = f"the Ray cluster at {cfg.cluster}" if cfg.cluster else where
+    after = f"from --weights {cfg.weights}" if cfg.weights else (
+        f"after {len(pretraining)} pretraining runs ({cfg.source}, {cfg.n_pretrain} images, "
+        f"up to {cfg.pretrain_epochs} epochs)")
+    return (f"Running {len(todo)} target runs {after} on {where}: {', '.join(cfg.targets)}; "
+            f"n_train {', '.join(map(str, cfg.n_train))}; {', '.join(cfg.modes)}; "
+            f"seeds {seed_list[0]}-{seed_list[-1]}; rates {rates}; up to {cfg.train_epochs} epochs")
+
+
+def known_backbones(cfg: argparse.Namespace, plan: Plan, resumed: Resumed | None,
+                    borrowed: Resumed | None, csv_out: ResultsCsv, on_pretrained) -> dict:
+    """Each backbone seed's tensors that exist already: --weights, or the backbones pretrained
+    earlier or borrowed (--backbones-from: their rows and digests come here first)."""
+    if cfg.weights:  # every pretrained arm starts from them, whatever its seed
+        channels = tm.resolve_network(cfg).channels
+        state = read_weights(cfg.backbone, cfg.weights, channels)
+        return {backbone_seed(cfg, seed): state for seed in seeds(cfg)}
+    checkpoints = {**(borrowed.checkpoints if borrowed else {}),
+                   **(resumed.checkpoints if resumed else {})}
+    for r in borrowed.rows if borrowed else []:
+        if run_key(r) in plan.pretraining and run_key(r) not in plan.rows:
+            (on_pretrained or nothing)(r.seed, borrowed.checkpoints[r.seed], None)
+            csv_out.append(r)
+            plan.rows[run_key(r)] = r
+    return {run.seed: tm.read_backbone(checkpoints[run.seed])
+            for run in plan.pretraining if run in plan.rows}
 
 
 def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resumed | None = None,
@@ -365,39 +260,35 @@ def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resume
                    on_node: Callable[[Run, dict], None] | None = None,
                    on_widened: Callable[[Run], None] | None = None,
                    borrowed: Resumed | None = None) -> list[RunResult]:
-    """The sweep's plan, executed in phases in this process or on Ray
-    (--workers, --cluster): pretraining, then the target runs, then each
-    round of rates that --widen adds. Rows go to the CSV as their runs
-    finish; at the end the CSV holds them in the plan's order. A resumed
-    sweep runs the plan minus the rows it holds. `borrowed`: another
-    sweep's backbones (--backbones-from), whose rows are copied instead.
-    Hooks: on_pretrained(seed, checkpoint, rates) once a backbone is
-    written or borrowed, before its row (rates: every pretraining rate's
-    validation loss, None for one rate); on a cluster, on_node(run, node)
-    before each row; on_widened(run), for the first seed's run of each
-    rate that --widen adds, before it starts."""
+    """The sweep's plan in phases, here or on Ray (--workers, --cluster): pretraining, the target
+    runs, each round of rates that --widen adds; a resumed sweep's minus its rows. Rows go to the
+    CSV as runs finish, in the plan's order at the end. `borrowed`: --backbones-from. Hooks,
+    each before its row: on_pretrained(seed, checkpoint, rates: every pretraining rate's
+    validation loss, or None), on a cluster on_node(run, node), on_widened(run) for the first
+    seed's run of each rate --widen adds."""
     plan = make_plan(cfg, resumed)
-    borrow(plan, borrowed, csv_out, on_pretrained)
-    checkpoints = {**(borrowed.checkpoints if borrowed else {}),
-                   **(resumed.checkpoints if resumed else {})}
-    backbones = known_backbones(cfg, plan, checkpoints)
+    backbones = known_backbones(cfg, plan, resumed, borrowed, csv_out, on_pretrained)
+    if resumed:
+        done = len(plan.runs) - len(plan.todo())
+        logger.info(f"Resuming {csv_out.path}: {done} of {len(plan.runs)} target runs and "
+                    f"{len(backbones)} of {len(plan.pretraining)} pretraining runs done, skipped; "
+                    f"{len(plan.runs) - done} target runs remain")
+    logger.info(start_line(cfg, plan, backbones))
+    # on_node: local workers run on this machine, which made_by records
+    on_node = on_node if cfg.cluster else None
     hooks = {"on_pretrained": on_pretrained, "on_node": on_node, "on_widened": on_widened}
     sweep = Sweep(cfg, plan, csv_out, backbones, hooks)
-    announce(cfg, plan, backbones, csv_out.path if resumed else None)
     threads = run_threads(cfg)
     torch_threads = torch.get_num_threads()
-    # pretraining too: the same --threads, the same numbers
-    torch.set_num_threads(threads or torch_threads)
-    # The libraries' objects, alive for good, stay out of each run's
-    # collection (Sweep.finished)
+    torch.set_num_threads(threads or torch_threads)  # pretraining too: the same numbers
+    # the libraries' objects, alive for good, stay out of each run's collection (finished())
     gc.collect()
     gc.freeze()
     try:
-        # Ray starts first: a cluster that cannot be reached fails
-        # before pretraining, not after it
+        # Ray starts first: a cluster that cannot be reached fails before pretraining
         on_ray = cfg.workers > 1 or cfg.cluster
         with RaySweep(cfg, threads, csv_out.path) if on_ray else contextlib.nullcontext() as ray:
-            sweep.run(ray.run if ray is not None else functools.partial(run_here, cfg))
+            sweep.run(ray.run if ray else functools.partial(run_here, cfg))
     finally:
         gc.unfreeze()
         torch.set_num_threads(torch_threads)

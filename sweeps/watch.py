@@ -1,17 +1,18 @@
-"""The processes of a local Ray instance, named by PID and start time, and the watch on them from
-outside the driver. Ray's core worker ends the driver at once, with exit 1 and not a word, when
-its raylet goes, as the raylet does when one of its agents dies: nothing in the driver runs
-after that. So ray_engine starts this file as a second process that outlives the driver; the
-driver tells it the instance's processes as it sees them, and "done" when it has stopped the
-instance itself. If the driver ends without "done", the watch names the process that died first,
-stops what the instance left running and prints how to resume.
+"""The processes of a local Ray instance, read from /proc and named by PID and start time, and
+the watch on them from outside the driver. Ray's core worker ends the driver at once, with exit
+1 and not a word, when its raylet goes, as the raylet does when one of its agents dies: nothing
+in the driver runs after that. So ray_engine starts this file as a second process, given the
+instance's own processes (what ray.init() started), which outlives the driver. It follows their
+descendants; told "stopped" once the driver has shut the instance down, it ends what is left.
+If the driver ends without a word, it names the process that died first, ends what is left and
+prints how to resume.
 
-Imported by ray_engine (process_start, children, runs_from, exit_status, asked_to_stop, family,
-is_agent, end) and run by it as a script; it imports only the standard library, so that it
-starts in milliseconds."""
+Imported by ray_engine (children, runs_from, process_start, process_title, exit_status, hasten,
+DIED) and run by it as a script; it imports only the standard library, so that it starts in
+milliseconds."""
 
 import contextlib
-import json
+import itertools
 import os
 import select
 import signal
@@ -19,14 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def process_start(pid: int) -> int | None:
-    """A process's start time (clock ticks after boot, /proc/PID/stat): with its PID, it names one
-    process for good, where the PID alone may be reused. None once it is gone (or off Linux)."""
-    fields = stat_fields(pid)
-    if len(fields) < 20 or fields[0] in "ZX":  # a zombie has ended
-        return None
-    return int(fields[19])
+DIED = "the local Ray instance stopped under the script: its {} process died"
 
 
 def stat_fields(pid: int) -> list[str]:
@@ -37,32 +31,13 @@ def stat_fields(pid: int) -> list[str]:
         return []
 
 
-def children_by_parent() -> dict[int, list[int]]:
-    """Every process's children, from /proc: parent PID -> child PIDs."""
-    children: dict[int, list[int]] = {}
-    for proc in Path("/proc").glob("[0-9]*"):
-        fields = stat_fields(int(proc.name))
-        if len(fields) > 1:
-            children.setdefault(int(fields[1]), []).append(int(proc.name))
-    return children
-
-
-def children(parent: int) -> list[int]:
-    """The processes whose parent is `parent`: ray_engine takes those
-    that ray.init() started as the instance's own."""
-    return children_by_parent().get(parent, [])
-
-
-def command_line(pid: int) -> list[str]:
-    """The process's arguments, its program first (Ray's title for its own)."""
-    return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-
-
-def runs_from(pid: int, folder: str) -> bool:
-    """Whether the process runs a program, or a script, from `folder`."""
-    with contextlib.suppress(OSError):
-        return any(arg.startswith(folder + os.sep) for arg in command_line(pid)[:3])
-    return False
+def process_start(pid: int) -> int | None:
+    """A process's start time (clock ticks after boot): with its PID, it names one process for
+    good, where the PID alone may be reused. None once it has ended (a zombie has)."""
+    fields = stat_fields(pid)
+    if len(fields) < 20 or fields[0] in "ZX":
+        return None
+    return int(fields[19])
 
 
 def exit_status(pid: int) -> int | None:
@@ -72,28 +47,28 @@ def exit_status(pid: int) -> int | None:
     return int(fields[49]) if fields[:1] == ["Z"] and len(fields) > 49 else None
 
 
-def asked_to_stop(pid: int) -> bool:
-    """Whether a process has a SIGTERM pending: sent to it while it blocks the signal."""
-    with contextlib.suppress(OSError, StopIteration, ValueError):
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-        pending = next(line for line in lines if line.startswith("ShdPnd:")).split()[1]
-        return bool(int(pending, 16) & 1 << (signal.SIGTERM - 1))
+def children_by_parent() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        fields = stat_fields(int(proc.name))
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(proc.name))
+    return children
+
+
+def children(parent: int) -> list[int]:
+    return children_by_parent().get(parent, [])
+
+
+def command_line(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+
+
+def runs_from(pid: int, folder: str) -> bool:
+    """Whether the process runs a program, or a script, from `folder`."""
+    with contextlib.suppress(OSError):
+        return any(arg.startswith(folder + os.sep) for arg in command_line(pid)[:3])
     return False
-
-
-def family(roots: list[int], seen: dict[str, list]) -> None:
-    """Adds to `seen` (PID -> [start time, title]) the processes of `roots` that are alive and
-    their descendants, each with its start time and the title Ray gave it (ray::RuntimeEnvAgent
-    -> RuntimeEnvAgent)."""
-    children = children_by_parent()
-    todo = list(roots)
-    while todo:
-        pid = todo.pop()
-        start = process_start(pid)
-        if start is not None and seen.get(str(pid), (None,))[0] != start:
-            with contextlib.suppress(OSError, IndexError):
-                seen[str(pid)] = [start, process_title(pid)]
-        todo += children.get(pid, [])
 
 
 def process_title(pid: int) -> str:
@@ -105,17 +80,25 @@ def process_title(pid: int) -> str:
     return Path(scripts[0]).stem if program.startswith("python") and scripts else program
 
 
-def end(seen: dict[str, list]) -> None:
-    """SIGKILL each process seen that is still that very process: a pidfd is opened first, then its
-    start time checked, so the signal cannot reach a process that took over a freed PID."""
-    for pid, (start, _) in list(seen.items()):
-        pid = int(pid)
+def family(roots: list[int], seen: dict[int, tuple]) -> None:
+    """Adds to `seen` (PID -> (start time, title)) the live processes of `roots` and their
+    descendants."""
+    children = children_by_parent()
+    todo = list(roots)
+    while todo:
+        pid = todo.pop()
+        start = process_start(pid)
+        if start is not None and seen.get(pid, (None,))[0] != start:
+            with contextlib.suppress(OSError, IndexError):
+                seen[pid] = (start, process_title(pid))
+        todo += children.get(pid, [])
+
+
+def end(seen: dict[int, tuple]) -> None:
+    """SIGKILL each process seen that is still that very process: a pidfd is opened first, then
+    its start time checked, so the signal cannot reach a process that took over a freed PID."""
+    for pid, (start, _) in seen.items():
         with contextlib.suppress(OSError):
-            # not Linux 5.3+: the start time just before the signal
-            if not hasattr(os, "pidfd_open"):
-                if process_start(pid) == start:
-                    os.kill(pid, signal.SIGKILL)
-                continue
             handle = os.pidfd_open(pid)
             try:
                 if process_start(pid) == start:
@@ -124,65 +107,67 @@ def end(seen: dict[str, list]) -> None:
                 os.close(handle)
 
 
+def sigterm_pending(pid: int) -> bool:
+    with contextlib.suppress(OSError, IndexError):
+        pending = Path(f"/proc/{pid}/status").read_text().split("ShdPnd:")[1].split()[0]
+        return bool(int(pending, 16) & 1 << (signal.SIGTERM - 1))
+    return False
+
+
+def hasten(own: dict[int, tuple], stopped) -> None:
+    """Until the event `stopped`: SIGKILL each of the instance's own processes once it has a
+    SIGTERM pending. They block SIGTERM (ray_engine), so ray.shutdown()'s SIGTERM would only
+    wait out a grace of a second per process before its SIGKILL."""
+    while not stopped.wait(0.01):
+        for pid, (start, _) in own.items():
+            if sigterm_pending(pid) and process_start(pid) == start:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+
+
 def is_agent(title: str) -> bool:
-    """One of the raylet's agents (RuntimeEnvAgent, DashboardAgent): its death takes the raylet
-    with it."""
+    """One of the raylet's agents: its death takes the raylet with it."""
     return title.endswith("Agent")
 
 
-def is_own(title: str, roots: list[int], pid: str) -> bool:
-    """One of the instance's own processes (the ones Ray started and its agents), not a worker,
-    which Ray replaces when it dies."""
-    return int(pid) in roots or is_agent(title)
-
-
-def watch() -> int:
-    """Reads the driver's messages on stdin, one JSON object a line: {"roots", "seen", "ending"} as
-    the driver looks, {"done": true} when it has stopped the instance. Checks the instance's own
-    processes ten times a second, so that the first to die is known when the driver goes: a
-    death counts once the driver is seen alive after it, as the driver's own end takes the
-    raylet with it."""
-    # a Ctrl-C is the driver's to handle; this waits for its end
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    driver, roots, seen, ending, gone, received = os.getppid(), [], {}, "", [], b""
+def watch(ending: str, roots: list[int]) -> int:
+    """Checks the instance ten times a second until stdin says "stopped" (the driver shut the
+    instance down) or ends (the driver is gone). A death of one of the instance's own processes
+    (not a worker: Ray replaces those) counts once the driver is seen alive after it, as the
+    driver's own end takes the raylet with it."""
+    # a Ctrl-C or SIGTERM is the driver's to handle; this waits for its end
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    driver = os.getppid()
     driver_start = process_start(driver)
-    while True:
+    seen: dict[int, tuple] = {}
+    gone: list[str] = []
+    for looks in itertools.count():
+        if looks % 10 == 0:  # new workers, once a second: a look reads all of /proc
+            family(roots, seen)
         if select.select([0], [], [], 0.1)[0]:
-            chunk = os.read(0, 1 << 16)
-            if not chunk:
-                break
-            *lines, received = (received + chunk).split(b"\n")
-            for message in map(json.loads, lines):
-                if message.get("done"):
-                    return 0
-                roots, ending = message["roots"], message["ending"]
-                seen.update(message["seen"])
-        dead = [
-            title
-            for pid, (start, title) in seen.items()
-            if is_own(title, roots, pid) and title not in gone and process_start(int(pid)) != start
-        ]
-        # the driver outlived them: their deaths came first
+            break
+        dead = [title for pid, (start, title) in seen.items()
+                if (pid in roots or is_agent(title)) and title not in gone
+                and process_start(pid) != start]
         if process_start(driver) == driver_start:
             gone += dead
-    # the driver ended without stopping its instance; its end kills the raylet and gcs_server
-    # within milliseconds (they share its fate), its agents only seconds later. So an agent dead
-    # now died first.
+    if os.read(0, 64):  # "stopped"
+        end(seen)
+        return 0
+    # The driver ended without stopping its instance: its end kills the raylet and gcs_server
+    # within milliseconds (they share its fate), its agents only seconds later. So an agent
+    # dead now died first.
     gone += [title for pid, (start, title) in seen.items()
-             if is_agent(title) and title not in gone and process_start(int(pid)) != start]
+             if is_agent(title) and title not in gone and process_start(pid) != start]
     time.sleep(0.2)  # what its end takes with it ends too
-    family([int(pid) for pid in seen], seen)  # workers started since the driver last looked
+    family(list(seen), seen)  # workers started since the last look
     end(seen)
     agents = [title for title in gone if is_agent(title)]
-    what = (
-        f"the local Ray instance stopped under the script: its {(agents or gone)[0]} process died"
-        if gone
-        else f"the script (PID {driver}) was ended from outside; its local Ray instance is stopped"
-    )
+    what = (DIED.format((agents or gone)[0]) if gone else
+            f"the script (PID {driver}) was ended from outside; its local Ray instance is stopped")
     print(f"error: {what}; {ending}", file=sys.stderr, flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(watch())
+    sys.exit(watch(sys.argv[1], [int(pid) for pid in sys.argv[2:]]))
