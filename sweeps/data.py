@@ -45,15 +45,13 @@ def view(cfg: argparse.Namespace, target: str) -> tm.View:
 def pretraining_images(cfg: argparse.Namespace, pretrain_seed: int) -> torch.Tensor:
     """Positions in the files of the images that pretraining with this seed trained and validated
     on."""
-    drawn = tm.draw_subset(
-        cfg.source, cfg.n_pretrain, n_images(cfg.source, cfg.data_dir), pretrain_seed
-    )
+    drawn = tm.draw_subset(cfg.source, cfg.n_pretrain, n_images(cfg.source, cfg.data_dir),
+                           pretrain_seed)
     return file_positions(cfg.source, cfg.data_dir)[torch.cat(drawn)]
 
 
-def available_images(
-    cfg: argparse.Namespace, target: str, pretrain_seed: int
-) -> tuple[torch.Tensor, str]:
+def available_images(cfg: argparse.Namespace, target: str,
+                     pretrain_seed: int) -> tuple[torch.Tensor, str]:
     """The target's training images a run may draw from (with --disjoint: none its backbone saw),
     and what they are, for messages."""
     everything = torch.arange(n_images(target, cfg.data_dir))
@@ -71,16 +69,9 @@ def subset_draw(cfg: argparse.Namespace, target: str) -> functools.partial:
     return functools.partial(draw_subset, n_val=cfg.n_val, strata=labels)
 
 
-def draw_subset(
-    target: str,
-    n_train: int,
-    available: torch.Tensor,
-    seed: int,
-    where: str = "the dataset",
-    flag: str = "--n-train",
-    n_val: int | None = None,
-    strata: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_subset(target: str, n_train: int, available: torch.Tensor, seed: int,
+                where: str = "the dataset", flag: str = "--n-train", n_val: int | None = None,
+                strata: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """tm.draw_subset's shuffled order of `available`, with n_val validation images (None: a
     quarter of n_train, the template's); with strata (the labels of the target's images), each
     class in proportion to its share of `available`, in training and validation alike, and each
@@ -88,51 +79,35 @@ def draw_subset(
     missed 3-5 of FashionMNIST's 10 classes). Sizes that do not fit are errors that name `flag`
     and `where`."""
     if n_val is None:
-        try:  # the template's draw, and its share of validation images
-            train, val = tm.draw_subset(target, n_train, len(available), seed)
+        try:  # the template's share of validation images, and its check
+            n_val = len(tm.draw_subset(target, n_train, len(available), seed)[1])
         except tm.ExperimentError:
             raise tm.ExperimentError(
                 f"{flag} {n_train} and a quarter as many to validate do not fit the "
                 f"{len(available)} images of {where}; use 4 to "
-                f"{int(len(available) * (1 - tm.VAL_SHARE))}"
-            ) from None
-        if strata is None:
-            return available[train], available[val]
-        n_val = len(val)
+                f"{int(len(available) * (1 - tm.VAL_SHARE))}") from None
     if n_train + n_val > len(available):
         raise tm.ExperimentError(
             f"{flag} {n_train} with --n-val {n_val} needs {n_train + n_val} training images, "
-            f"but {where} has {len(available)}"
-        )
+            f"but {where} has {len(available)}")
     # tm.draw_subset's order
     generator = torch.Generator().manual_seed(zlib.crc32(f"{target}/{seed}".encode()))
     order = available[torch.randperm(len(available), generator=generator)]
     if strata is None:
         return order[:n_train], order[n_train : n_train + n_val]
-    return stratified(order, strata, available, n_train, n_val, f"{flag} {n_train}", where)
-
-
-def stratified(order: torch.Tensor, strata: torch.Tensor, available: torch.Tensor, n_train: int,
-               n_val: int, asked: str, where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first of each class in `order` to training and validation, each
-    class in proportion to its share of `available`, once at least in
-    validation where n_val allows."""
     classes, counts = strata[order], torch.bincount(strata[available])
-    # a class of one image goes to training
+    # each class once at least in validation where n_val allows; a class of one image to training
     once = (counts > 1) & (n_val >= int((counts > 1).sum()))
     train_share = shares(n_train, counts)
     val_share = once.long() + shares(n_val - int(once.sum()), counts)
-    rank = torch.empty_like(classes)  # each image's place among the images of its class, in `order`
-    rank[torch.argsort(classes, stable=True)] = torch.cat(
-        [torch.arange(int(count)) for count in counts]
-    )
-    if bool(((train_share + val_share) > counts).any()):
-        raise tm.ExperimentError(
-            f"{asked} with {n_val} validation images takes more images of a class "
-            f"than {where} has"
-        )
-    val = (rank >= train_share[classes]) & (rank < (train_share + val_share)[classes])
-    return order[rank < train_share[classes]], order[val]
+    if bool((train_share + val_share > counts).any()):
+        raise tm.ExperimentError(f"{flag} {n_train} with {n_val} validation images takes more "
+                                 f"images of a class than {where} has")
+    # each image's place among the images of its class, in `order`
+    rank = torch.empty_like(classes)
+    rank[torch.argsort(classes, stable=True)] = torch.cat([torch.arange(int(n)) for n in counts])
+    in_val = (rank >= train_share[classes]) & (rank < (train_share + val_share)[classes])
+    return order[rank < train_share[classes]], order[in_val]
 
 
 def shares(n: int, counts: torch.Tensor) -> torch.Tensor:
@@ -150,25 +125,21 @@ class TrainingBatches(tm.TensorLoader):
 
     def __init__(self, loader: tm.TensorLoader, seed: int, shuffle: bool, augment: bool):
         super().__init__(loader.images, loader.labels, loader.batch_size, loader.view)
-        self.order = (
-            torch.Generator().manual_seed(zlib.crc32(f"shuffle/{seed}".encode()))
-            if shuffle
-            else None
-        )
+        self.order = None
+        if shuffle:
+            self.order = torch.Generator().manual_seed(zlib.crc32(f"shuffle/{seed}".encode()))
         self.augment = Augment(seed) if augment else None
 
     def __iter__(self):
-        images, labels = self.images, self.labels
+        batches = self
         if self.order is not None:
-            order = torch.randperm(len(labels), generator=self.order)
-            images, labels = images[order], labels[order]
+            order = torch.randperm(len(self.labels), generator=self.order)
+            images = self.images[order]
             if self.view is None:  # floats, prepared once: channels-last again
                 images = images.contiguous(memory_format=torch.channels_last)
-        for batch, batch_labels in zip(
-            images.split(self.batch_size), labels.split(self.batch_size)
-        ):
-            batch = tm.prepare(batch, self.view) if self.view else batch
-            yield (batch if self.augment is None else self.augment(batch)), batch_labels
+            batches = tm.TensorLoader(images, self.labels[order], self.batch_size, self.view)
+        for images, labels in tm.TensorLoader.__iter__(batches):
+            yield (images if self.augment is None else self.augment(images)), labels
 
 
 def target_data(cfg: argparse.Namespace, target: str, n_train: int, seed: int) -> tm.TargetData:

@@ -24,6 +24,7 @@ from sweeps.files import replace
 from sweeps.settings import backbone_seed, seeds
 from sweeps.stop import StopSignal
 
+
 @dataclasses.dataclass
 class RunResult(tm.RunResult):
     """A row of a sweep: the template's record of a run, and its wall time (not in the CSV)."""
@@ -54,12 +55,9 @@ def run_key(r: RunResult) -> Run:
 
 def sweep_runs(cfg: argparse.Namespace) -> list[Run]:
     """Every target run of a sweep, in the results' order."""
-    return [Run(target, mode, seed, n_train, learning_rate)
-            for target in cfg.targets
-            for n_train in cfg.n_train
-            for seed in seeds(cfg)
-            for mode in cfg.modes
-            for learning_rate in cfg.lr_grid or (cfg.lr[mode],)]
+    return [Run(target, mode, seed, n_train, rate)
+            for target in cfg.targets for n_train in cfg.n_train for seed in seeds(cfg)
+            for mode in cfg.modes for rate in cfg.lr_grid or (cfg.lr[mode],)]
 
 
 def widened_runs(cfg: argparse.Namespace, widened: typing.Iterable[tuple]) -> list[Run]:
@@ -79,38 +77,36 @@ def pretraining_rates(cfg: argparse.Namespace) -> tuple[float, ...]:
 def pretraining_runs(cfg: argparse.Namespace) -> list[Run]:
     """The pretraining runs: for the invocation, or per seed; each at every pretraining rate. None
     with --weights: every pretrained arm starts from them."""
-    if cfg.weights:
-        return []
-    return [
-        Run(cfg.source, "pretrain", seed, cfg.n_pretrain, rate)
-        for seed in dict.fromkeys(backbone_seed(cfg, seed) for seed in seeds(cfg))
-        for rate in pretraining_rates(cfg)
-    ]
+    backbone_seeds = dict.fromkeys(backbone_seed(cfg, seed) for seed in seeds(cfg))
+    return [Run(cfg.source, "pretrain", seed, cfg.n_pretrain, rate)
+            for seed in backbone_seeds for rate in pretraining_rates(cfg) if not cfg.weights]
+
+
+def backbone_version(cfg: argparse.Namespace, seed: int, rate: float) -> str:
+    """A backbone's TensorBoard version: the sweep's, with a folder per seed and rate inside it
+    where the sweep pretrains several."""
+    parts = [f"seed{seed}"] if cfg.backbone_per_seed else []
+    if cfg.pretrain_lr_grid:
+        parts.append(f"lr{rate:g}")
+    return os.path.join(cfg.version, "_".join(parts)) if parts else cfg.version
+
+
+def run_folder(cfg: argparse.Namespace, run: Run) -> str:
+    """Where the run writes its TensorBoard logs (and a pretraining its checkpoint); a target run's
+    as the template's fit() names it."""
+    if run.mode == "pretrain":
+        version = backbone_version(cfg, run.seed, run.learning_rate)
+        return os.path.join(cfg.log_dir, "pretrain", version)
+    folder = f"n{run.n_train}_seed{run.seed}_lr{run.learning_rate:g}"
+    return os.path.join(cfg.log_dir, f"{run.target}/{run.mode}", cfg.version, folder)
 
 
 def pretrain_checkpoint(cfg: argparse.Namespace, seed: int, rate: float | None = None) -> str:
     """Where tm.pretrain() writes the backbone of this seed (and rate: the first of the grid, for
     None)."""
     rate = pretraining_rates(cfg)[0] if rate is None else rate
-    return os.path.join(run_folder(cfg, Run(cfg.source, "pretrain", seed, cfg.n_pretrain, rate)),
-                        "checkpoints", "best.ckpt")
-
-
-def sub_dir(cfg: argparse.Namespace, run: Run) -> str | None:
-    """The run's folder inside its TensorBoard run (name and version): a backbone's per seed, and a
-    target run's as the template's fit_best() names it."""
-    if run.mode == "pretrain":
-        name = f"seed{run.seed}" if cfg.backbone_per_seed else ""
-        if cfg.pretrain_lr_grid:
-            name = f"{name}_lr{run.learning_rate:g}" if name else f"lr{run.learning_rate:g}"
-        return name or None
-    return f"n{run.n_train}_seed{run.seed}_lr{run.learning_rate:g}"
-
-
-def run_folder(cfg: argparse.Namespace, run: Run) -> str:
-    """Where the run writes its TensorBoard logs (and a pretraining its checkpoint)."""
-    name = "pretrain" if run.mode == "pretrain" else f"{run.target}/{run.mode}"
-    return os.path.join(cfg.log_dir, name, cfg.version, *filter(None, [sub_dir(cfg, run)]))
+    run = Run(cfg.source, "pretrain", seed, cfg.n_pretrain, rate)
+    return os.path.join(run_folder(cfg, run), "checkpoints", "best.ckpt")
 
 
 def recorded(r: tm.RunResult, started: float) -> RunResult:
@@ -124,8 +120,8 @@ def shuffled_pretrain(settings: argparse.Namespace, seed: int) -> tuple[str, tm.
     """tm.pretrain()'s steps, on training batches in a new order every epoch (--shuffle)."""
     data = pretraining_data(settings, seed)
     lightning.seed_everything(seed, verbose=False)
-    module = tm.LitModule(tm.TARGETS[settings.source].label_names, settings.pretrain_lr, data.shape,
-                          backbone=settings.backbone)
+    names = tm.TARGETS[settings.source].label_names
+    module = tm.LitModule(names, settings.pretrain_lr, data.shape, backbone=settings.backbone)
     trainer, result = tm.fit(module, data, "pretrain", seed, settings.pretrain_epochs, settings)
     path = os.path.join(trainer.logger.log_dir, "checkpoints", "best.ckpt")
     trainer.save_checkpoint(path, weights_only=True)
@@ -138,26 +134,13 @@ def pretrain_backbone(cfg: argparse.Namespace, seed: int) -> tuple[list[RunResul
     diverged run, the worst): every rate's row, the pick's selected (the CSV keeps the pick's),
     and the pick's backbone."""
     results, paths = [], {}
+    patience = cfg.patience if cfg.pretrain_patience is None else cfg.pretrain_patience
     for rate in pretraining_rates(cfg):
         started = time.perf_counter()
         # --min-delta is the target runs': pretraining's loss on 2,500 images stays far from 0
-        settings = argparse.Namespace(
-            **{
-                **vars(cfg),
-                "min_delta": 0.0,
-                "pretrain_lr": rate,
-                "patience": (
-                    cfg.patience if cfg.pretrain_patience is None else cfg.pretrain_patience
-                ),
-                "version": os.path.join(
-                    cfg.version,
-                    *filter(
-                        None,
-                        [sub_dir(cfg, Run(cfg.source, "pretrain", seed, cfg.n_pretrain, rate))],
-                    ),
-                ),
-            }
-        )
+        settings = argparse.Namespace(**dict(vars(cfg), min_delta=0.0, pretrain_lr=rate,
+                                             patience=patience,
+                                             version=backbone_version(cfg, seed, rate)))
         paths[rate], result = (shuffled_pretrain if cfg.shuffle else tm.pretrain)(settings, seed)
         results.append(recorded(result, started))
     pick = min(results, key=lambda r: (not_nan(r.val_loss), r.learning_rate))
@@ -170,13 +153,11 @@ def pretrain_backbone(cfg: argparse.Namespace, seed: int) -> tuple[list[RunResul
 def read_weights(backbone: str, weights: str, channels: int) -> dict[str, torch.Tensor]:
     """--weights' tensors (tm.read_weights), read once per process: the driver checks them before
     any run and hands them to the runs; each Ray worker gets them once, from the object store."""
-    settings = argparse.Namespace(backbone=backbone, weights=weights)
-    return tm.read_weights(settings, channels)
+    return tm.read_weights(argparse.Namespace(backbone=backbone, weights=weights), channels)
 
 
-def execute(
-    cfg: argparse.Namespace, run: Run, backbone: dict | None
-) -> tuple[RunResult | list, dict | None]:
+def execute(cfg: argparse.Namespace, run: Run,
+            backbone: dict | None) -> tuple[RunResult | list, dict | None]:
     """One run, here, through the template's pretrain() and train(), with the template's settings
     for this run: a pretraining is seed's whole pretraining grid, its rows and the backbone it
     keeps; a target run starts from `backbone`."""
@@ -184,9 +165,8 @@ def execute(
     try:
         if run.mode == "pretrain":
             return pretrain_backbone(cfg, run.seed)
-        settings = argparse.Namespace(
-            **{**vars(cfg), "seed": run.seed, "lr": {**cfg.lr, run.mode: run.learning_rate}}
-        )
+        rates = {**cfg.lr, run.mode: run.learning_rate}
+        settings = argparse.Namespace(**dict(vars(cfg), seed=run.seed, lr=rates))
         data = target_data(cfg, run.target, run.n_train, run.seed)
         return recorded(tm.train(backbone, run.mode, data, settings), started), None
     # Lightning ends a fit that a signal interrupted with sys.exit(1): stop the sweep instead
@@ -194,6 +174,14 @@ def execute(
         if StopSignal.received is not None:
             raise KeyboardInterrupt from None
         raise
+
+
+def save_backbone(backbone: dict[str, torch.Tensor], checkpoint_path: str) -> None:
+    """A backbone as a checkpoint that tm.read_backbone() reads (one pretrained on another node,
+    for --resume)."""
+    os.makedirs(os.path.dirname(checkpoint_path), exist_ok=True)
+    state = {f"convnet.{key}": value for key, value in backbone.items()}
+    torch.save({"state_dict": state}, checkpoint_path)
 
 
 # ---- Choosing a learning rate in each grid --------------------------------------------
@@ -208,10 +196,10 @@ def selection_group(run: Run | RunResult, select: str) -> tuple:
     return (run.target, run.mode, run.n_train) + ((run.seed,) if select == "seed" else ())
 
 
-def pooled_loss(losses: list[float], select: str) -> float:
+def pooled_loss(rows: list[RunResult], select: str) -> float:
     """A rate's validation loss over the seeds: the median (pooled: robust to one seed in five that
     collapsed to chance), the mean (a seed that collapsed moves it), or one seed's own."""
-    losses = [not_nan(loss) for loss in losses]
+    losses = [not_nan(r.val_loss) for r in rows]
     return sum(losses) / len(losses) if select == "mean" else statistics.median(losses)
 
 
@@ -248,12 +236,11 @@ def learned(rows: list[RunResult], select: str) -> bool:
     """The rate's pooled validation loss is clearly below guessing's (a rate that diverged, or
     collapsed, is not)."""
     chance = chance_loss(rows[0].target)
-    return chance is None or pooled_loss([r.val_loss for r in rows], select) < NEAR_CHANCE * chance
+    return chance is None or pooled_loss(rows, select) < NEAR_CHANCE * chance
 
 
-def candidate_rates(
-    rates: dict[float, list[RunResult]], select: str
-) -> dict[float, list[RunResult]]:
+def candidate_rates(rates: dict[float, list[RunResult]],
+                    select: str) -> dict[float, list[RunResult]]:
     """The rates of a selection group that may be chosen. Per seed (--select seed,
     results/PROTOCOL.md), every rate the seed ran. Pooled or mean: those at which at most
     LATE_SHARE of the runs were still improving at the end of their budget, and which learned
@@ -263,9 +250,8 @@ def candidate_rates(
     qualifies, every rate may (the summary's warnings count the late runs)."""
     if select == "seed":
         return rates
-    return {
-        rate: rows for rate, rows in rates.items() if settled(rows) and learned(rows, select)
-    } or rates
+    return {rate: rows for rate, rows in rates.items()
+            if settled(rows) and learned(rows, select)} or rates
 
 
 def select_rates(results: list[RunResult], select: str = "seed") -> list[RunResult]:
@@ -275,13 +261,12 @@ def select_rates(results: list[RunResult], select: str = "seed") -> list[RunResu
     groups: dict[tuple, dict[float, list[RunResult]]] = {}
     for r in results:
         groups.setdefault(selection_group(r, select), {}).setdefault(r.learning_rate, []).append(r)
-    best = {}
-    for group, rates in groups.items():
+    for rates in groups.values():
         candidates = candidate_rates(rates, select)
-        best[group] = min(candidates, key=lambda rate: (
-            pooled_loss([r.val_loss for r in candidates[rate]], select), rate))
-    for r in results:
-        r.selected = best[selection_group(r, select)] == r.learning_rate
+        pick = min(candidates, key=lambda rate: (pooled_loss(candidates[rate], select), rate))
+        for rate, rows in rates.items():
+            for r in rows:
+                r.selected = rate == pick
     return results
 
 
@@ -295,53 +280,43 @@ def settle(results: list[RunResult], select: str,
     rows."""
     expected: dict[tuple, set] = {}  # (target, mode, n_train) -> its (seed, rate)s
     for run in planned:
-        expected.setdefault((run.target, run.mode, run.n_train), set()).add(
-            (run.seed, run.learning_rate)
-        )
+        group = selection_group(run, "pooled")
+        expected.setdefault(group, set()).add((run.seed, run.learning_rate))
     held: dict[tuple, list[RunResult]] = {}
     for r in results:
-        held.setdefault((r.target, r.mode, r.n_train), []).append(r)
+        held.setdefault(selection_group(r, "pooled"), []).append(r)
     incomplete = []
     for (target, mode, n_train), rows in held.items():
         have = {(r.seed, r.learning_rate) for r in rows}
-        rates = {rate for _, rate in have} if mode in tm.ARMS else set()
+        seeds_held = {seed for seed, _ in have}
         want = expected.get((target, mode, n_train), set())
         # each seed widened its own grid: the planned runs, seed by seed
         if select == "seed" and want:
             want = want | have
-        else:
-            want = want | {(s, rate) for s, _ in have for rate in rates}
+        elif mode in tm.ARMS:
+            rates = {rate for _, rate in have}
+            want = want | {(seed, rate) for seed in seeds_held for rate in rates}
         if have >= want:
             select_rates(rows, select)
             continue
         for r in rows:
             r.selected = False
-        seeds_of = lambda pairs: {seed for seed, _ in pairs}  # noqa: E731
-        missing, partial = seeds_of(want) - seeds_of(have), seeds_of(want - have) & seeds_of(have)
-        lacking = [f"seed{'s' * (len(found) > 1)} {', '.join(map(str, sorted(found)))} {what}"
-                   for found, what in ((missing, "missing"), (partial, "part-done")) if found]
-        incomplete.append(
-            f"{target}/{mode} n_train {n_train} is incomplete: {len(have)} of {len(want)} runs "
-            f"({'; '.join(lacking)}); its {len(rows)} finished rows stay out of the summary until "
-            f"--resume completes it"
-        )
+        lacking = {seed for seed, _ in want - have}
+        found = ((lacking - seeds_held, "missing"), (lacking & seeds_held, "part-done"))
+        lacks = "; ".join(f"seed{'s' * (len(ids) > 1)} {', '.join(map(str, sorted(ids)))} {what}"
+                          for ids, what in found if ids)
+        incomplete.append(f"{target}/{mode} n_train {n_train} is incomplete: {len(have)} of "
+                          f"{len(want)} runs ({lacks}); its {len(rows)} finished rows stay out of "
+                          f"the summary until --resume completes it")
     return results, incomplete
 
 
 # ---- The results CSV --------------------------------------------------------------------
-def csv_row(r: RunResult) -> list[str]:
+def csv_row(r: RunResult) -> list:
     """A run's cells, as the template writes them, but its learning rate exactly as given (repr),
     so that every rate of a grid is told apart and read back as the same run."""
-    cells = []
-    for column in tm.RESULT_COLUMNS:
-        value = getattr(r, column)
-        if column == "learning_rate":
-            cells.append(repr(value))
-        elif isinstance(value, (bool, float)):
-            cells.append(str(value).lower() if isinstance(value, bool) else f"{value:.6g}")
-        else:
-            cells.append(str(value))
-    return cells
+    return [repr(r.learning_rate) if column == "learning_rate" else tm.csv_value(getattr(r, column))
+            for column in tm.RESULT_COLUMNS]
 
 
 def write_rows(path: str, results: list[RunResult]) -> None:
@@ -353,7 +328,8 @@ class ResultsCsv:
     """Appends each finished run's row at once, so an interrupted sweep keeps what it finished."""
 
     def __init__(self, path: str, append: bool = False):
-        self.path, self.rows = path, 0
+        self.path = path
+        self.rows = 0
         if not append:
             write_rows(path, [])
 
@@ -378,16 +354,15 @@ class ResultsCsv:
         self.rows += 1
 
 
+def parsed(kind: type, text: str) -> typing.Any:
+    """A cell of the results CSV as the column's type."""
+    return {"true": True, "false": False}[text.lower()] if kind is bool else kind(text)
+
+
 def read_results(paths: typing.Sequence[str], flag: str = "--report") -> list[RunResult]:
     """The rows of results CSVs, merged. A row repeated across files is kept once; two rows of the
     same run with different numbers are an error. Errors name `flag`."""
     kinds = typing.get_type_hints(RunResult)
-    parse = {
-        int: int,
-        float: float,
-        str: str,
-        bool: lambda text: {"true": True, "false": False}[text.lower()],
-    }
     results: dict[Run, RunResult] = {}
     for path in paths:
         try:
@@ -398,34 +373,18 @@ def read_results(paths: typing.Sequence[str], flag: str = "--report") -> list[Ru
             raise tm.ExperimentError(f"{flag} {path} cannot be read ({reason})") from None
         missing = [column for column in tm.RESULT_COLUMNS if rows and column not in rows[0]]
         if not rows or missing:
-            raise tm.ExperimentError(
-                f"{flag} {path} is not a results CSV of this script "
-                f"({'no rows' if not rows else 'no column ' + ', '.join(missing)})"
-            )
+            what = f"no column {', '.join(missing)}" if rows else "no rows"
+            raise tm.ExperimentError(f"{flag} {path} is not a results CSV of this script ({what})")
         for line, row in enumerate(rows, start=2):
             try:
-                result = RunResult(
-                    **{column: parse[kinds[column]](row[column]) for column in tm.RESULT_COLUMNS}
-                )
+                result = RunResult(**{column: parsed(kinds[column], row[column])
+                                      for column in tm.RESULT_COLUMNS})
             except (KeyError, ValueError, TypeError):
                 raise tm.ExperimentError(
-                    f"{flag} {path}, line {line}: not a row of results ({row})"
-                ) from None
+                    f"{flag} {path}, line {line}: not a row of results ({row})") from None
             earlier = results.setdefault(run_key(result), result)
             if csv_row(earlier) != csv_row(result):
                 raise tm.ExperimentError(
                     f"{flag}: {path}, line {line} and an earlier row are the same run "
-                    f"({result.target} {result.mode} n_train {result.n_train} seed {result.seed} "
-                    f"lr {result.learning_rate:g}) with different numbers"
-                )
+                    f"({run_key(result)}) with different numbers")
     return list(results.values())
-
-
-def save_backbone(backbone: dict[str, torch.Tensor], checkpoint_path: str) -> None:
-    """A backbone as a checkpoint that tm.read_backbone() reads (one pretrained on another node,
-    for --resume)."""
-    os.makedirs(os.path.dirname(checkpoint_path), exist_ok=True)
-    torch.save(
-        {"state_dict": {f"convnet.{key}": value for key, value in backbone.items()}},
-        checkpoint_path,
-    )

@@ -2,8 +2,6 @@
 equivalence tests (TOST), the smallest detectable difference and Holm's adjustment, from scipy.
 Imported by summary (and so by figures and cli); it imports scipy only."""
 
-from __future__ import annotations
-
 import dataclasses
 import math
 
@@ -29,7 +27,7 @@ class MeanCI:
     p: float = math.nan
 
     @classmethod
-    def of(cls, values: list[float], bounds: tuple[float, float] = (-math.inf, math.inf)) -> MeanCI:
+    def of(cls, values: list[float], bounds: tuple = (-math.inf, math.inf)) -> "MeanCI":
         """The interval is cut to `bounds`, the metric's possible range: with few seeds t is large,
         and an accuracy interval of 2 seeds can pass 100%."""
         n = len(values)
@@ -38,23 +36,18 @@ class MeanCI:
             return cls(n, mean, math.nan, math.nan, math.nan)
         sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
         half_width = t_975(n - 1) * sd / math.sqrt(n)
-        p = (
-            2 * float(stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
-            if sd > 0
-            else float(mean == 0) or 0.0
-        )
-        return cls(
-            n, mean, sd, max(bounds[0], mean - half_width), min(bounds[1], mean + half_width), p
-        )
+        p = float(mean == 0)
+        if sd > 0:
+            p = 2 * float(stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+        low, high = max(bounds[0], mean - half_width), min(bounds[1], mean + half_width)
+        return cls(n, mean, sd, low, high, p)
 
     def text(self, digits: int = 4) -> tuple[str, str]:
         """("mean ± sd", "[low, high]") for tables; one value has no spread."""
         if self.n < 2:
             return f"{self.mean:.{digits}f}", "n/a"
-        return (
-            f"{self.mean:.{digits}f} ± {self.sd:.{digits}f}",
-            f"[{self.low:.{digits}f}, {self.high:.{digits}f}]",
-        )
+        return (f"{self.mean:.{digits}f} ± {self.sd:.{digits}f}",
+                f"[{self.low:.{digits}f}, {self.high:.{digits}f}]")
 
 
 def holm(p_values: list[float]) -> list[float]:
@@ -89,10 +82,8 @@ def tost_p(differences: list[float], margin: float) -> float:
     se = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1) / n)
     if se == 0:
         return 0.0 if abs(mean) < margin else 1.0
-    return max(
-        float(stats.t.sf((mean + margin) / se, n - 1)),
-        float(stats.t.sf((margin - mean) / se, n - 1)),
-    )
+    return max(float(stats.t.sf((mean + margin) / se, n - 1)),
+               float(stats.t.sf((margin - mean) / se, n - 1)))
 
 
 def detectable(sd: float, n: int, power: float = 0.8) -> float:
