@@ -3,7 +3,6 @@
 batches of --shuffle and --augment. Imported by runs and start; it imports settings, augment and
 the template."""
 
-import argparse
 import functools
 import zlib
 
@@ -14,35 +13,30 @@ from sweeps.augment import Augment
 from sweeps.settings import backbone_seed
 
 
-def n_images(target: str, data_dir: str) -> int:
+def n_images(target, data_dir):
     """The target's training images (of its training split)."""
     return len(tm.read_split(target, data_dir, True)[1])
 
 
-def file_positions(target: str, data_dir: str) -> torch.Tensor:
+def file_positions(target, data_dir):
     """Where each training image of the target sits in its data set's files."""
     spec = tm.TARGETS[target]
     return kept_positions(spec, data_dir) if spec.keep else torch.arange(n_images(target, data_dir))
 
 
 @functools.cache
-def kept_positions(spec: tm.Target, data_dir: str) -> torch.Tensor:
+def kept_positions(spec, data_dir):
     labels = torch.as_tensor(spec.dataset(root=data_dir, train=True, download=True).targets)
     return torch.arange(len(labels))[spec.keep(labels)]
 
 
-def same_files(cfg: argparse.Namespace, target: str) -> bool:
+def same_files(cfg, target):
     """Whether a target reads the files that pretraining read (even-odd and mnist: MNIST's training
     split); with --weights nothing was pretrained here."""
     return not cfg.weights and tm.TARGETS[cfg.source].dataset == tm.TARGETS[target].dataset
 
 
-def view(cfg: argparse.Namespace, target: str) -> tm.View:
-    """How the backbone of --backbone, --weights and --image-size sees the target's images."""
-    return tm.input_view(tm.resolve_network(cfg), target)
-
-
-def pretraining_images(cfg: argparse.Namespace, pretrain_seed: int) -> torch.Tensor:
+def pretraining_images(cfg, pretrain_seed):
     """Positions in the files of the images that pretraining with this seed trained and validated
     on."""
     drawn = tm.draw_subset(cfg.source, cfg.n_pretrain, n_images(cfg.source, cfg.data_dir),
@@ -50,8 +44,7 @@ def pretraining_images(cfg: argparse.Namespace, pretrain_seed: int) -> torch.Ten
     return file_positions(cfg.source, cfg.data_dir)[torch.cat(drawn)]
 
 
-def available_images(cfg: argparse.Namespace, target: str,
-                     pretrain_seed: int) -> tuple[torch.Tensor, str]:
+def available_images(cfg, target, pretrain_seed):
     """The target's training images a run may draw from (with --disjoint: none its backbone saw),
     and what they are, for messages."""
     everything = torch.arange(n_images(target, cfg.data_dir))
@@ -61,7 +54,7 @@ def available_images(cfg: argparse.Namespace, target: str,
     return everything[~seen], f"{target} without the {int(seen.sum())} images that pretraining used"
 
 
-def subset_draw(cfg: argparse.Namespace, target: str) -> functools.partial:
+def subset_draw(cfg, target):
     """How a target run's training and validation images are drawn: the template's draw (the
     post's), or with --n-val and --stratify the same shuffled order, cut to --n-val validation
     images and taken class by class."""
@@ -69,9 +62,8 @@ def subset_draw(cfg: argparse.Namespace, target: str) -> functools.partial:
     return functools.partial(draw_subset, n_val=cfg.n_val, strata=labels)
 
 
-def draw_subset(target: str, n_train: int, available: torch.Tensor, seed: int,
-                where: str = "the dataset", flag: str = "--n-train", n_val: int | None = None,
-                strata: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_subset(target, n_train, available, seed, where="the dataset", flag="--n-train",
+                n_val=None, strata=None):
     """tm.draw_subset's shuffled order of `available`, with n_val validation images (None: a
     quarter of n_train, the template's); with strata (the labels of the target's images), each
     class in proportion to its share of `available`, in training and validation alike, and each
@@ -110,7 +102,7 @@ def draw_subset(target: str, n_train: int, available: torch.Tensor, seed: int,
     return order[rank < train_share[classes]], order[in_val]
 
 
-def shares(n: int, counts: torch.Tensor) -> torch.Tensor:
+def shares(n, counts):
     """n images shared out over the classes in proportion to their counts, by largest remainder."""
     quota = counts * n / counts.sum()
     share = quota.floor().long()
@@ -123,7 +115,7 @@ class TrainingBatches(tm.TensorLoader):
     run's seed (--shuffle; the post's order is fixed), and each image transformed as it is taken
     (--augment): the same for every arm of a seed. Validation and test images stay as they are."""
 
-    def __init__(self, loader: tm.TensorLoader, seed: int, shuffle: bool, augment: bool):
+    def __init__(self, loader, seed, shuffle, augment):
         super().__init__(loader.images, loader.labels, loader.batch_size, loader.view)
         self.order = None
         if shuffle:
@@ -142,20 +134,22 @@ class TrainingBatches(tm.TensorLoader):
             yield (images if self.augment is None else self.augment(images)), labels
 
 
-def target_data(cfg: argparse.Namespace, target: str, n_train: int, seed: int) -> tm.TargetData:
+def target_data(cfg, target, n_train, seed):
     """A target run's images, as the sweep's settings draw them and batch them for training."""
     available, where = available_images(cfg, target, backbone_seed(cfg, seed))
     drawn = subset_draw(cfg, target)(target, n_train, available, seed, where)
-    data = tm.make_data(target, cfg.data_dir, *drawn, view(cfg, target))
+    view = tm.input_view(tm.resolve_network(cfg), target)
+    data = tm.make_data(target, cfg.data_dir, *drawn, view)
     if cfg.shuffle or cfg.augment:
         data.train = TrainingBatches(data.train, seed, cfg.shuffle, cfg.augment)
     return data
 
 
-def pretraining_data(cfg: argparse.Namespace, seed: int) -> tm.TargetData:
+def pretraining_data(cfg, seed):
     """Pretraining's images, as the template draws them (tm.load_data), batched for training as
     --shuffle says; never augmented."""
-    data = tm.load_data(cfg.source, cfg.n_pretrain, cfg.data_dir, seed, view(cfg, cfg.source))
+    view = tm.input_view(tm.resolve_network(cfg), cfg.source)
+    data = tm.load_data(cfg.source, cfg.n_pretrain, cfg.data_dir, seed, view)
     if cfg.shuffle:
         data.train = TrainingBatches(data.train, seed, shuffle=True, augment=False)
     return data

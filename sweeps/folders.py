@@ -26,7 +26,7 @@ class ImageFolderSplits:
     channels: int
     size: tuple[int, int]
 
-    def __call__(self, root: str, train: bool, download: bool) -> types.SimpleNamespace:
+    def __call__(self, root, train, download):
         split = Path(self.folder, "train" if train else "test")
         # ImageFolder reads every image as RGB; uint8, normalised later like every other target
         grey = [transforms.Grayscale(1)] if self.channels == 1 else []
@@ -43,7 +43,7 @@ class ImageFolderSplits:
         return types.SimpleNamespace(data=images.contiguous(), targets=labels)
 
 
-def folder_shape(path: str) -> tuple[int, tuple[int, int]]:
+def folder_shape(path):
     """The channels and size of an image folder's first training image: a source folder's own
     shape."""
     first = min(Path(path, "train").glob("*/*"), default=None)
@@ -57,12 +57,12 @@ def folder_shape(path: str) -> tuple[int, tuple[int, int]]:
             f"image folder {path}: {first.name} cannot be read ({err})") from None
 
 
-def folder_of(target: tm.Target) -> str | None:
+def folder_of(target):
     """The folder an image-folder target reads, None for any other."""
     return target.dataset.folder if isinstance(target.dataset, ImageFolderSplits) else None
 
 
-def register_image_folder(path: str, channels: int, size: tuple[int, int]) -> str:
+def register_image_folder(path, channels, size):
     """Register FOLDER/{train,test}/<class>/* as a target named after the folder, its images read at
     `channels` and `size` (the source's); return its name. The class names come from the
     subfolders (sorted, as ImageFolder numbers them) and must be the same in train/ and test/."""
