@@ -3,7 +3,6 @@
 batches of --shuffle and --augment. Imported by runs and start; it imports settings, augment and
 the template."""
 
-import argparse
 import functools
 import zlib
 
@@ -14,46 +13,38 @@ from sweeps.augment import Augment
 from sweeps.settings import backbone_seed
 
 
-def n_images(target: str, data_dir: str) -> int:
+def n_images(target, data_dir):
     """The target's training images (of its training split)."""
     return len(tm.read_split(target, data_dir, True)[1])
 
 
-def file_positions(target: str, data_dir: str) -> torch.Tensor:
+def file_positions(target, data_dir):
     """Where each training image of the target sits in its data set's files."""
     spec = tm.TARGETS[target]
     return kept_positions(spec, data_dir) if spec.keep else torch.arange(n_images(target, data_dir))
 
 
 @functools.cache
-def kept_positions(spec: tm.Target, data_dir: str) -> torch.Tensor:
+def kept_positions(spec, data_dir):
     labels = torch.as_tensor(spec.dataset(root=data_dir, train=True, download=True).targets)
     return torch.arange(len(labels))[spec.keep(labels)]
 
 
-def same_files(cfg: argparse.Namespace, target: str) -> bool:
+def same_files(cfg, target):
     """Whether a target reads the files that pretraining read (even-odd and mnist: MNIST's training
     split); with --weights nothing was pretrained here."""
     return not cfg.weights and tm.TARGETS[cfg.source].dataset == tm.TARGETS[target].dataset
 
 
-def view(cfg: argparse.Namespace, target: str) -> tm.View:
-    """How the backbone of --backbone, --weights and --image-size sees the target's images."""
-    return tm.input_view(tm.resolve_network(cfg), target)
-
-
-def pretraining_images(cfg: argparse.Namespace, pretrain_seed: int) -> torch.Tensor:
+def pretraining_images(cfg, pretrain_seed):
     """Positions in the files of the images that pretraining with this seed trained and validated
     on."""
-    drawn = tm.draw_subset(
-        cfg.source, cfg.n_pretrain, n_images(cfg.source, cfg.data_dir), pretrain_seed
-    )
+    drawn = tm.draw_subset(cfg.source, cfg.n_pretrain, n_images(cfg.source, cfg.data_dir),
+                           pretrain_seed)
     return file_positions(cfg.source, cfg.data_dir)[torch.cat(drawn)]
 
 
-def available_images(
-    cfg: argparse.Namespace, target: str, pretrain_seed: int
-) -> tuple[torch.Tensor, str]:
+def available_images(cfg, target, pretrain_seed):
     """The target's training images a run may draw from (with --disjoint: none its backbone saw),
     and what they are, for messages."""
     everything = torch.arange(n_images(target, cfg.data_dir))
@@ -63,7 +54,7 @@ def available_images(
     return everything[~seen], f"{target} without the {int(seen.sum())} images that pretraining used"
 
 
-def subset_draw(cfg: argparse.Namespace, target: str) -> functools.partial:
+def subset_draw(cfg, target):
     """How a target run's training and validation images are drawn: the template's draw (the
     post's), or with --n-val and --stratify the same shuffled order, cut to --n-val validation
     images and taken class by class."""
@@ -71,16 +62,8 @@ def subset_draw(cfg: argparse.Namespace, target: str) -> functools.partial:
     return functools.partial(draw_subset, n_val=cfg.n_val, strata=labels)
 
 
-def draw_subset(
-    target: str,
-    n_train: int,
-    available: torch.Tensor,
-    seed: int,
-    where: str = "the dataset",
-    flag: str = "--n-train",
-    n_val: int | None = None,
-    strata: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_subset(target, n_train, available, seed, where="the dataset", flag="--n-train",
+                n_val=None, strata=None):
     """tm.draw_subset's shuffled order of `available`, with n_val validation images (None: a
     quarter of n_train, the template's); with strata (the labels of the target's images), each
     class in proportion to its share of `available`, in training and validation alike, and each
@@ -88,54 +71,38 @@ def draw_subset(
     missed 3-5 of FashionMNIST's 10 classes). Sizes that do not fit are errors that name `flag`
     and `where`."""
     if n_val is None:
-        try:  # the template's draw, and its share of validation images
-            train, val = tm.draw_subset(target, n_train, len(available), seed)
+        try:  # the template's share of validation images, and its check
+            n_val = len(tm.draw_subset(target, n_train, len(available), seed)[1])
         except tm.ExperimentError:
             raise tm.ExperimentError(
                 f"{flag} {n_train} and a quarter as many to validate do not fit the "
                 f"{len(available)} images of {where}; use 4 to "
-                f"{int(len(available) * (1 - tm.VAL_SHARE))}"
-            ) from None
-        if strata is None:
-            return available[train], available[val]
-        n_val = len(val)
+                f"{int(len(available) * (1 - tm.VAL_SHARE))}") from None
     if n_train + n_val > len(available):
         raise tm.ExperimentError(
             f"{flag} {n_train} with --n-val {n_val} needs {n_train + n_val} training images, "
-            f"but {where} has {len(available)}"
-        )
+            f"but {where} has {len(available)}")
     # tm.draw_subset's order
     generator = torch.Generator().manual_seed(zlib.crc32(f"{target}/{seed}".encode()))
     order = available[torch.randperm(len(available), generator=generator)]
     if strata is None:
         return order[:n_train], order[n_train : n_train + n_val]
-    return stratified(order, strata, available, n_train, n_val, f"{flag} {n_train}", where)
-
-
-def stratified(order: torch.Tensor, strata: torch.Tensor, available: torch.Tensor, n_train: int,
-               n_val: int, asked: str, where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first of each class in `order` to training and validation, each
-    class in proportion to its share of `available`, once at least in
-    validation where n_val allows."""
     classes, counts = strata[order], torch.bincount(strata[available])
-    # a class of one image goes to training
+    # each class once at least in validation where n_val allows; a class of one image to training
     once = (counts > 1) & (n_val >= int((counts > 1).sum()))
     train_share = shares(n_train, counts)
     val_share = once.long() + shares(n_val - int(once.sum()), counts)
-    rank = torch.empty_like(classes)  # each image's place among the images of its class, in `order`
-    rank[torch.argsort(classes, stable=True)] = torch.cat(
-        [torch.arange(int(count)) for count in counts]
-    )
-    if bool(((train_share + val_share) > counts).any()):
-        raise tm.ExperimentError(
-            f"{asked} with {n_val} validation images takes more images of a class "
-            f"than {where} has"
-        )
-    val = (rank >= train_share[classes]) & (rank < (train_share + val_share)[classes])
-    return order[rank < train_share[classes]], order[val]
+    if bool((train_share + val_share > counts).any()):
+        raise tm.ExperimentError(f"{flag} {n_train} with {n_val} validation images takes more "
+                                 f"images of a class than {where} has")
+    # each image's place among the images of its class, in `order`
+    rank = torch.empty_like(classes)
+    rank[torch.argsort(classes, stable=True)] = torch.cat([torch.arange(int(n)) for n in counts])
+    in_val = (rank >= train_share[classes]) & (rank < (train_share + val_share)[classes])
+    return order[rank < train_share[classes]], order[in_val]
 
 
-def shares(n: int, counts: torch.Tensor) -> torch.Tensor:
+def shares(n, counts):
     """n images shared out over the classes in proportion to their counts, by largest remainder."""
     quota = counts * n / counts.sum()
     share = quota.floor().long()
@@ -148,43 +115,41 @@ class TrainingBatches(tm.TensorLoader):
     run's seed (--shuffle; the post's order is fixed), and each image transformed as it is taken
     (--augment): the same for every arm of a seed. Validation and test images stay as they are."""
 
-    def __init__(self, loader: tm.TensorLoader, seed: int, shuffle: bool, augment: bool):
+    def __init__(self, loader, seed, shuffle, augment):
         super().__init__(loader.images, loader.labels, loader.batch_size, loader.view)
-        self.order = (
-            torch.Generator().manual_seed(zlib.crc32(f"shuffle/{seed}".encode()))
-            if shuffle
-            else None
-        )
+        self.order = None
+        if shuffle:
+            self.order = torch.Generator().manual_seed(zlib.crc32(f"shuffle/{seed}".encode()))
         self.augment = Augment(seed) if augment else None
 
     def __iter__(self):
-        images, labels = self.images, self.labels
+        batches = self
         if self.order is not None:
-            order = torch.randperm(len(labels), generator=self.order)
-            images, labels = images[order], labels[order]
+            order = torch.randperm(len(self.labels), generator=self.order)
+            images = self.images[order]
             if self.view is None:  # floats, prepared once: channels-last again
                 images = images.contiguous(memory_format=torch.channels_last)
-        for batch, batch_labels in zip(
-            images.split(self.batch_size), labels.split(self.batch_size)
-        ):
-            batch = tm.prepare(batch, self.view) if self.view else batch
-            yield (batch if self.augment is None else self.augment(batch)), batch_labels
+            batches = tm.TensorLoader(images, self.labels[order], self.batch_size, self.view)
+        for images, labels in tm.TensorLoader.__iter__(batches):
+            yield (images if self.augment is None else self.augment(images)), labels
 
 
-def target_data(cfg: argparse.Namespace, target: str, n_train: int, seed: int) -> tm.TargetData:
+def target_data(cfg, target, n_train, seed):
     """A target run's images, as the sweep's settings draw them and batch them for training."""
     available, where = available_images(cfg, target, backbone_seed(cfg, seed))
     drawn = subset_draw(cfg, target)(target, n_train, available, seed, where)
-    data = tm.make_data(target, cfg.data_dir, *drawn, view(cfg, target))
+    view = tm.input_view(tm.resolve_network(cfg), target)
+    data = tm.make_data(target, cfg.data_dir, *drawn, view)
     if cfg.shuffle or cfg.augment:
         data.train = TrainingBatches(data.train, seed, cfg.shuffle, cfg.augment)
     return data
 
 
-def pretraining_data(cfg: argparse.Namespace, seed: int) -> tm.TargetData:
+def pretraining_data(cfg, seed):
     """Pretraining's images, as the template draws them (tm.load_data), batched for training as
     --shuffle says; never augmented."""
-    data = tm.load_data(cfg.source, cfg.n_pretrain, cfg.data_dir, seed, view(cfg, cfg.source))
+    view = tm.input_view(tm.resolve_network(cfg), cfg.source)
+    data = tm.load_data(cfg.source, cfg.n_pretrain, cfg.data_dir, seed, view)
     if cfg.shuffle:
         data.train = TrainingBatches(data.train, seed, shuffle=True, augment=False)
     return data

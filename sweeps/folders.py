@@ -7,13 +7,12 @@ import types
 from pathlib import Path
 
 import torch
-import torchvision
 from PIL import Image
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import find_classes
 
 import transfer_mnist as tm
-
-def rgb(image: Image.Image) -> Image.Image:
-    return image.convert("RGB")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,37 +26,27 @@ class ImageFolderSplits:
     channels: int
     size: tuple[int, int]
 
-    def __call__(self, root: str, train: bool, download: bool) -> types.SimpleNamespace:
+    def __call__(self, root, train, download):
         split = Path(self.folder, "train" if train else "test")
-        to_tensor = torchvision.transforms.Compose(
-            [
-                (
-                    torchvision.transforms.Grayscale(1)
-                    if self.channels == 1
-                    else torchvision.transforms.Lambda(rgb)
-                ),
-                torchvision.transforms.Resize(self.size),
-                # uint8, normalised later like every other target
-                torchvision.transforms.PILToTensor(),
-            ]
-        )
+        # ImageFolder reads every image as RGB; uint8, normalised later like every other target
+        grey = [transforms.Grayscale(1)] if self.channels == 1 else []
+        to_tensor = transforms.Compose([*grey, transforms.Resize(self.size),
+                                        transforms.PILToTensor()])
         try:
-            dataset = torchvision.datasets.ImageFolder(split, transform=to_tensor)
+            dataset = ImageFolder(split, transform=to_tensor)
             images = torch.stack([image for image, _ in dataset]).permute(0, 2, 3, 1)
         # no images (FileNotFoundError), or one PIL cannot read
         except (OSError, ValueError) as err:
-            raise tm.ExperimentError(
-                f"image folder {split}: {str(err).strip().splitlines()[0]}"
-            ) from None
-        return types.SimpleNamespace(
-            data=images.contiguous(), targets=torch.tensor(dataset.targets)
-        )
+            reason = str(err).strip().splitlines()[0]
+            raise tm.ExperimentError(f"image folder {split}: {reason}") from None
+        labels = torch.tensor(dataset.targets)
+        return types.SimpleNamespace(data=images.contiguous(), targets=labels)
 
 
-def folder_shape(path: str) -> tuple[int, tuple[int, int]]:
+def folder_shape(path):
     """The channels and size of an image folder's first training image: a source folder's own
     shape."""
-    first = next(iter(sorted(Path(path, "train").glob("*/*"))), None)
+    first = min(Path(path, "train").glob("*/*"), default=None)
     if first is None:
         raise tm.ExperimentError(f"image folder {path}/train has no images")
     try:
@@ -65,22 +54,18 @@ def folder_shape(path: str) -> tuple[int, tuple[int, int]]:
             return (1 if image.mode in ("L", "1", "I", "F") else 3), (image.height, image.width)
     except OSError as err:
         raise tm.ExperimentError(
-            f"image folder {path}: {first.name} cannot be read ({err})"
-        ) from None
+            f"image folder {path}: {first.name} cannot be read ({err})") from None
 
 
-def folder_of(target: tm.Target) -> str | None:
+def folder_of(target):
     """The folder an image-folder target reads, None for any other."""
     return target.dataset.folder if isinstance(target.dataset, ImageFolderSplits) else None
 
 
-def register_image_folder(path: str, channels: int, size: tuple[int, int]) -> str:
+def register_image_folder(path, channels, size):
     """Register FOLDER/{train,test}/<class>/* as a target named after the folder, its images read at
-    `channels` and `size` (the source's); return its name.
-
-    The class names come from the subfolders (sorted, as ImageFolder numbers them) and must be the
-    same in train/ and test/.
-    """
+    `channels` and `size` (the source's); return its name. The class names come from the
+    subfolders (sorted, as ImageFolder numbers them) and must be the same in train/ and test/."""
     root = Path(path)
     name = root.resolve().name
     layout = f"lay it out as {root}/train/<class>/*.png and {root}/test/<class>/*.png"
@@ -89,22 +74,18 @@ def register_image_folder(path: str, channels: int, size: tuple[int, int]) -> st
         if not (root / split).is_dir():
             raise tm.ExperimentError(f"image folder {root} has no {split}/ subfolder; {layout}")
         try:
-            classes[split], _ = torchvision.datasets.folder.find_classes(root / split)
+            classes[split] = find_classes(root / split)[0]
         except FileNotFoundError:
             raise tm.ExperimentError(
-                f"image folder {root / split} has no class subfolders; {layout}"
-            ) from None
+                f"image folder {root / split} has no class subfolders; {layout}") from None
     if classes["train"] != classes["test"]:
-        only = sorted(set(classes["train"]) ^ set(classes["test"]))
+        only = ", ".join(sorted(set(classes["train"]) ^ set(classes["test"])))
         raise tm.ExperimentError(
-            f"image folder {root}: train/ and test/ have different classes ({', '.join(only)})"
-        )
+            f"image folder {root}: train/ and test/ have different classes ({only})")
     if name in tm.TARGETS and folder_of(tm.TARGETS[name]) is None:
         raise tm.ExperimentError(
-            f"image folder {root} is named like the registered target {name}; rename the folder"
-        )
-    tm.TARGETS[name] = tm.Target(
-        ImageFolderSplits(str(root), channels, tuple(size)), tuple(classes["train"])
-    )
+            f"image folder {root} is named like the registered target {name}; rename the folder")
+    tm.TARGETS[name] = tm.Target(ImageFolderSplits(str(root), channels, tuple(size)),
+                                 tuple(classes["train"]))
     tm.read_split.cache_clear()  # a folder registered anew under a name read before
     return name

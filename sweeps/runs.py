@@ -24,6 +24,7 @@ from sweeps.files import replace
 from sweeps.settings import backbone_seed, seeds
 from sweeps.stop import StopSignal
 
+
 @dataclasses.dataclass
 class RunResult(tm.RunResult):
     """A row of a sweep: the template's record of a run, and its wall time (not in the CSV)."""
@@ -42,27 +43,24 @@ class Run:
     n_train: int
     learning_rate: float
 
-    def __str__(self) -> str:
+    def __str__(self):
         return (f"{self.target}/{self.mode} n_train {self.n_train} seed {self.seed} "
                 f"lr {self.learning_rate:g}")
 
 
-def run_key(r: RunResult) -> Run:
+def run_key(r):
     """The run a row holds."""
     return Run(r.target, r.mode, r.seed, r.n_train, r.learning_rate)
 
 
-def sweep_runs(cfg: argparse.Namespace) -> list[Run]:
+def sweep_runs(cfg):
     """Every target run of a sweep, in the results' order."""
-    return [Run(target, mode, seed, n_train, learning_rate)
-            for target in cfg.targets
-            for n_train in cfg.n_train
-            for seed in seeds(cfg)
-            for mode in cfg.modes
-            for learning_rate in cfg.lr_grid or (cfg.lr[mode],)]
+    return [Run(target, mode, seed, n_train, rate)
+            for target in cfg.targets for n_train in cfg.n_train for seed in seeds(cfg)
+            for mode in cfg.modes for rate in cfg.lr_grid or (cfg.lr[mode],)]
 
 
-def widened_runs(cfg: argparse.Namespace, widened: typing.Iterable[tuple]) -> list[Run]:
+def widened_runs(cfg, widened):
     """The runs of the rates that --widen added: each (target, mode, n_train, rate) for every seed
     (pooled or mean selection), each (target, mode, n_train, rate, seed) for its seed alone
     (--select seed)."""
@@ -70,94 +68,79 @@ def widened_runs(cfg: argparse.Namespace, widened: typing.Iterable[tuple]) -> li
             for seed in (seed or seeds(cfg))]
 
 
-def pretraining_rates(cfg: argparse.Namespace) -> tuple[float, ...]:
+def pretraining_rates(cfg):
     """The rates each backbone is pretrained at, to keep the one of the lowest validation loss:
     --pretrain-lr-grid, else --pretrain-lr alone."""
     return tuple(cfg.pretrain_lr_grid) or (cfg.pretrain_lr,)
 
 
-def pretraining_runs(cfg: argparse.Namespace) -> list[Run]:
+def pretraining_runs(cfg):
     """The pretraining runs: for the invocation, or per seed; each at every pretraining rate. None
     with --weights: every pretrained arm starts from them."""
-    if cfg.weights:
-        return []
-    return [
-        Run(cfg.source, "pretrain", seed, cfg.n_pretrain, rate)
-        for seed in dict.fromkeys(backbone_seed(cfg, seed) for seed in seeds(cfg))
-        for rate in pretraining_rates(cfg)
-    ]
+    backbone_seeds = dict.fromkeys(backbone_seed(cfg, seed) for seed in seeds(cfg))
+    return [Run(cfg.source, "pretrain", seed, cfg.n_pretrain, rate)
+            for seed in backbone_seeds for rate in pretraining_rates(cfg) if not cfg.weights]
 
 
-def pretrain_checkpoint(cfg: argparse.Namespace, seed: int, rate: float | None = None) -> str:
+def backbone_version(cfg, seed, rate):
+    """A backbone's TensorBoard version: the sweep's, with a folder per seed and rate inside it
+    where the sweep pretrains several."""
+    parts = [f"seed{seed}"] if cfg.backbone_per_seed else []
+    if cfg.pretrain_lr_grid:
+        parts.append(f"lr{rate:g}")
+    return os.path.join(cfg.version, "_".join(parts)) if parts else cfg.version
+
+
+def run_folder(cfg, run):
+    """Where the run writes its TensorBoard logs (and a pretraining its checkpoint); a target run's
+    as the template's fit() names it."""
+    if run.mode == "pretrain":
+        version = backbone_version(cfg, run.seed, run.learning_rate)
+        return os.path.join(cfg.log_dir, "pretrain", version)
+    folder = f"n{run.n_train}_seed{run.seed}_lr{run.learning_rate:g}"
+    return os.path.join(cfg.log_dir, f"{run.target}/{run.mode}", cfg.version, folder)
+
+
+def pretrain_checkpoint(cfg, seed, rate=None):
     """Where tm.pretrain() writes the backbone of this seed (and rate: the first of the grid, for
     None)."""
     rate = pretraining_rates(cfg)[0] if rate is None else rate
-    return os.path.join(run_folder(cfg, Run(cfg.source, "pretrain", seed, cfg.n_pretrain, rate)),
-                        "checkpoints", "best.ckpt")
+    run = Run(cfg.source, "pretrain", seed, cfg.n_pretrain, rate)
+    return os.path.join(run_folder(cfg, run), "checkpoints", "best.ckpt")
 
 
-def sub_dir(cfg: argparse.Namespace, run: Run) -> str | None:
-    """The run's folder inside its TensorBoard run (name and version): a backbone's per seed, and a
-    target run's as the template's fit_best() names it."""
-    if run.mode == "pretrain":
-        name = f"seed{run.seed}" if cfg.backbone_per_seed else ""
-        if cfg.pretrain_lr_grid:
-            name = f"{name}_lr{run.learning_rate:g}" if name else f"lr{run.learning_rate:g}"
-        return name or None
-    return f"n{run.n_train}_seed{run.seed}_lr{run.learning_rate:g}"
-
-
-def run_folder(cfg: argparse.Namespace, run: Run) -> str:
-    """Where the run writes its TensorBoard logs (and a pretraining its checkpoint)."""
-    name = "pretrain" if run.mode == "pretrain" else f"{run.target}/{run.mode}"
-    return os.path.join(cfg.log_dir, name, cfg.version, *filter(None, [sub_dir(cfg, run)]))
-
-
-def recorded(r: tm.RunResult, started: float) -> RunResult:
+def recorded(r, started):
     """A run's row, its numbers as its CSV row holds them (6 significant digits: a sweep selects on
     the numbers that --report and --resume read back), and its wall time since `started`."""
     six = {name: float(f"{getattr(r, name):.6g}") for name in ("test_loss", "test_acc", "val_loss")}
     return RunResult(**{**dataclasses.asdict(r), **six}, seconds=time.perf_counter() - started)
 
 
-def shuffled_pretrain(settings: argparse.Namespace, seed: int) -> tuple[str, tm.RunResult]:
+def shuffled_pretrain(settings, seed):
     """tm.pretrain()'s steps, on training batches in a new order every epoch (--shuffle)."""
     data = pretraining_data(settings, seed)
     lightning.seed_everything(seed, verbose=False)
-    module = tm.LitModule(tm.TARGETS[settings.source].label_names, settings.pretrain_lr, data.shape,
-                          backbone=settings.backbone)
+    names = tm.TARGETS[settings.source].label_names
+    module = tm.LitModule(names, settings.pretrain_lr, data.shape, backbone=settings.backbone)
     trainer, result = tm.fit(module, data, "pretrain", seed, settings.pretrain_epochs, settings)
     path = os.path.join(trainer.logger.log_dir, "checkpoints", "best.ckpt")
     trainer.save_checkpoint(path, weights_only=True)
     return path, result
 
 
-def pretrain_backbone(cfg: argparse.Namespace, seed: int) -> tuple[list[RunResult], dict]:
+def pretrain_backbone(cfg, seed):
     """Seed's backbone at every pretraining rate (pretraining_rates()), through the template's
     pretrain(), and the one of the lowest validation loss (the lower rate on a tie; NaN, a
     diverged run, the worst): every rate's row, the pick's selected (the CSV keeps the pick's),
     and the pick's backbone."""
     results, paths = [], {}
+    patience = cfg.patience if cfg.pretrain_patience is None else cfg.pretrain_patience
     for rate in pretraining_rates(cfg):
         started = time.perf_counter()
         # --min-delta is the target runs': pretraining's loss on 2,500 images stays far from 0
-        settings = argparse.Namespace(
-            **{
-                **vars(cfg),
-                "min_delta": 0.0,
-                "pretrain_lr": rate,
-                "patience": (
-                    cfg.patience if cfg.pretrain_patience is None else cfg.pretrain_patience
-                ),
-                "version": os.path.join(
-                    cfg.version,
-                    *filter(
-                        None,
-                        [sub_dir(cfg, Run(cfg.source, "pretrain", seed, cfg.n_pretrain, rate))],
-                    ),
-                ),
-            }
-        )
+        settings = argparse.Namespace(**dict(vars(cfg), min_delta=0.0, pretrain_lr=rate,
+                                             patience=patience,
+                                             version=backbone_version(cfg, seed, rate)))
         paths[rate], result = (shuffled_pretrain if cfg.shuffle else tm.pretrain)(settings, seed)
         results.append(recorded(result, started))
     pick = min(results, key=lambda r: (not_nan(r.val_loss), r.learning_rate))
@@ -167,16 +150,13 @@ def pretrain_backbone(cfg: argparse.Namespace, seed: int) -> tuple[list[RunResul
 
 
 @functools.cache
-def read_weights(backbone: str, weights: str, channels: int) -> dict[str, torch.Tensor]:
+def read_weights(backbone, weights, channels):
     """--weights' tensors (tm.read_weights), read once per process: the driver checks them before
     any run and hands them to the runs; each Ray worker gets them once, from the object store."""
-    settings = argparse.Namespace(backbone=backbone, weights=weights)
-    return tm.read_weights(settings, channels)
+    return tm.read_weights(argparse.Namespace(backbone=backbone, weights=weights), channels)
 
 
-def execute(
-    cfg: argparse.Namespace, run: Run, backbone: dict | None
-) -> tuple[RunResult | list, dict | None]:
+def execute(cfg, run, backbone):
     """One run, here, through the template's pretrain() and train(), with the template's settings
     for this run: a pretraining is seed's whole pretraining grid, its rows and the backbone it
     keeps; a target run starts from `backbone`."""
@@ -184,9 +164,8 @@ def execute(
     try:
         if run.mode == "pretrain":
             return pretrain_backbone(cfg, run.seed)
-        settings = argparse.Namespace(
-            **{**vars(cfg), "seed": run.seed, "lr": {**cfg.lr, run.mode: run.learning_rate}}
-        )
+        rates = {**cfg.lr, run.mode: run.learning_rate}
+        settings = argparse.Namespace(**dict(vars(cfg), seed=run.seed, lr=rates))
         data = target_data(cfg, run.target, run.n_train, run.seed)
         return recorded(tm.train(backbone, run.mode, data, settings), started), None
     # Lightning ends a fit that a signal interrupted with sys.exit(1): stop the sweep instead
@@ -196,22 +175,30 @@ def execute(
         raise
 
 
+def save_backbone(backbone, checkpoint_path):
+    """A backbone as a checkpoint that tm.read_backbone() reads (one pretrained on another node,
+    for --resume)."""
+    os.makedirs(os.path.dirname(checkpoint_path), exist_ok=True)
+    state = {f"convnet.{key}": value for key, value in backbone.items()}
+    torch.save({"state_dict": state}, checkpoint_path)
+
+
 # ---- Choosing a learning rate in each grid --------------------------------------------
-def not_nan(loss: float) -> float:
+def not_nan(loss):
     """A loss to compare: NaN (a diverged run) counts as the worst."""
     return math.inf if math.isnan(loss) else loss
 
 
-def selection_group(run: Run | RunResult, select: str) -> tuple:
+def selection_group(run, select):
     """The runs among which one learning rate is selected: a (target, mode, n_train, seed), or with
     pooled or mean selection every seed of a (target, mode, n_train)."""
     return (run.target, run.mode, run.n_train) + ((run.seed,) if select == "seed" else ())
 
 
-def pooled_loss(losses: list[float], select: str) -> float:
+def pooled_loss(rows, select):
     """A rate's validation loss over the seeds: the median (pooled: robust to one seed in five that
     collapsed to chance), the mean (a seed that collapsed moves it), or one seed's own."""
-    losses = [not_nan(loss) for loss in losses]
+    losses = [not_nan(r.val_loss) for r in rows]
     return sum(losses) / len(losses) if select == "mean" else statistics.median(losses)
 
 
@@ -220,13 +207,13 @@ def pooled_loss(losses: list[float], select: str) -> float:
 LATE_SHARE = 0.1
 
 
-def still_improving(r: RunResult) -> bool:
+def still_improving(r):
     """Its best epoch in the last tenth of its budget: more epochs might have helped
     (under-trained)."""
     return r.best_epoch > 0.9 * r.max_epochs
 
 
-def settled(rows: list[RunResult]) -> bool:
+def settled(rows):
     """At most LATE_SHARE of the runs were still improving at the end of their budget."""
     return sum(map(still_improving, rows)) <= LATE_SHARE * len(rows)
 
@@ -237,23 +224,21 @@ def settled(rows: list[RunResult]) -> bool:
 NEAR_CHANCE = 0.95
 
 
-def chance_loss(target: str) -> float | None:
+def chance_loss(target):
     """The validation loss of a model that learned nothing: ln(classes), uniform guessing. None for
     a target that is not registered here."""
     spec = tm.TARGETS.get(target)
     return math.log(len(spec.label_names)) if spec else None
 
 
-def learned(rows: list[RunResult], select: str) -> bool:
+def learned(rows, select):
     """The rate's pooled validation loss is clearly below guessing's (a rate that diverged, or
     collapsed, is not)."""
     chance = chance_loss(rows[0].target)
-    return chance is None or pooled_loss([r.val_loss for r in rows], select) < NEAR_CHANCE * chance
+    return chance is None or pooled_loss(rows, select) < NEAR_CHANCE * chance
 
 
-def candidate_rates(
-    rates: dict[float, list[RunResult]], select: str
-) -> dict[float, list[RunResult]]:
+def candidate_rates(rates, select):
     """The rates of a selection group that may be chosen. Per seed (--select seed,
     results/PROTOCOL.md), every rate the seed ran. Pooled or mean: those at which at most
     LATE_SHARE of the runs were still improving at the end of their budget, and which learned
@@ -263,88 +248,75 @@ def candidate_rates(
     qualifies, every rate may (the summary's warnings count the late runs)."""
     if select == "seed":
         return rates
-    return {
-        rate: rows for rate, rows in rates.items() if settled(rows) and learned(rows, select)
-    } or rates
+    return {rate: rows for rate, rows in rates.items()
+            if settled(rows) and learned(rows, select)} or rates
 
 
-def select_rates(results: list[RunResult], select: str = "seed") -> list[RunResult]:
+def select_rates(results, select="seed"):
     """Mark, in each selection group, the runs of the rate with the lowest best-validation loss,
     pooled over seeds as `select` says, among its candidate_rates(), as selected (the lower rate
     on a tie). Test data never enters the choice."""
-    groups: dict[tuple, dict[float, list[RunResult]]] = {}
+    groups = {}
     for r in results:
         groups.setdefault(selection_group(r, select), {}).setdefault(r.learning_rate, []).append(r)
-    best = {}
-    for group, rates in groups.items():
+    for rates in groups.values():
         candidates = candidate_rates(rates, select)
-        best[group] = min(candidates, key=lambda rate: (
-            pooled_loss([r.val_loss for r in candidates[rate]], select), rate))
-    for r in results:
-        r.selected = best[selection_group(r, select)] == r.learning_rate
+        pick = min(candidates, key=lambda rate: (pooled_loss(candidates[rate], select), rate))
+        for rate, rows in rates.items():
+            for r in rows:
+                r.selected = rate == pick
     return results
 
 
-def settle(results: list[RunResult], select: str,
-           planned: typing.Iterable[Run] = ()) -> tuple[list[RunResult], list[str]]:
+def settle(results, select, planned=()):
     """select_rates() in every (target, mode, n_train) of rows read back (--report) that holds each
     run it should: those `planned` (from the sweeps' saved settings) and every (seed, rate) that
     it has for some rate or seed (rows without settings: an interrupted sweep leaves a grid half
     done). One that lacks any gets no selected row, so it stays out of the summary until
     --resume completes it; returned as lines that name it, with the seeds it lacks, beside the
     rows."""
-    expected: dict[tuple, set] = {}  # (target, mode, n_train) -> its (seed, rate)s
+    expected = {}  # (target, mode, n_train) -> its (seed, rate)s
     for run in planned:
-        expected.setdefault((run.target, run.mode, run.n_train), set()).add(
-            (run.seed, run.learning_rate)
-        )
-    held: dict[tuple, list[RunResult]] = {}
+        group = selection_group(run, "pooled")
+        expected.setdefault(group, set()).add((run.seed, run.learning_rate))
+    held = {}  # (target, mode, n_train) -> its rows
     for r in results:
-        held.setdefault((r.target, r.mode, r.n_train), []).append(r)
+        held.setdefault(selection_group(r, "pooled"), []).append(r)
     incomplete = []
     for (target, mode, n_train), rows in held.items():
         have = {(r.seed, r.learning_rate) for r in rows}
-        rates = {rate for _, rate in have} if mode in tm.ARMS else set()
+        seeds_held = {seed for seed, _ in have}
         want = expected.get((target, mode, n_train), set())
         # each seed widened its own grid: the planned runs, seed by seed
         if select == "seed" and want:
             want = want | have
-        else:
-            want = want | {(s, rate) for s, _ in have for rate in rates}
+        elif mode in tm.ARMS:
+            rates = {rate for _, rate in have}
+            want = want | {(seed, rate) for seed in seeds_held for rate in rates}
         if have >= want:
             select_rates(rows, select)
             continue
         for r in rows:
             r.selected = False
-        seeds_of = lambda pairs: {seed for seed, _ in pairs}  # noqa: E731
-        missing, partial = seeds_of(want) - seeds_of(have), seeds_of(want - have) & seeds_of(have)
-        lacking = [f"seed{'s' * (len(found) > 1)} {', '.join(map(str, sorted(found)))} {what}"
-                   for found, what in ((missing, "missing"), (partial, "part-done")) if found]
-        incomplete.append(
-            f"{target}/{mode} n_train {n_train} is incomplete: {len(have)} of {len(want)} runs "
-            f"({'; '.join(lacking)}); its {len(rows)} finished rows stay out of the summary until "
-            f"--resume completes it"
-        )
+        lacking = {seed for seed, _ in want - have}
+        found = ((lacking - seeds_held, "missing"), (lacking & seeds_held, "part-done"))
+        lacks = "; ".join(f"seed{'s' * (len(ids) > 1)} {', '.join(map(str, sorted(ids)))} {what}"
+                          for ids, what in found if ids)
+        incomplete.append(f"{target}/{mode} n_train {n_train} is incomplete: {len(have)} of "
+                          f"{len(want)} runs ({lacks}); its {len(rows)} finished rows stay out of "
+                          f"the summary until --resume completes it")
     return results, incomplete
 
 
 # ---- The results CSV --------------------------------------------------------------------
-def csv_row(r: RunResult) -> list[str]:
+def csv_row(r):
     """A run's cells, as the template writes them, but its learning rate exactly as given (repr),
     so that every rate of a grid is told apart and read back as the same run."""
-    cells = []
-    for column in tm.RESULT_COLUMNS:
-        value = getattr(r, column)
-        if column == "learning_rate":
-            cells.append(repr(value))
-        elif isinstance(value, (bool, float)):
-            cells.append(str(value).lower() if isinstance(value, bool) else f"{value:.6g}")
-        else:
-            cells.append(str(value))
-    return cells
+    return [repr(r.learning_rate) if column == "learning_rate" else tm.csv_value(getattr(r, column))
+            for column in tm.RESULT_COLUMNS]
 
 
-def write_rows(path: str, results: list[RunResult]) -> None:
+def write_rows(path, results):
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows([tm.RESULT_COLUMNS, *map(csv_row, results)])
 
@@ -352,18 +324,19 @@ def write_rows(path: str, results: list[RunResult]) -> None:
 class ResultsCsv:
     """Appends each finished run's row at once, so an interrupted sweep keeps what it finished."""
 
-    def __init__(self, path: str, append: bool = False):
-        self.path, self.rows = path, 0
+    def __init__(self, path, append=False):
+        self.path = path
+        self.rows = 0
         if not append:
             write_rows(path, [])
 
-    def rewrite(self, results: list[RunResult]) -> None:
+    def rewrite(self, results):
         """Replace the file by these rows in this order, in one step (the old file stays if writing
         fails)."""
         replace(self.path, lambda partial: write_rows(partial, results))
         self.rows = len(results)
 
-    def append(self, result: RunResult) -> None:
+    def append(self, result):
         line = io.StringIO()
         csv.writer(line).writerow(csv_row(result))
         data = line.getvalue().encode()
@@ -378,17 +351,16 @@ class ResultsCsv:
         self.rows += 1
 
 
-def read_results(paths: typing.Sequence[str], flag: str = "--report") -> list[RunResult]:
+def parsed(kind, text):
+    """A cell of the results CSV as the column's type."""
+    return {"true": True, "false": False}[text.lower()] if kind is bool else kind(text)
+
+
+def read_results(paths, flag="--report"):
     """The rows of results CSVs, merged. A row repeated across files is kept once; two rows of the
     same run with different numbers are an error. Errors name `flag`."""
     kinds = typing.get_type_hints(RunResult)
-    parse = {
-        int: int,
-        float: float,
-        str: str,
-        bool: lambda text: {"true": True, "false": False}[text.lower()],
-    }
-    results: dict[Run, RunResult] = {}
+    results = {}
     for path in paths:
         try:
             with open(path, newline="") as f:
@@ -398,34 +370,19 @@ def read_results(paths: typing.Sequence[str], flag: str = "--report") -> list[Ru
             raise tm.ExperimentError(f"{flag} {path} cannot be read ({reason})") from None
         missing = [column for column in tm.RESULT_COLUMNS if rows and column not in rows[0]]
         if not rows or missing:
-            raise tm.ExperimentError(
-                f"{flag} {path} is not a results CSV of this script "
-                f"({'no rows' if not rows else 'no column ' + ', '.join(missing)})"
-            )
+            what = f"no column {', '.join(missing)}" if rows else "no rows"
+            raise tm.ExperimentError(f"{flag} {path} is not a results CSV of this script ({what})")
         for line, row in enumerate(rows, start=2):
             try:
-                result = RunResult(
-                    **{column: parse[kinds[column]](row[column]) for column in tm.RESULT_COLUMNS}
-                )
+                result = RunResult(**{column: parsed(kinds[column], row[column])
+                                      for column in tm.RESULT_COLUMNS})
             except (KeyError, ValueError, TypeError):
                 raise tm.ExperimentError(
-                    f"{flag} {path}, line {line}: not a row of results ({row})"
-                ) from None
+                    f"{flag} {path}, line {line}: not a row of results ({row})") from None
             earlier = results.setdefault(run_key(result), result)
             if csv_row(earlier) != csv_row(result):
                 raise tm.ExperimentError(
                     f"{flag}: {path}, line {line} and an earlier row are the same run "
                     f"({result.target} {result.mode} n_train {result.n_train} seed {result.seed} "
-                    f"lr {result.learning_rate:g}) with different numbers"
-                )
+                    f"lr {result.learning_rate:g}) with different numbers")
     return list(results.values())
-
-
-def save_backbone(backbone: dict[str, torch.Tensor], checkpoint_path: str) -> None:
-    """A backbone as a checkpoint that tm.read_backbone() reads (one pretrained on another node,
-    for --resume)."""
-    os.makedirs(os.path.dirname(checkpoint_path), exist_ok=True)
-    torch.save(
-        {"state_dict": {f"convnet.{key}": value for key, value in backbone.items()}},
-        checkpoint_path,
-    )
