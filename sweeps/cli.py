@@ -184,7 +184,7 @@ def report(cfg: argparse.Namespace, given: set[str]) -> int:
     try:
         if all(labelled):
             return compare(cfg, given)
-        results, cfg.select, *rest = load_sweep(cfg.report, cfg, given)
+        results, cfg.select, warnings, *rest = load_sweep(cfg.report, cfg, given)
         out = report_output(cfg, given)
         if cfg.results_csv:
             try:
@@ -193,11 +193,11 @@ def report(cfg: argparse.Namespace, given: set[str]) -> int:
             except OSError as err:
                 raise tm.ExperimentError(
                     f"--results-csv {out} cannot be written ({err.strerror or err})") from None
-        summary = write_summary(results, str(out.with_suffix(".md")), cfg.select, *rest)
+        summary = write_summary(results, str(out.with_suffix(".md")), cfg.select, warnings, *rest)
         save_figure(draw_figure(results), out.with_suffix(".png"))
     except OSError as err:
         return error(one_line(err), 1)
-    show(results, summary, rest[0])
+    show(results, summary, warnings)
     print(f"Rebuilt from {', '.join(cfg.report)}: {out.with_suffix('.md')} and "
           f"{out.with_suffix('.png')}")
     return 0
@@ -226,12 +226,12 @@ def compare(cfg: argparse.Namespace, given: set[str]) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     sweeps = {}
     for label, csvs in paths.items():
-        sweeps[label], *rest = load_sweep(csvs, cfg, given)
-        for warning in rest[1]:
+        sweeps[label], select, warnings, *rest = load_sweep(csvs, cfg, given)
+        for warning in warnings:
             print(f"Warning: {label}: {warning}")
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
         name = out.with_name(f"{out.stem}.{safe}.md")
-        write_summary(sweeps[label], str(name), *rest)
+        write_summary(sweeps[label], str(name), select, warnings, *rest)
         save_figure(draw_figure(sweeps[label]), name.with_suffix(".png"))
     side_by_side = write_comparison(sweeps, paths, out.with_suffix(".md"))
     save_figure(draw_comparison(sweeps), out.with_suffix(".png"))

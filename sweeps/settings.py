@@ -7,6 +7,7 @@ import argparse
 import logging
 import math
 import os
+import typing
 import warnings
 
 import transfer_mnist as tm
@@ -98,6 +99,11 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
+positive_int = tm.positive(int)
+RATES = {"nargs": "+", "type": tm.positive(float), "metavar": "LR"}
+ON_OFF = argparse.BooleanOptionalAction
+
+
 def up_to(high: float, kind: type = float):
     """An argparse type: a `kind` from 0 to `high`."""
     def parse(text: str):
@@ -137,8 +143,6 @@ def make_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="transfer_mnist.py's experiment over seeds, sizes and rate grids.")
     add = parser.add_argument
-    count, rate, rates = tm.positive(int), tm.positive(float), {"nargs": "+", "metavar": "LR"}
-    on_off = argparse.BooleanOptionalAction
     fair = ", ".join(f"--{name.replace('_', '-')} {shown(value)}" for name, value in FAIR.items())
     add("--protocol", choices=PROTOCOLS, default="post",
         help=f"post: the blog post's; fair: unless given, {fair}")
@@ -146,47 +150,51 @@ def make_parser() -> argparse.ArgumentParser:
     add("--source", type=target_name, default="mnist", help="target or folder to pretrain on")
     add("--targets", nargs="+", type=target_name, default=("even-odd", "fashion-mnist"),
         help="targets, or folders FOLDER/{train,test}/<class>/*")
-    add("--n-train", nargs="+", type=count, default=(200,), help="training images per run")
+    add("--n-train", nargs="+", type=positive_int, default=(200,), help="training images per run")
     add("--patience", type=up_to(math.inf, int), default=100,
         help="epochs past the best to stop; 0: never")
-    add("--threads", type=count, help="torch threads per run; None: torch's, cores/--workers,"
-        " 1 on a cluster")
-    # the harness's: what it runs
-    add("--seeds", type=count, help="seeds from --seed up")
+    add("--threads", type=positive_int, help="torch threads per run; None: torch's,"
+        " cores/--workers, 1 on a cluster")
+    add_sweep_flags(add)
+    parser.set_defaults(**POST)
+    return parser
+
+
+def add_sweep_flags(add: typing.Callable) -> None:
+    """The harness's flags: what it runs (seeds, grids, draws), where and how, reports."""
+    add("--seeds", type=positive_int, help="seeds from --seed up")
     add("--pretrain-seed", type=int, help="seed of pretraining; None: --seed")
-    add("--backbone-per-seed", action=on_off, help="a backbone per seed, not one in all")
+    add("--backbone-per-seed", action=ON_OFF, help="a backbone per seed, not one in all")
     grid = FAIR["lr_grid"]
-    add("--lr-grid", type=rate, **rates, help="rates of every run, picked by --select; --widen"
+    add("--lr-grid", **RATES, help="rates of every run, picked by --select; --widen"
         f" adds {next_rate(grid, grid[0]):g} below fair's, ...")
-    add("--pretrain-lr-grid", type=rate, **rates, help="pretraining's rates; the best is kept")
+    add("--pretrain-lr-grid", **RATES, help="pretraining's rates; the best is kept")
     add("--select", choices=("seed", "pooled", "mean"),
         help="how --lr-grid picks: per seed, or over seeds by median (pooled) or mean")
-    add("--widen", action=on_off, help="a pick at an edge adds the next rate, within"
+    add("--widen", action=ON_OFF, help="a pick at an edge adds the next rate, within"
         f" {LR_BOUNDS[0]:g} to {LR_BOUNDS[1]:g}")
     theirs = ", ".join(f"{name}={arm.learning_rate:g}" for name, arm in tm.ARMS.items())
     add("--lr", nargs="+", type=arm_rate, default=[], metavar="ARM=RATE",
         help=f"an arm's rate; theirs: {theirs}")
     add("--min-delta", type=up_to(math.inf), help="least fall of validation loss that counts")
     add("--pretrain-patience", type=up_to(math.inf, int), help="--patience of pretraining")
-    add("--n-val", type=count, help="validation images; None: n_train / 4")
-    add("--stratify", action=on_off, help="draw images class by class")
-    add("--disjoint", action=on_off, help="no target image that pretraining saw")
-    add("--shuffle", action=on_off, help="a new order of images every epoch")
+    add("--n-val", type=positive_int, help="validation images; None: n_train / 4")
+    add("--stratify", action=ON_OFF, help="draw images class by class")
+    add("--disjoint", action=ON_OFF, help="no target image that pretraining saw")
+    add("--shuffle", action=ON_OFF, help="a new order of images every epoch")
     add("--augment", action="store_true", help="shift, rotate, scale training images")
     add("--backbones-from", metavar="CSV", help="reuse a sweep's backbones")
     # where and how it runs, resumes, reports
     add("--accelerator", default="auto", help="Lightning's accelerator")
     add("--devices", default="auto", help="Lightning's devices; a run uses one")
     add("--overwrite", action="store_true", help="replace an earlier sweep's logs and rows")
-    add("--workers", type=count, default=1, help="runs side by side on Ray (1: no Ray)")
+    add("--workers", type=positive_int, default=1, help="runs side by side on Ray (1: no Ray)")
     add("--cluster", metavar="ADDRESS", help="a running Ray cluster: auto, or host:port")
     add("--gpus-per-run", type=up_to(1), help="GPU share per run; None: 1/--workers on a GPU,"
         " else 0")
     add("--resume", metavar="CSV", help="continue the sweep of CSV")
     add("--report", nargs="+", metavar="CSV", default=(),
         help="no training: rebuild reports; LABEL=CSV ... compares")
-    parser.set_defaults(**POST)
-    return parser
 
 
 def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
