@@ -130,9 +130,9 @@ def target_name(text: str) -> str:
 
 
 def shown(value) -> str:
-    """A setting as a command line would give it."""
+    """One of FAIR's settings as a command line would give it."""
     if isinstance(value, tuple):
-        return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) or "none"
+        return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
     return "on" if value is True else "off" if value is False else str(value)
 
 
@@ -141,7 +141,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m sweeps", parents=[tm.make_parser()], conflict_handler="resolve",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="transfer_mnist.py's experiment over seeds, sizes and rate grids.")
+        description="transfer_mnist.py's experiment over seeds, sizes and rate grids. The"
+        " defaults are --protocol post's; --protocol fair sets others (below).")
     add = parser.add_argument
     fair = ", ".join(f"--{name.replace('_', '-')} {shown(value)}" for name, value in FAIR.items())
     add("--protocol", choices=PROTOCOLS, default="post",
