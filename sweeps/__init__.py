@@ -14,14 +14,16 @@ run-making ones (up to engine) never a reporting one:
     data        a run's images: sizes, --n-val, --stratify, --disjoint, the batches of
                 --shuffle and --augment
     folders     image-folder targets
-    runs        the Run record, the plan, one run executed, rate selection, the results CSV
+    runs        the Run record, the plan, one run executed, the results CSV
+    selection   a rate chosen in each grid (--select), a grid widened (--widen)
     start       the checks before the first run, the outputs
     resume      the settings saved beside a CSV, --resume
     watch       a local Ray instance's processes, watched from outside the driver (stdlib only)
     ray_engine  runs on Ray
     engine      a sweep from start to end
     stats       reporting: means, t intervals, paired-t p-values, Holm       (reporting)
-    summary     reporting: tables, the summary over seeds, warnings          (reporting)
+    tables      reporting: the rows as one DataFrame, every table made of it (reporting)
+    summary     reporting: the console and Markdown summary, warnings        (reporting)
     figures     reporting: the figures                                       (reporting)
     cli         main(): a sweep, --resume, --report                          (reporting)
 """

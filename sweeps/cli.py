@@ -22,8 +22,8 @@ from sweeps.resume import (
     record_widened, resume_command, resume_hint, resume_settings, save_settings, saved_settings,
     settings_path)
 from sweeps.runs import (
-    ResultsCsv, pretrain_checkpoint, pretraining_runs, read_results, settle, sweep_runs,
-    widened_runs)
+    ResultsCsv, pretrain_checkpoint, pretraining_runs, read_results, sweep_runs, widened_runs)
+from sweeps.selection import settle
 from sweeps.settings import (
     PRETRAINING_SETTINGS, PRIMARY_ARM, ExperimentFailure, check_weights, complete, one_line,
     parse, protocol_sweep, quiet_libraries, run_threads)

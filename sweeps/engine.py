@@ -18,11 +18,11 @@ import torch
 import transfer_mnist as tm
 from sweeps.ray_engine import RaySweep
 from sweeps.resume import Resumed
-from sweeps.runs import (ResultsCsv, Run, RunResult, execute, learned, pretrain_checkpoint,
+from sweeps.runs import (ResultsCsv, Run, RunResult, execute, pretrain_checkpoint,
                          pretraining_rates, pretraining_runs, read_weights, run_key,
-                         save_backbone, select_rates, selection_group, settled, still_improving,
-                         sweep_runs, widened_runs)
-from sweeps.settings import backbone_seed, next_rate, run_threads, seeds
+                         save_backbone, sweep_runs, widened_runs)
+from sweeps.selection import select_rates, selection_group, widening
+from sweeps.settings import backbone_seed, run_threads, seeds
 from sweeps.stop import StopSignal
 
 logger = tm.logger  # the experiment's console, as the template's
@@ -102,34 +102,6 @@ def make_plan(cfg: argparse.Namespace, resumed: Resumed | None) -> Plan:
     widened = widened_runs(cfg, resumed.widened) if resumed else []
     rows = {run_key(r): r for r in resumed.rows} if resumed else {}
     return Plan(pretraining_runs(cfg), sweep_runs(cfg) + widened, cfg.select, rows)
-
-
-def widening(cfg: argparse.Namespace, plan: Plan, grid: list[Run]) -> tuple[list[Run], str]:
-    """--widen, of a complete grid: the runs of the next rate past the edge where its pick sits
-    (for each seed it holds) and why; or none, warning where a lower rate would not settle."""
-    rows = [plan.rows[run] for run in grid]
-    picked = [r for r in rows if r.selected]
-    pick = picked[0].learning_rate if picked else None
-    rates = [r.learning_rate for r in rows]
-    rate = next_rate(rates, pick) if cfg.widen and pick else None
-    if rate is None:
-        return [], ""
-    first = grid[0]
-    which = f"{first.target}/{first.mode} n_train {first.n_train}"
-    if cfg.select != "seed" and rate < pick and not settled(picked) \
-            and learned(picked, cfg.select):
-        # no rate settled by the ceiling: a lower one would settle later still. A pick that
-        # learned nothing (the rates above it diverge too) says nothing of those below it
-        late = sum(map(still_improving, picked))
-        return [], (f"{which}: not widened below {pick:g}, where {late} of {len(picked)} runs "
-                    f"were still improving at the end of their budget: raise --train-epochs")
-    new = [Run(first.target, first.mode, seed, first.n_train, rate)
-           for seed in sorted({run.seed for run in grid})]
-    if cfg.select == "seed":
-        which += f" seed {first.seed}"
-    return new, (f"{which}: the pick {pick:g} sits at an edge of the rates run "
-                 f"({', '.join(f'{r:g}' for r in sorted(set(rates)))}); "
-                 f"adding {rate:g} for {len(new)} seed{'s' * (len(new) > 1)}")
 
 
 def nothing(*args) -> None:

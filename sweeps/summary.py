@@ -14,7 +14,8 @@ import lightning
 import pandas as pd
 
 from sweeps.files import replace_text
-from sweeps.runs import NEAR_CHANCE, RunResult, chance_loss
+from sweeps.runs import RunResult
+from sweeps.selection import NEAR_CHANCE, chance_loss
 from sweeps.settings import LR_BOUNDS, PRIMARY_ARM
 from sweeps.stats import MeanCI, t_975
 from sweeps.tables import (

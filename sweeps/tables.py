@@ -13,7 +13,8 @@ import statistics
 import pandas as pd
 
 import transfer_mnist as tm
-from sweeps.runs import NEAR_CHANCE, RunResult, chance_loss, still_improving
+from sweeps.runs import RunResult
+from sweeps.selection import NEAR_CHANCE, chance_loss, still_improving
 from sweeps.settings import EQUIVALENCE_MARGIN, LR_BOUNDS, PRIMARY_ARM, PRIMARY_N_TRAIN
 from sweeps.stats import MeanCI, detectable, holm, tost_p, wilcoxon_p
 

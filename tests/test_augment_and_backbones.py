@@ -10,7 +10,7 @@ import torch
 from conftest import template_args
 
 import transfer_mnist as tm
-from sweeps import cli, resume, runs, summary
+from sweeps import cli, resume, runs, selection, summary
 from sweeps.augment import Augment
 from sweeps.data import TrainingBatches
 
@@ -103,9 +103,9 @@ def test_mean_selection_marks_one_rate_per_group_the_lowest_mean_validation_loss
     # per seed, seed 0 prefers 1e-3 and seed 1 prefers 1e-2; by the mean, 1e-3 has the lower (0.25 < 0.3)
     results = [run(0, 1e-3, 0.1), run(0, 1e-2, 0.2), run(1, 1e-3, 0.4), run(1, 1e-2, 0.4 - 0.01),
                run(0, 1e-3, 0.5, mode="from_scratch"), run(0, 1e-2, 0.4, mode="from_scratch")]
-    runs.select_rates(results, "seed")
+    selection.select_rates(results, "seed")
     assert [r.selected for r in results] == [True, False, False, True, False, True]
-    runs.select_rates(results, "mean")
+    selection.select_rates(results, "mean")
     assert [r.selected for r in results] == [True, False, True, False, False, True]
     (finetuned, _) = summary.budget_table(results).values.tolist()
     assert finetuned[4] == "0.001 ×2"
@@ -125,7 +125,7 @@ def test_report_select_mean_reproduces_the_run_s_markdown(tiny_args, tmp_path):
     assert cli.main(["--report", str(tmp_path / "mean.csv"), "--select", "seed",
                     "--results-csv", str(tmp_path / "seed.csv")]) == 0
     assert "each seed's own validation loss" in (tmp_path / "seed.md").read_text()
-    per_seed = runs.select_rates(runs.read_results([str(tmp_path / "seed.csv")]), "seed")
+    per_seed = selection.select_rates(runs.read_results([str(tmp_path / "seed.csv")]), "seed")
     assert [r.selected for r in per_seed] == [r["selected"] == "true" for r in read_csv(tmp_path / "seed.csv")]
     assert cli.main(["--report", str(tmp_path / "seed.csv"), "--select", "mean",
                     "--results-csv", str(tmp_path / "re.csv")]) == 0

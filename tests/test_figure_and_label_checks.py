@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 import transfer_mnist as tm
-from sweeps import cli, figures, runs, summary, tables
+from sweeps import cli, figures, runs, selection, summary, tables
 
 
 def read_csv(path) -> list[dict[str, str]]:
@@ -70,11 +70,11 @@ def test_the_markdown_warns_that_two_or_three_seeds_give_wide_intervals(tmp_path
 
 
 def test_the_edge_count_needs_a_grid_of_three_rates():
-    two = runs.select_rates([run(seed=s, learning_rate=lr, val_loss=v) for s in (0, 1)
+    two = selection.select_rates([run(seed=s, learning_rate=lr, val_loss=v) for s in (0, 1)
                            for lr, v in ((1e-4, 0.2), (1e-3, 0.3))])
     (row,) = summary.budget_table(two).values.tolist()
     assert row[5] == "n/a: a grid of 2 rates is all edges"
-    three = runs.select_rates([run(seed=s, learning_rate=lr, val_loss=v) for s, best in ((0, 1e-3), (1, 1e-2))
+    three = selection.select_rates([run(seed=s, learning_rate=lr, val_loss=v) for s, best in ((0, 1e-3), (1, 1e-2))
                              for lr, v in ((1e-4, 0.3), (1e-3, 0.2 if best == 1e-3 else 0.4), (1e-2, 0.1 if best == 1e-2 else 0.5))])
     (row,) = summary.budget_table(three).values.tolist()
     assert row[5] == "1 of 2"  # seed 0 chose the middle rate, seed 1 the top

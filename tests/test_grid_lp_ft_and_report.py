@@ -9,7 +9,7 @@ from conftest import sweep_settings
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import transfer_mnist as tm
-from sweeps import cli, figures, runs, summary, tables
+from sweeps import cli, figures, runs, selection, summary, tables
 
 
 def read_csv(path) -> list[dict[str, str]]:
@@ -28,11 +28,11 @@ def test_the_rate_is_selected_on_validation_loss_never_on_test():
     # the rate with the best test accuracy has the worse validation loss: validation decides
     grid = [run(learning_rate=1e-4, val_loss=0.30, test_acc=0.70), run(learning_rate=1e-3, val_loss=0.35, test_acc=0.95),
             run(seed=1, learning_rate=1e-4, val_loss=0.40, test_acc=0.90), run(seed=1, learning_rate=1e-3, val_loss=0.20, test_acc=0.60)]
-    runs.select_rates(grid)
+    selection.select_rates(grid)
     assert [r.selected for r in grid] == [True, False, False, True]
     (arm,) = [row for row in tables.summarize(grid)[0].values.tolist() if row[2] == "finetuned"]
     assert arm[4].startswith("0.6500 ± ")  # the mean of the selected runs' test accuracy: (0.70 + 0.60) / 2
-    tie = runs.select_rates([run(learning_rate=1e-3, val_loss=0.3), run(learning_rate=1e-4, val_loss=0.3)])
+    tie = selection.select_rates([run(learning_rate=1e-3, val_loss=0.3), run(learning_rate=1e-4, val_loss=0.3)])
     assert [r.selected for r in tie] == [False, True]  # a tie goes to the lower rate
 
 
@@ -56,7 +56,7 @@ def test_a_grid_trains_every_rate_and_selects_one_per_run(tiny_args, tmp_path):
 
 
 def test_the_budget_table_counts_rates_edges_and_runs_still_improving():
-    results = runs.select_rates([
+    results = selection.select_rates([
         run(seed=0, learning_rate=1e-4, val_loss=0.2), run(seed=0, learning_rate=1e-3, val_loss=0.3),
         run(seed=0, learning_rate=1e-2, val_loss=0.4),
         *(run(seed=1, learning_rate=rate, val_loss=loss, best_epoch=95) for rate, loss in ((1e-4, 0.4), (1e-3, 0.1),

@@ -10,7 +10,7 @@ from conftest import sweep_settings
 from test_ray import read_csv
 
 import transfer_mnist as tm
-from sweeps import cli, data, runs, settings, summary
+from sweeps import cli, data, runs, selection, settings, summary
 from sweeps.augment import Augment
 
 
@@ -127,16 +127,16 @@ def test_warnings_name_a_weak_backbone_late_runs_grid_edges_and_fixed_rates(tmp_
                            "their test accuracy may be understated: raise --train-epochs")
     assert "--protocol fair" in warnings[2] and len(warnings) == 3
     grid = [run("finetuned", 0, rate, loss) for rate, loss in [(1e-4, 0.3), (1e-3, 0.4), (1e-2, 0.5)]]
-    assert summary.fragile(runs.select_rates(grid)) == [
+    assert summary.fragile(selection.select_rates(grid)) == [
         "1 of 1 selected runs have their rate at an edge of the rates run: the best rate may lie beyond; widen "
         "--lr-grid (or --widen)"]
-    assert summary.fragile(runs.select_rates(grid[1:])) == [
+    assert summary.fragile(selection.select_rates(grid[1:])) == [
         "a grid of fewer than 3 rates cannot tell whether the best rate lies outside it"]
     # a pick at 1e-6, where --widen stops, is named so: widening more is not the advice
     bounded = [run("finetuned", 0, rate, loss) for rate, loss in [(1e-6, 0.3), (3e-6, 0.3), (9e-6, 0.4)]]
-    assert summary.fragile(runs.select_rates(bounded, "seed")) == [
+    assert summary.fragile(selection.select_rates(bounded, "seed")) == [
         "1 of 1 selected runs have their rate at 1e-06 or 1, where --widen stops: the rates beyond were not tried"]
-    assert summary.budget_table(runs.select_rates(bounded, "seed")).values.tolist()[0][5] == "0 of 1"  # not 'at an edge'
+    assert summary.budget_table(selection.select_rates(bounded, "seed")).values.tolist()[0][5] == "0 of 1"  # not 'at an edge'
     summary.write_summary(fixed, str(tmp_path / "r.md"))
     assert "## Warnings\n\n- 1 of 1 backbones (seed 0) were still improving" in (tmp_path / "r.md").read_text()
 

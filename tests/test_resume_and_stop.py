@@ -22,7 +22,7 @@ from conftest import SWEEPS, sweep_settings
 from test_ray import read_csv, recorder, session_processes, wait_for
 
 import transfer_mnist as tm
-from sweeps import cli, ray_engine, resume, runs, settings
+from sweeps import cli, ray_engine, resume, runs, selection, settings
 from sweeps.runs import RunResult
 
 GRID = ["--targets", "even-odd", "--modes", "finetuned", "from_scratch", "--lr-grid", "1e-3", "3e-3", "1e-2"]
@@ -89,12 +89,12 @@ def test_report_settles_complete_grids_only_and_keeps_the_sweep_s_own_summary(gr
     rows = runs.read_results([str(whole)])
     half = [r for r in rows if not (r.mode == "from_scratch" and r.learning_rate == 1e-2)]  # an interrupted grid
     planned = [runs.run_key(r) for r in rows]  # what the saved settings plan
-    settled, incomplete = runs.settle(half, "seed", planned)
+    settled, incomplete = selection.settle(half, "seed", planned)
     assert [r.selected for r in settled if r.mode == "from_scratch"] == [False, False]
     assert sum(r.selected for r in settled if r.mode == "finetuned") == 1
     assert len(incomplete) == 1 and "/from_scratch n_train 20 is incomplete: 2 of 3 runs (seed 0 part-done)" in incomplete[0]
     two_seeds = half + [dataclasses.replace(r, seed=1) for r in rows if r.mode == "from_scratch"]
-    settled, incomplete = runs.settle(two_seeds, "seed")  # without saved settings: the rates that other seeds ran
+    settled, incomplete = selection.settle(two_seeds, "seed")  # without saved settings: the rates that other seeds ran
     assert not any(r.selected for r in settled if r.mode == "from_scratch") and len(incomplete) == 1
     assert sum(r.selected for r in settled if r.mode == "finetuned") == 1
     # --report with another selection writes beside the sweep's own files, under a name that says so
@@ -180,7 +180,7 @@ def test_a_diverged_run_keeps_its_first_epoch_and_a_grid_never_picks_it():
             assert module.best_state is not None and module.best_epoch == 1
     assert module.best_loss == 0.5 and module.best_epoch == 4
     rows = [runs.RunResult("t", "m", 0, 20, 1, 0.1, 0.9, rate, loss, True, 5) for rate, loss in [(1e-3, 0.4), (1e-2, math.nan)]]
-    assert [r.selected for r in runs.select_rates(rows)] == [True, False]
+    assert [r.selected for r in selection.select_rates(rows)] == [True, False]
 
 
 def test_an_early_write_error_is_one_line(grid_sweep, tmp_path, capsys):

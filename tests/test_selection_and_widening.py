@@ -11,7 +11,7 @@ import signal
 import torch
 
 import transfer_mnist as tm
-from sweeps import cli, data, engine, resume, runs, settings, start, stats, summary, tables
+from sweeps import cli, data, engine, resume, runs, selection, settings, start, stats, summary, tables
 from sweeps.runs import RunResult
 from sweeps.stop import StopSignal
 
@@ -59,7 +59,7 @@ def test_stratified_subsets_hold_every_class_in_proportion_and_the_post_s_draw_i
 def test_the_median_choice_is_not_moved_by_one_collapsed_seed():
     rows = [RunResult("t", "finetuned", seed, 50, 10, 0.3, 0.9, rate, loss, False, 500)
             for seed in range(5) for rate, loss in ((1e-3, 0.30 if seed != 4 else 0.6931), (1e-4, 0.36))]
-    picks = {select: {r.learning_rate for r in runs.select_rates(rows, select) if r.selected}
+    picks = {select: {r.learning_rate for r in selection.select_rates(rows, select) if r.selected}
              for select in ("mean", "pooled")}
     assert picks == {"mean": {1e-4}, "pooled": {1e-3}}  # the mean follows seed 4's collapse, the median does not
 
@@ -68,27 +68,27 @@ def test_a_rate_whose_runs_were_still_improving_at_their_ceiling_is_no_candidate
     def grid(late_seeds: dict[float, int]) -> list[RunResult]:  # rate -> how many of its 10 seeds ended late
         return [RunResult("t", "frozen", seed, 50, 2900 if seed < late else 100, 0.5, 0.8, rate, 0.1 * rate / 1e-3,
                           False, 3000) for rate, late in late_seeds.items() for seed in range(10)]
-    picked = lambda rows: {r.learning_rate for r in runs.select_rates(rows, "pooled") if r.selected}  # noqa: E731
+    picked = lambda rows: {r.learning_rate for r in selection.select_rates(rows, "pooled") if r.selected}  # noqa: E731
     # 3e-5's median loss is the lowest, but half its runs hit the ceiling still improving: it has not shown its loss
     assert picked(grid({3e-5: 5, 1e-4: 2, 3e-4: 0, 1e-3: 0})) == {3e-4}
     assert picked(grid({1e-4: 1, 3e-4: 0})) == {1e-4}  # one run in ten (10%) may be late
     assert picked(grid({1e-4: 10, 3e-4: 10})) == {1e-4}  # where no rate settled, every rate is a candidate
     # per seed (results/PROTOCOL.md), the lowest validation loss among the rates that seed ran, late or not
     rows = grid({1e-4: 2, 3e-4: 0})
-    assert [r.selected for r in runs.select_rates(rows, "seed") if r.seed in (0, 5)] == [True, True, False, False]
+    assert [r.selected for r in selection.select_rates(rows, "seed") if r.seed in (0, 5)] == [True, True, False, False]
 
 
 def test_a_rate_that_settled_by_diverging_is_no_candidate():
     def rate(lr: float, loss: float, late: int) -> list[RunResult]:  # even/odd: guessing's loss is ln 2 = 0.693
         return [RunResult("even-odd", "finetuned", seed, 50, 20 if seed < late else 5, loss, 0.5, lr, loss, False, 20)
                 for seed in range(3)]
-    picked = lambda rows: {r.learning_rate for r in runs.select_rates(rows, "pooled") if r.selected}  # noqa: E731
+    picked = lambda rows: {r.learning_rate for r in selection.select_rates(rows, "pooled") if r.selected}  # noqa: E731
     # 1.0 diverged early (settled, loss 18), 0.3 is still improving and near chance: neither qualifies, so
     # the lower loss wins instead of the only rate that settled
     assert picked(rate(1.0, 18.0, 0) + rate(0.3, 0.9, 1)) == {0.3}
     assert picked(rate(1.0, 0.4, 0) + rate(0.3, 0.2, 1)) == {1.0}  # a settled rate that learned still wins
     # a pick that learned nothing does not stop the walk below it, though it did not settle
-    assert not runs.learned(rate(0.3, 0.9, 1), "pooled") and runs.learned(rate(0.3, 0.6, 1), "pooled")
+    assert not selection.learned(rate(0.3, 0.9, 1), "pooled") and selection.learned(rate(0.3, 0.6, 1), "pooled")
 
 
 def stalls_below(calls: list, low: float):
