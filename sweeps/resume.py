@@ -23,8 +23,8 @@ from transfer_mnist import ExperimentError
 RESUME_MAY_CHANGE = {"data_dir", "log_dir", "results_csv", "workers", "threads", "cluster",
                      "gpus_per_run", "devices", "resume"}
 # The code that makes a sweep's rows: the template and these modules, not the reporting ones.
-RUN_MAKING = ("settings", "runs", "selection", "stop", "files", "augment", "data", "folders", "start",
-              "engine", "ray_engine", "resume")
+RUN_MAKING = ("settings", "runs", "selection", "stop", "files", "augment", "data", "folders",
+              "start", "engine", "ray_engine", "resume")
 ISA_FLAGS = ("sse", "ssse3", "avx", "fma", "f16c", "amx", "bmi", "popcnt", "abm", "movbe")
 FORMAT = 3  # every sweep in results/ is in it (migrated once); this code reads no other
 PRETRAINING = ("source", "n_pretrain", "pretrain_epochs", "pretrain_lr")
