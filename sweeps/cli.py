@@ -30,8 +30,9 @@ from sweeps.settings import (
 from sweeps.start import check_inputs, prepare_outputs, remove, remove_unfinished, warn_if_busy
 from sweeps.stop import StopSignal
 from sweeps.summary import (
-    SELECTIONS, baseline_arm, format_table, fragile, log_learning_curves, network_line,
-    no_primaries, primary_sizes, write_comparison, write_summary)
+    SELECTIONS, format_table, fragile, log_learning_curves, network_line, write_comparison,
+    write_summary)
+from sweeps.tables import baseline_arm, no_primaries, primary_sizes
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -182,6 +182,11 @@ def save_backbone(backbone, checkpoint_path):
     torch.save({"state_dict": state}, checkpoint_path)
 
 
+def not_nan(loss):
+    """A loss to compare: NaN (a diverged run) counts as the worst."""
+    return math.inf if math.isnan(loss) else loss
+
+
 # ---- The results CSV --------------------------------------------------------------------
 def csv_row(r):
     """A run's cells, as the template writes them, but its learning rate exactly as given (repr),

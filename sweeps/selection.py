@@ -6,13 +6,8 @@ import math
 import statistics
 
 import transfer_mnist as tm
-from sweeps.runs import Run
+from sweeps.runs import Run, not_nan
 from sweeps.settings import next_rate
-
-
-def not_nan(loss):
-    """A loss to compare: NaN (a diverged run) counts as the worst."""
-    return math.inf if math.isnan(loss) else loss
 
 
 def selection_group(run, select):

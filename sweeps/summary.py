@@ -20,8 +20,7 @@ from sweeps.settings import LR_BOUNDS, PRIMARY_ARM
 from sweeps.stats import MeanCI, t_975
 from sweeps.tables import (
     ARMS, KEY, MARGIN, arm_runs, baseline_arm, change_table, collapses, comparison_table, frame,
-    no_primaries, percent_table, preregistered, primary_sizes, sensitivity_table, sizes_run,
-    summarize)
+    no_primaries, percent_table, preregistered, sensitivity_table, sizes_run, summarize)
 
 
 def aligned(table: pd.DataFrame) -> str:
