@@ -1,7 +1,6 @@
 """The summary's tables, each a grouping or pivot of one DataFrame of a
-sweep's rows, their cells text as printed. Imported by summary and
-figures; it imports runs, settings, stats and the template.
-"""
+sweep's rows, their cells text as printed. Imported by summary, figures
+and cli; it imports runs, selection, settings, stats and the template."""
 
 from __future__ import annotations
 
