@@ -144,8 +144,9 @@ class Sweep:
             if (group, len(grid)) in self.examined or not complete:
                 continue
             self.examined.add((group, len(grid)))
-            select_rates([self.plan.rows[run] for run in grid], self.cfg.select)
-            new, line = widening(self.cfg, self.plan, grid)
+            rows = [self.plan.rows[run] for run in grid]
+            select_rates(rows, self.cfg.select)
+            new, line = widening(self.cfg, grid, rows)
             if new:
                 self.hooks["on_widened"](new[0])  # before the runs: a resume runs them too
                 logger.info(line)

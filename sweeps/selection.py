@@ -129,10 +129,10 @@ def settle(results, select, planned=()):
     return results, incomplete
 
 
-def widening(cfg, plan, grid):
-    """--widen, of a complete grid: the runs of the next rate past the edge where its pick sits
-    (for each seed it holds) and why; or none, warning where a lower rate would not settle."""
-    rows = [plan.rows[run] for run in grid]
+def widening(cfg, grid, rows):
+    """--widen, of a complete grid (its runs and their rows, in turn): the runs of the next rate
+    past the edge where its pick sits (for each seed it holds) and why; or none, warning where a
+    lower rate would not settle."""
     picked = [r for r in rows if r.selected]
     pick = picked[0].learning_rate if picked else None
     rates = [r.learning_rate for r in rows]
