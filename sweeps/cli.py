@@ -18,8 +18,8 @@ from sweeps.engine import run_experiment
 from sweeps.figures import draw_comparison, draw_figure, log_figure, save_figure
 from sweeps.files import SweepLock, SweepLocked
 from sweeps.resume import (
-    NodeRecords, borrowed_backbones, check_made_by, differences, made_by, record_backbone,
-    record_widened, resume_command, resume_hint, resume_settings, save_settings, saved_settings,
+    RESUME_COMMAND, NodeRecords, borrowed_backbones, check_made_by, differences, made_by,
+    record_backbone, record_widened, resume_hint, resume_settings, save_settings, saved_settings,
     settings_path)
 from sweeps.runs import (
     ResultsCsv, pretrain_checkpoint, pretraining_runs, read_results, sweep_runs, widened_runs)
@@ -81,7 +81,7 @@ def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack)
             kept = remove_unfinished(cfg, csv_out, resumed, created)
         if isinstance(err, KeyboardInterrupt):
             print(f"\nInterrupted: every finished run is in {csv_out.path} (logs: {cfg.log_dir}"
-                  f", {cfg.version}). To go on: {resume_command(csv_out.path)}" if kept else
+                  f", {cfg.version}). To go on: {RESUME_COMMAND.format(csv_out.path)}" if kept else
                   "\nInterrupted before any run finished: nothing was kept", file=sys.stderr)
             return 128 + (StopSignal.received or signal.SIGINT)
         if isinstance(err, tm.ExperimentError):

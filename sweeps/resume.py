@@ -28,6 +28,7 @@ RUN_MAKING = ("settings", "runs", "selection", "stop", "files", "augment", "data
 ISA_FLAGS = ("sse", "ssse3", "avx", "fma", "f16c", "amx", "bmi", "popcnt", "abm", "movbe")
 FORMAT = 3  # every sweep in results/ is in it (migrated once); this code reads no other
 PRETRAINING = ("source", "n_pretrain", "pretrain_epochs", "pretrain_lr")
+RESUME_COMMAND = "python -m sweeps --resume {}"  # how the console says to go on
 
 
 @dataclasses.dataclass
@@ -132,15 +133,15 @@ def weights_record(cfg: Namespace) -> dict | None:
             "sha256": sha256(Path(path).read_bytes())}
 
 
-def check_weights_unchanged(resume: str, saved: dict | None, cfg: Namespace) -> None:
+def check_weights_unchanged(resume: str, saved: dict, cfg: Namespace) -> None:
     """--resume goes on with the weights the sweep began with (`saved`), byte for byte."""
-    if not saved:
-        return
     path = tm.weights_path(cfg)
     now = sha256(Path(path).read_bytes()) if os.path.isfile(path) else None
     if now != saved["sha256"]:
+        found = f"SHA-256 {now[:12]}" if now else "missing"
         raise ExperimentError(f"--resume {resume}: --weights {cfg.weights} are not those the "
-                              f"sweep began with ({path}: SHA-256 {now and now[:12]})")
+                              f"sweep began with ({path}: {found}, the sweep's "
+                              f"{saved['sha256'][:12]}); put them back, or start a new sweep")
 
 
 def record_backbone(csv_path: str, seed: int, checkpoint_path: str, rates=None) -> None:
@@ -243,7 +244,8 @@ def resume_settings(cfg: Namespace, given: set[str]) -> tuple[Namespace, Resumed
     rows = read_results([cfg.resume], "--resume") if has_rows else []  # stopped in pretraining
     pretrained = {r.seed for r in rows if r.mode not in tm.ARMS}
     backbone_paths = backbones(saved["checkpoints"], cfg.resume, pretrained, flag)
-    check_weights_unchanged(cfg.resume, saved.get("weights"), settings)
+    if saved.get("weights"):
+        check_weights_unchanged(cfg.resume, saved["weights"], settings)
     settings.resume = settings.results_csv = cfg.resume
     return settings, Resumed(rows, backbone_paths, made, list(map(tuple, saved.get("widened", []))))
 
@@ -291,10 +293,6 @@ def check_made_by(resumed: Resumed, now: dict, resume: str) -> None:
         raise ExperimentError(f"--resume {resume}: the sweep's rows were made otherwise ({listed})")
 
 
-def resume_command(csv_path: str) -> str:
-    return f"python -m sweeps --resume {csv_path}"
-
-
 def resume_hint(csv_path: str) -> str:
     """How a failed sweep's message ends, here and in sweeps/watch.py."""
-    return f"the finished runs are in {csv_path}; to go on: {resume_command(csv_path)}"
+    return f"the finished runs are in {csv_path}; to go on: {RESUME_COMMAND.format(csv_path)}"

@@ -105,11 +105,12 @@ ON_OFF = argparse.BooleanOptionalAction
 
 
 def up_to(high: float, kind: type = float):
-    """An argparse type: a `kind` from 0 to `high`."""
+    """An argparse type: a finite `kind` from 0 to `high`."""
     def parse(text: str):
         value = kind(text)
-        if not 0 <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be from 0 to {high}, not {text}")
+        if not 0 <= value <= high or value == math.inf:
+            span = "0 or more" if high == math.inf else f"from 0 to {high}"
+            raise argparse.ArgumentTypeError(f"must be {span}, not {text}")
         return value
     return parse
 

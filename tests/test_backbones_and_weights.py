@@ -7,6 +7,7 @@ not fit refused in one line.
 
 import argparse
 import json
+import os
 
 import pytest
 import torch
@@ -247,6 +248,10 @@ def test_resume_refuses_other_weights_under_the_same_name(torch_cache, tmp_path)
         match=r"--resume r\.csv: --weights IMAGENET1K_V1 are not those the "
         r"sweep began with .*SHA-256",
     ):
+        resume.check_weights_unchanged("r.csv", record, cfg)
+    os.remove(tm.weights_path(cfg))
+    with pytest.raises(tm.ExperimentError, match=r"IMAGENET1K_V1 .*: missing, the sweep's "
+                       f"{record['sha256'][:12]}\\); put them back, or start a new sweep"):
         resume.check_weights_unchanged("r.csv", record, cfg)
 
 

@@ -74,6 +74,19 @@ def test_lr_grid_refuses_rates_that_are_not_positive(capsys):
     assert exit_info.value.code == 2 and "--lr-grid" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value, said", [
+    ("--min-delta", "inf", "must be 0 or more, not inf"),
+    ("--min-delta", "nan", "must be 0 or more, not nan"),
+    ("--patience", "-1", "must be 0 or more, not -1"),
+    ("--gpus-per-run", "1.5", "must be from 0 to 1, not 1.5"),
+])
+def test_flags_with_a_range_refuse_values_outside_it_in_one_line(flag, value, said, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sweep_settings([flag, value])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and err.endswith(f"argument {flag}: {said}")
+
+
 # ---- LP-FT: the head first, then every weight --------------------------------------------
 def test_lp_ft_trains_the_head_on_a_frozen_backbone_then_everything(tiny_args, tmp_path, monkeypatch):
     stages = []  # per fit: (run, epochs it may run, state before, state after, trainable names)
