@@ -35,7 +35,7 @@ from sweeps.summary import (
 from sweeps.tables import baseline_arm, no_primaries, primary_sizes
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv=None):
     """A sweep or a report; its exit status: 0, 1 (a failure), 2 (bad input), 128 + signal."""
     with contextlib.ExitStack() as stack:
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -54,18 +54,18 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + (StopSignal.received or signal.SIGINT)
 
 
-def error(message, status: int = 2) -> int:
+def error(message, status=2):
     """`message` as the console's error line; returns the exit status."""
     print(f"error: {message}", file=sys.stderr)
     return status
 
 
-def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack) -> int:
+def sweep(cfg, given, stack):
     """A sweep or a resumed sweep, from its checks to its outputs."""
     if cfg.dry_run:  # a smoke test leaves no runs behind, nor replaces its results
         cfg.log_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="sweeps_dry_run_"))
         cfg.results_csv = cfg.results_csv and str(Path(cfg.log_dir, Path(cfg.results_csv).name))
-    created: list[Path] = []  # files and folders this start made: removed if it fails
+    created = []  # files and folders this start made: removed if it fails
     try:
         cfg, resumed, borrowed, csv_out = begin(cfg, given, stack, created)
     except (OSError, tm.ExperimentError, SweepLocked, KeyboardInterrupt) as err:
@@ -90,8 +90,7 @@ def sweep(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack)
         return error(f"{one_line(err)}; {hint}", 1)  # a full disk, a killed worker: rows stay
 
 
-def begin(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack,
-          created: list[Path]) -> tuple:
+def begin(cfg, given, stack, created):
     """The checks and outputs before the first run. Returns the settings (--resume: the
     sweep's), what the run resumes, the backbones it borrows (--backbones-from), its CSV."""
     resumed = None
@@ -122,7 +121,7 @@ def begin(cfg: argparse.Namespace, given: set[str], stack: contextlib.ExitStack,
     return cfg, resumed, borrowed, csv_out
 
 
-def announce(cfg: argparse.Namespace) -> None:
+def announce(cfg):
     """The start's lines: the settings, what the protocol compares, a busy machine."""
     unused = PRETRAINING_SETTINGS if cfg.weights else ()  # nothing is pretrained
     settings = ", ".join(f"{key}={value}" for key, value in vars(cfg).items() if key not in unused)
@@ -142,7 +141,7 @@ def announce(cfg: argparse.Namespace) -> None:
         warn_if_busy(run_threads(cfg) or torch.get_num_threads(), cfg.workers)
 
 
-def run(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed, borrowed) -> int:
+def run(cfg, csv_out, resumed, borrowed):
     """The runs, summary, figure and TensorBoard's extras, the console's table."""
     results = run_experiment(
         cfg, csv_out, resumed, borrowed=borrowed,
@@ -167,7 +166,7 @@ def run(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed, borrowed) -> int:
     return 0
 
 
-def show(results: list, summary: str, warnings: list[str] = ()) -> None:
+def show(results, summary, warnings=()):
     """The run table, the summary over seeds if any, and where the answer is fragile."""
     print(f"\n{format_table(results)}\n")
     if summary:
@@ -176,7 +175,7 @@ def show(results: list, summary: str, warnings: list[str] = ()) -> None:
         print(f"Warning: {warning}")
 
 
-def report(cfg: argparse.Namespace, given: set[str]) -> int:
+def report(cfg, given):
     """--report: table, summary, Markdown and figure from CSVs; LABEL=CSV: compare()."""
     labelled = ["=" in arg for arg in cfg.report]
     if any(labelled) and not all(labelled):
@@ -204,7 +203,7 @@ def report(cfg: argparse.Namespace, given: set[str]) -> int:
     return 0
 
 
-def report_output(cfg: argparse.Namespace, given: set[str]) -> Path:
+def report_output(cfg, given):
     """Where --report writes: --results-csv, else beside the first CSV; a merge or another
     selection than the sweep's under a name that says so (X.merged.md, X.pooled.md)."""
     if cfg.results_csv:
@@ -217,9 +216,9 @@ def report_output(cfg: argparse.Namespace, given: set[str]) -> Path:
     return first.with_name(".".join([first.stem, *parts, "csv"])) if parts else first
 
 
-def compare(cfg: argparse.Namespace, given: set[str]) -> int:
+def compare(cfg, given):
     """--report LABEL=CSV ...: the sweeps side by side (.md, .png), each one's summary too."""
-    paths: dict[str, list[str]] = {}
+    paths = {}
     for arg in cfg.report:
         label, _, path = arg.partition("=")
         paths.setdefault(label, []).append(path)
@@ -241,7 +240,7 @@ def compare(cfg: argparse.Namespace, given: set[str]) -> int:
     return 0
 
 
-def load_sweep(paths: list[str], cfg: argparse.Namespace, given: set[str]) -> tuple:
+def load_sweep(paths, cfg, given):
     """Results CSVs' rows merged, selected by --select (else the first sweep's), in the
     groups complete as planned. Returns the rows, and write_summary()'s arguments after its
     path: the selection, the warnings (incomplete, no settings, machines), whether augmented
@@ -268,7 +267,7 @@ def load_sweep(paths: list[str], cfg: argparse.Namespace, given: set[str]) -> tu
             all(map(protocol_sweep, configs)), network_line(filter(None, configs)))
 
 
-def machines_differ(saved: dict[str, dict]) -> list[str]:
+def machines_differ(saved):
     """Warnings where merged sweeps, or a cluster's nodes, differ in code, libraries or CPU."""
     sweeps = {path: settings["made_by"] for path, settings in saved.items()
               if isinstance(settings.get("made_by"), dict)}

@@ -1,8 +1,7 @@
 """A sweep from start to end: its plan (Plan) run in phases, here or on Ray (ray_engine), each
-row written as its run ends. Imported by cli; imports settings, runs, stop, resume, ray_engine
-and the template."""
+row written as its run ends. Imported by cli; imports settings, runs, selection, stop,
+ray_engine and the template."""
 
-import argparse
 import contextlib
 import dataclasses
 import datetime
@@ -11,14 +10,12 @@ import gc
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
 
 import torch
 
 import transfer_mnist as tm
 from sweeps.ray_engine import RaySweep
-from sweeps.resume import Resumed
-from sweeps.runs import (ResultsCsv, Run, RunResult, execute, pretrain_checkpoint,
+from sweeps.runs import (Run, RunResult, execute, pretrain_checkpoint,
                          pretraining_rates, pretraining_runs, read_weights, run_key,
                          save_backbone, sweep_runs, widened_runs)
 from sweeps.selection import select_rates, selection_group, widening
@@ -28,7 +25,7 @@ from sweeps.stop import StopSignal
 logger = tm.logger  # the experiment's console, as the template's
 
 
-def run_here(cfg: argparse.Namespace, jobs: list[tuple]) -> Iterator[tuple]:
+def run_here(cfg, jobs):
     """Each (run, backbone) here, in turn: (run, result, backbone, where, node) as each ends."""
     for run, backbone in jobs:
         StopSignal.check()
@@ -40,13 +37,13 @@ class Progress:
     """The console's line per finished run: [k/N], its numbers, the time elapsed and left: each
     kind's mean seconds times its runs left, over the workers (a kind not yet timed is named)."""
 
-    def __init__(self, pretraining: int, target_runs: int, workers: int):
+    def __init__(self, pretraining, target_runs, workers):
         self.left = {"pretraining": pretraining, "target run": target_runs}
-        self.seconds: dict[str, list[float]] = {kind: [] for kind in self.left}
+        self.seconds = {kind: [] for kind in self.left}
         self.workers = workers
         self.started = time.monotonic()
 
-    def line(self, run: Run, result: RunResult, where: str) -> str:
+    def line(self, run, result, where):
         kind = "pretraining" if run.mode == "pretrain" else "target run"
         self.left[kind] -= 1
         self.seconds[kind].append(result.seconds)
@@ -76,20 +73,20 @@ class Plan:
     select: str
     rows: dict[Run, RunResult]
 
-    def grids(self) -> dict[tuple, list[Run]]:
+    def grids(self):
         """The runs among which each rate is selected."""
-        grids: dict[tuple, list[Run]] = {}
+        grids = {}
         for run in self.runs:
             grids.setdefault(selection_group(run, self.select), []).append(run)
         return grids
 
-    def todo(self) -> list[Run]:
+    def todo(self):
         """The target runs without a row, in the plan's order."""
         return [run for run in self.runs if run not in self.rows]
 
-    def ordered(self) -> list[RunResult]:
+    def ordered(self):
         """The rows: pretraining, then each (target, n_train, seed, arm)'s runs in plan order."""
-        first: dict[tuple, int] = {}
+        first = {}
         for run in self.runs:
             first.setdefault((run.target, run.n_train, run.seed, run.mode), len(first))
         blocks = sorted(self.runs, key=lambda run: first[run.target, run.n_train, run.seed,
@@ -97,14 +94,14 @@ class Plan:
         return [self.rows[run] for run in self.pretraining + blocks if run in self.rows]
 
 
-def make_plan(cfg: argparse.Namespace, resumed: Resumed | None) -> Plan:
+def make_plan(cfg, resumed):
     """The sweep's runs; a resumed sweep's with the rates it widened by, and its rows."""
     widened = widened_runs(cfg, resumed.widened) if resumed else []
     rows = {run_key(r): r for r in resumed.rows} if resumed else {}
     return Plan(pretraining_runs(cfg), sweep_runs(cfg) + widened, cfg.select, rows)
 
 
-def nothing(*args) -> None:
+def nothing(*args):
     """A hook not given."""
 
 
@@ -112,18 +109,17 @@ class Sweep:
     """The phases of a sweep and what each finished run leaves: its row, its grid's choice once
     the grid is complete, the settings' records through the hooks (see run_experiment)."""
 
-    def __init__(self, cfg: argparse.Namespace, plan: Plan, csv_out: ResultsCsv,
-                 backbones: dict, hooks: dict):
+    def __init__(self, cfg, plan, csv_out, backbones, hooks):
         self.cfg = cfg
         self.plan = plan
         self.csv_out = csv_out
         self.backbones = backbones  # backbone seed -> its tensors
         self.hooks = {name: hook or nothing for name, hook in hooks.items()}
-        self.examined: set[tuple] = set()  # (grid, its size): widened once
+        self.examined = set()  # (grid, its size): widened once
         pretraining = {run.seed for run in plan.pretraining} - backbones.keys()
         self.progress = Progress(len(pretraining), len(plan.todo()), max(cfg.workers, 1))
 
-    def run(self, execute_all: Callable) -> None:
+    def run(self, execute_all):
         """Pretraining, then rounds of target runs until no grid widens."""
         first = pretraining_rates(self.cfg)[0]  # a seed's pretraining grid is one job
         jobs = [(run, None) for run in self.plan.pretraining
@@ -137,7 +133,7 @@ class Sweep:
                 self.finished(run, result, where, node)
             self.widen()
 
-    def widen(self) -> None:
+    def widen(self):
         """Adds the runs --widen asks of each complete grid not yet examined at its size."""
         for group, grid in self.plan.grids().items():
             complete = all(run in self.plan.rows for run in grid)
@@ -155,8 +151,7 @@ class Sweep:
             elif line:
                 logger.warning(line)
 
-    def pretrained(self, seed: int, results: list | RunResult, backbone: dict, where: str,
-                   node: dict | None) -> None:
+    def pretrained(self, seed, results, backbone, where, node):
         """Seed's pretraining grid is done: the backbone and row are the pick's."""
         results = results if isinstance(results, list) else [results]  # a stand-in's row
         for r in results:  # on a cluster: the node, before the rows
@@ -174,7 +169,7 @@ class Sweep:
         logger.info(self.progress.line(run_key(pick), pick, where))
         StopSignal.check()
 
-    def finished(self, run: Run, result: RunResult, where: str, node: dict | None) -> None:
+    def finished(self, run, result, where, node):
         """A target run's row goes to the CSV as it finishes, `selected` false until its grid is
         complete; then the grid's choice is made and the CSV rewritten with it."""
         self.hooks["on_node"](run, node)
@@ -193,7 +188,7 @@ class Sweep:
             gc.collect()
 
 
-def start_line(cfg: argparse.Namespace, plan: Plan, backbones: dict) -> str:
+def start_line(cfg, plan, backbones):
     """What a sweep is about to run, in one line."""
     todo = plan.todo()
     pretraining = [run for run in plan.pretraining if run.seed not in backbones]
@@ -209,8 +204,7 @@ def start_line(cfg: argparse.Namespace, plan: Plan, backbones: dict) -> str:
             f"seeds {seed_list[0]}-{seed_list[-1]}; rates {rates}; up to {cfg.train_epochs} epochs")
 
 
-def known_backbones(cfg: argparse.Namespace, plan: Plan, resumed: Resumed | None,
-                    borrowed: Resumed | None, csv_out: ResultsCsv, on_pretrained) -> dict:
+def known_backbones(cfg, plan, resumed, borrowed, csv_out, on_pretrained):
     """Each backbone seed's tensors that exist already: --weights, or the backbones pretrained
     earlier or borrowed (--backbones-from: their rows and digests come here first)."""
     if cfg.weights:  # every pretrained arm starts from them, whatever its seed
@@ -228,11 +222,8 @@ def known_backbones(cfg: argparse.Namespace, plan: Plan, resumed: Resumed | None
             for run in plan.pretraining if run in plan.rows}
 
 
-def run_experiment(cfg: argparse.Namespace, csv_out: ResultsCsv, resumed: Resumed | None = None,
-                   on_pretrained: Callable[[int, str, dict | None], None] | None = None,
-                   on_node: Callable[[Run, dict], None] | None = None,
-                   on_widened: Callable[[Run], None] | None = None,
-                   borrowed: Resumed | None = None) -> list[RunResult]:
+def run_experiment(cfg, csv_out, resumed=None, on_pretrained=None, on_node=None,
+                   on_widened=None, borrowed=None):
     """The sweep's plan in phases, here or on Ray (--workers, --cluster): pretraining, the target
     runs, each round of rates that --widen adds; a resumed sweep's minus its rows. Rows go to the
     CSV as runs finish, in the plan's order at the end. `borrowed`: --backbones-from. Hooks,

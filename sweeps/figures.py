@@ -1,40 +1,38 @@
 """Figures: test accuracy against the number of labelled images (a sweep),
 and the paired differences of several sweeps side by side, as PNG and in
-TensorBoard's IMAGES tab. Imported by cli only; it imports tables and
-the template; matplotlib only when a figure is drawn (not pyplot: no
-global state, no window; PNG through Agg).
+TensorBoard's IMAGES tab. Imported by cli only; it imports files and
+tables; matplotlib only when a figure is drawn (not pyplot: no global
+state, no window; PNG through Agg).
 """
 
-import argparse
 
 import lightning
 import pandas as pd
 
 from sweeps.files import replace
-from sweeps.runs import RunResult
 from sweeps.tables import (
     ACCURACY_RANGE, ARMS, KEY, MeanCI, arm_runs, baseline_arm, comparisons, pretrained_arms)
 
 
-def curve_points(results: list[RunResult]) -> dict[str, dict[str, list[tuple[int, MeanCI]]]]:
+def curve_points(results):
     """Per target and arm, test accuracy over seeds at each n_train: the
     summary's selected runs and MeanCI."""
     arms = arm_runs(results)
     arms = arms.assign(order=arms["mode"].map(list(ARMS).index))
     arms = arms.sort_values(["n_train", "order"], kind="stable")
-    points: dict[str, dict[str, list[tuple[int, MeanCI]]]] = {}
+    points = {}
     for (target, mode, n_train), runs in arms.groupby(["target", "mode", "n_train"], sort=False):
         ci = MeanCI.of(runs.test_acc.tolist(), ACCURACY_RANGE)
         points.setdefault(target, {}).setdefault(mode, []).append((int(n_train), ci))
     return points
 
 
-def leads(results: list[RunResult]) -> dict[tuple, MeanCI]:
+def leads(results):
     """Each pretrained arm minus the baseline in test accuracy, by KEY."""
     return comparisons(arm_runs(results)).set_index(KEY).acc.to_dict()
 
 
-def draw_figure(results: list[RunResult]):
+def draw_figure(results):
     """Test accuracy against n_train, one panel per target: each arm's
     mean over seeds with its 95% interval as a band; with one n_train, the
     arms side by side with error bars. One seed has no interval: points
@@ -69,7 +67,7 @@ def draw_figure(results: list[RunResult]):
     return figure
 
 
-def draw_accuracy(ax, target: str, arms: dict) -> None:
+def draw_accuracy(ax, target, arms):
     """A target's panel: each arm's mean test accuracy over seeds against
     n_train, its 95% interval as a band (error bars at one size)."""
     sizes = sorted({n for curve in arms.values() for n, _ in curve})
@@ -88,7 +86,7 @@ def draw_accuracy(ax, target: str, arms: dict) -> None:
     ax.set(title=target, ylabel="test accuracy (%)")
 
 
-def error_bars(ax, x: list[float], cis: list[MeanCI], **style) -> None:
+def error_bars(ax, x, cis, **style):
     """Differences in points, each with its 95% interval (none for one seed)."""
     mean = [100 * ci.mean for ci in cis]
     spread = [[100 * (ci.mean - ci.low) if ci.n > 1 else 0 for ci in cis],
@@ -96,7 +94,7 @@ def error_bars(ax, x: list[float], cis: list[MeanCI], **style) -> None:
     ax.errorbar(x, mean, yerr=spread, fmt="o", capsize=3, **style)
 
 
-def draw_differences(ax, target: str, by_mode: dict) -> None:
+def draw_differences(ax, target, by_mode):
     """A target's lower panel: each pretrained arm minus the baseline,
     paired by seed, with its 95% interval."""
     if not by_mode:
@@ -116,7 +114,7 @@ def draw_differences(ax, target: str, by_mode: dict) -> None:
     ax.set(title=f"{target}: minus {baseline_arm()}", ylabel="paired difference (points)")
 
 
-def size_axis(ax, sizes: list[int], modes: list[str]) -> None:
+def size_axis(ax, sizes, modes):
     """n_train along x on a log scale, with a legend; with one n_train,
     the arms side by side."""
     if len(sizes) > 1:
@@ -131,19 +129,19 @@ def size_axis(ax, sizes: list[int], modes: list[str]) -> None:
         ax.set_xlabel(f"{sizes[0]} labelled training images")
 
 
-def arms_axis(ax, modes: list[str]) -> None:
+def arms_axis(ax, modes):
     """The arms side by side along x, none on the frame."""
     ax.set_xticks(range(len(modes)), modes)
     ax.set_xlim(-0.5, len(modes) - 0.5)
     ax.grid(alpha=0.3)
 
 
-def save_figure(figure, path) -> None:
+def save_figure(figure, path):
     """The figure as a PNG, in one step (files.replace)."""
     replace(path, lambda partial: figure.savefig(partial, format="png"))
 
 
-def log_figure(figure, cfg: argparse.Namespace) -> None:
+def log_figure(figure, cfg):
     """The figure in TensorBoard's IMAGES tab, as the run figure/<version>."""
     tb_logger = lightning.pytorch.loggers.TensorBoardLogger(
         cfg.log_dir, name="figure", version=cfg.version, default_hp_metric=False)
@@ -151,7 +149,7 @@ def log_figure(figure, cfg: argparse.Namespace) -> None:
     tb_logger.finalize("success")
 
 
-def draw_comparison(sweeps: dict[str, list[RunResult]]):
+def draw_comparison(sweeps):
     """comparison_table() as a figure: one panel per target and n_train,
     the pretrained arms along x, each sweep's paired difference with the
     baseline as a point with its 95% interval, a colour per sweep."""

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 
-def replace(path: str | Path, write) -> None:
+def replace(path, write):
     """Write a file in one step: write(partial) fills a temporary file in
     the same folder, which then replaces `path`. A signal or a full disk
     on the way leaves the old file whole and no temporary file behind."""
@@ -23,7 +23,7 @@ def replace(path: str | Path, write) -> None:
         raise
 
 
-def replace_text(path: str | Path, text: str) -> None:
+def replace_text(path, text):
     replace(path, lambda partial: Path(partial).write_text(text))
 
 
@@ -36,11 +36,11 @@ class SweepLock:
     the sweep: an flock, which the kernel drops however its holder ends
     (SIGKILL too), with the holder's PID inside for the message."""
 
-    def __init__(self, csv_path: str | Path):
+    def __init__(self, csv_path):
         self.path = Path(f"{csv_path}.lock")
         self.fd = None
 
-    def acquire(self) -> None:
+    def acquire(self):
         """Retried where a holder that ended removed the file after it
         was opened here: the file that is there now is the one to lock."""
         while True:
@@ -61,7 +61,7 @@ class SweepLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
 
-    def release(self) -> None:
+    def release(self):
         """Removed while still held, so that nobody locks a file that is
         about to go."""
         if self.fd is not None:

@@ -1,7 +1,8 @@
 """Runs on Ray: a local instance for --workers, or the cluster at --cluster. The template and this
 package reach the workers as modules (py_modules), the backbones through the object store; the
-rows come back to the driver, which alone writes them. Imported by engine only; it imports Ray
-only once a sweep asks for it (a one-process sweep runs without Ray installed)."""
+rows come back to the driver, which alone writes them. Imported by engine only; it imports
+settings, runs, resume, stop, watch and the template, and Ray only once a sweep asks for it (a
+one-process sweep runs without Ray installed)."""
 
 import argparse
 import gc
@@ -11,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 
 import torch
 
@@ -19,7 +19,7 @@ import sweeps
 import transfer_mnist as tm
 from sweeps import watch
 from sweeps.resume import machine, resume_hint
-from sweeps.runs import RunResult, execute
+from sweeps.runs import execute
 from sweeps.settings import ExperimentFailure, one_line, quiet_libraries
 from sweeps.stop import StopSignal
 
@@ -31,7 +31,7 @@ logger = tm.logger  # the experiment's console, as the template's
 RETRIES = 2
 
 
-def gpus_per_run(cfg: argparse.Namespace) -> float:
+def gpus_per_run(cfg):
     """--gpus-per-run; by default, on a GPU accelerator, a GPU shared by --workers runs (0
     elsewhere)."""
     if cfg.gpus_per_run is not None:
@@ -42,7 +42,7 @@ def gpus_per_run(cfg: argparse.Namespace) -> float:
     return 1 / cfg.workers if on_gpu else 0.0
 
 
-def run_devices(cfg: argparse.Namespace, gpu_ids: list) -> argparse.Namespace:
+def run_devices(cfg, gpu_ids):
     """A run's settings on the devices Ray gave it. Ray shows a task only the GPUs it was given,
     but leaves every GPU visible to a task that asked for none: such a run is put on the CPU,
     its GPUs hidden."""
@@ -54,11 +54,10 @@ def run_devices(cfg: argparse.Namespace, gpu_ids: list) -> argparse.Namespace:
 
 
 # in a worker process: registries by object id, unpickled once
-RECEIVED: dict[str, tuple[dict, dict]] = {}
+RECEIVED = {}
 
 
-def run_remote(cfg: argparse.Namespace, registry: list, backbone: dict | None, run,
-               threads: int) -> tuple[RunResult, dict | None, str, dict]:
+def run_remote(cfg, registry, backbone, run, threads):
     """One run in a Ray worker process (execute()); returns its row, its backbone if it pretrained
     one, where it ran (node, GPU) and its node: address, libraries and CPU (machine()).
     `registry` holds the object id of the driver's targets and arms: unpickled once per worker
@@ -86,16 +85,16 @@ class RaySweep:
     """The runs as Ray tasks of `threads` CPUs and a share of a GPU each: on a local instance for
     --workers runs at a time, started and stopped here, or on the cluster at --cluster."""
 
-    def __init__(self, cfg: argparse.Namespace, threads: int, csv_path: str):
+    def __init__(self, cfg, threads, csv_path):
         self.cfg = cfg
         self.threads = threads
         self.gpus = gpus_per_run(cfg)
         self.ending = resume_hint(csv_path)
         self.slots = 1  # runs at a time on a local instance: its CPUs / threads
-        self.own: dict[int, tuple] = {}  # a local instance's processes: PID -> (start, title)
-        self.watch: subprocess.Popen | None = None
+        self.own = {}  # a local instance's processes: PID -> (start, title)
+        self.watch = None
 
-    def __enter__(self) -> "RaySweep":
+    def __enter__(self):
         # Ray's memory monitor retries the runs it kills without limit unless told (its own
         # count, beside max_retries); the driver owns the tasks, so this holds on a cluster too
         os.environ.setdefault("RAY_task_oom_retries", str(RETRIES))
@@ -123,7 +122,7 @@ class RaySweep:
         )
         return self
 
-    def start(self) -> None:
+    def start(self):
         """ray.init(): the cluster at --cluster, or a local instance of our own ("local", even
         where `ray start` runs or left its address behind), on loopback only, whose processes
         the watch (sweeps/watch.py) is given."""
@@ -162,7 +161,7 @@ class RaySweep:
         self.watch = subprocess.Popen([sys.executable, watch.__file__, self.ending,
                                        *map(str, self.own)], stdin=subprocess.PIPE)
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info):
         """Ray ends a job's tasks when its driver leaves. A local instance stops with its
         processes, SIGKILLed at once (watch.hasten), and the watch ends what they started,
         as a raylet or GCS that died leaves it running."""
@@ -179,7 +178,7 @@ class RaySweep:
             hastener.join()
         self.watch.communicate(b"stopped")
 
-    def run(self, jobs: list[tuple]) -> Iterator[tuple]:
+    def run(self, jobs):
         """Each (run, backbone) of `jobs` as a Ray task: (run, result, backbone, where, node)
         here as each ends. A local instance gets no more runs than it runs at once, the rest
         wait here, in order; a cluster, which may grow, gets them all."""
@@ -191,9 +190,9 @@ class RaySweep:
         registry = [ray.put((targets, {name: tm.ARMS[name] for name in cfg.modes}))]
         task = ray.remote(run_remote).options(num_cpus=self.threads, num_gpus=self.gpus,
                                               max_retries=RETRIES, retry_exceptions=False)
-        stored: dict = {}  # each backbone put into the object store once
+        stored = {}  # each backbone put into the object store once
         queue = list(jobs)
-        pending: dict = {}  # task -> its run
+        pending = {}  # task -> its run
         while queue or pending:
             while queue and (cfg.cluster or len(pending) < self.slots):
                 run, backbone = queue.pop(0)
@@ -209,7 +208,7 @@ class RaySweep:
                 result, backbone, where, node = self.outcome(ref, run)
                 yield run, result, backbone, f" on {where}", node
 
-    def worker_settings(self) -> argparse.Namespace:
+    def worker_settings(self):
         """The settings with absolute paths: a worker process does not start in this folder."""
         cfg = argparse.Namespace(**vars(self.cfg))
         cfg.data_dir = os.path.abspath(cfg.data_dir)
@@ -218,7 +217,7 @@ class RaySweep:
             cfg.weights = os.path.abspath(cfg.weights)
         return cfg
 
-    def outcome(self, ref, run) -> tuple:
+    def outcome(self, ref, run):
         """A finished task's (result, backbone, where, node); its failure as the sweep's."""
         ray = self.ray
         try:
@@ -233,7 +232,7 @@ class RaySweep:
             raise ExperimentFailure(f"{run} failed {RETRIES + 1} times: its worker process died "
                                     f"({type(err).__name__})") from None
 
-    def check_instance(self) -> None:
+    def check_instance(self):
         """A local instance whose own process was killed or failed ends the sweep, naming it:
         it runs on but cannot run tasks. (One that exits with 0, as the raylet does when an
         agent dies, takes the driver with it: the watch names the agent.)"""

@@ -1,5 +1,6 @@
 """--resume: the settings beside a sweep's CSV (X.json), and a sweep continued from them or
-borrowing its backbones. Imported by the engines and cli; imports settings, runs and files."""
+borrowing its backbones. Imported by ray_engine and cli; imports settings, runs, files and
+the template."""
 
 import contextlib
 import dataclasses
@@ -41,20 +42,20 @@ class Resumed:
     widened: list[tuple] = dataclasses.field(default_factory=list)
 
 
-def settings_path(csv_path: str | Path) -> Path:
+def settings_path(csv_path):
     return Path(csv_path).with_suffix(".json")
 
 
-def sha256(data: bytes) -> str:
+def sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def machine() -> dict:
+def machine():
     libraries = ("torch", "torchvision", "lightning", "ray")
     return {**{name: importlib.metadata.version(name) for name in libraries}, "cpu": cpu_kind()}
 
 
-def made_by(threads: int, accelerator: str) -> dict:
+def made_by(threads, accelerator):
     """What makes a row besides the settings: its code, all code, machine, threads, device."""
     template = Path(tm.__file__).read_text()
     package = {path.stem: path.read_text() for path in sorted(Path(__file__).parent.glob("*.py"))}
@@ -64,7 +65,7 @@ def made_by(threads: int, accelerator: str) -> dict:
             **machine(), "threads": threads, "accelerator": accelerator}
 
 
-def cpu_kind() -> dict[str, str]:
+def cpu_kind():
     """The CPU as exactly as float kernels differ: model, stepping, the ISA_FLAGS torch uses."""
     fields = {}
     with contextlib.suppress(OSError):
@@ -79,7 +80,7 @@ def cpu_kind() -> dict[str, str]:
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
-def differences(saved: dict, now: dict) -> list[str]:
+def differences(saved, now):
     """What differs between two made_by() records but all code and threads: cpu.stepping, ..."""
     differ = []
     for key in sorted((saved.keys() | now.keys()) - {"script_sha256", "threads"}):
@@ -91,14 +92,14 @@ def differences(saved: dict, now: dict) -> list[str]:
     return differ
 
 
-def update_settings(csv_path: str, change, new: bool = False) -> None:
+def update_settings(csv_path, change, new=False):
     """The one place that writes the settings: read (`new`: none), changed, replaced in one step."""
     settings = {} if new else json.loads(settings_path(csv_path).read_text())
     change(settings)
     replace_text(settings_path(csv_path), json.dumps(settings, indent=1) + "\n")
 
 
-def relative_paths(config: dict, folder: Path, to_csv: bool) -> dict:
+def relative_paths(config, folder, to_csv):
     """config's paths relative to the CSV's `folder` (to_csv: resume from anywhere), or back."""
     def path(value):
         return os.path.relpath(value, folder) if to_csv else os.path.normpath(folder / value)
@@ -115,7 +116,7 @@ def relative_paths(config: dict, folder: Path, to_csv: bool) -> dict:
     return {**config, **changed}
 
 
-def save_settings(cfg: Namespace, csv_path: str, checkpoints: dict[int, str], made: dict) -> None:
+def save_settings(cfg, csv_path, checkpoints, made):
     """The settings at a sweep's start: its flags, what makes its rows, where backbones go."""
     folder = Path(csv_path).parent
     settings = {"format": FORMAT, "config": relative_paths(vars(cfg), folder, to_csv=True),
@@ -125,7 +126,7 @@ def save_settings(cfg: Namespace, csv_path: str, checkpoints: dict[int, str], ma
     update_settings(csv_path, lambda saved: saved.update(settings), new=True)
 
 
-def weights_record(cfg: Namespace) -> dict | None:
+def weights_record(cfg):
     if not cfg.weights:
         return None
     path = tm.weights_path(cfg)
@@ -133,7 +134,7 @@ def weights_record(cfg: Namespace) -> dict | None:
             "sha256": sha256(Path(path).read_bytes())}
 
 
-def check_weights_unchanged(resume: str, saved: dict, cfg: Namespace) -> None:
+def check_weights_unchanged(resume, saved, cfg):
     """--resume goes on with the weights the sweep began with (`saved`), byte for byte."""
     path = tm.weights_path(cfg)
     now = sha256(Path(path).read_bytes()) if os.path.isfile(path) else None
@@ -144,7 +145,7 @@ def check_weights_unchanged(resume: str, saved: dict, cfg: Namespace) -> None:
                               f"{saved['sha256'][:12]}); put them back, or start a new sweep")
 
 
-def record_backbone(csv_path: str, seed: int, checkpoint_path: str, rates=None) -> None:
+def record_backbone(csv_path, seed, checkpoint_path, rates=None):
     """Seed's new backbone: where it is, its digest, each pretraining rate's best loss."""
     record = {"path": os.path.relpath(checkpoint_path, Path(csv_path).parent),
               "sha256": sha256(Path(checkpoint_path).read_bytes())}
@@ -153,7 +154,7 @@ def record_backbone(csv_path: str, seed: int, checkpoint_path: str, rates=None) 
     update_settings(csv_path, lambda settings: settings["checkpoints"].update({str(seed): record}))
 
 
-def record_widened(csv_path: str, run, per_seed: bool = False) -> None:
+def record_widened(csv_path, run, per_seed=False):
     rate = [run.target, run.mode, run.n_train, run.learning_rate] + [run.seed] * per_seed
     update_settings(csv_path, lambda settings: settings.setdefault("widened", []).append(rate))
 
@@ -166,11 +167,11 @@ class NodeRecords:
     csv_path: str
     named: set = dataclasses.field(default_factory=set)
 
-    def __call__(self, run, node: dict) -> None:
+    def __call__(self, run, node):
         address, record = node["ip"], {k: v for k, v in node.items() if k != "ip"}
         update_settings(self.csv_path, lambda settings: self.record(settings, run, address, record))
 
-    def record(self, settings: dict, run, address: str, record: dict) -> None:
+    def record(self, settings, run, address, record):
         nodes = settings.setdefault("nodes", {})
         for other, earlier in nodes.items() if address not in self.named else ():
             if differ := differences(earlier, record):
@@ -183,7 +184,7 @@ class NodeRecords:
         settings.setdefault("row_nodes", {})[str(run)] = address
 
 
-def saved_settings(csv_path: str | Path) -> dict:
+def saved_settings(csv_path):
     """The settings beside a results CSV, or {} where none can be read."""
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         settings = json.loads(settings_path(csv_path).read_text())
@@ -195,7 +196,7 @@ def saved_settings(csv_path: str | Path) -> dict:
     return {}
 
 
-def backbones(checkpoints: dict, csv_path: str, seeds, flag: str) -> dict[int, str]:
+def backbones(checkpoints, csv_path, seeds, flag):
     """A sweep's backbones by seed, as paths from here; those of `seeds` checked unchanged."""
     paths = {int(seed): Path(csv_path).parent / c["path"] for seed, c in checkpoints.items()}
     for seed in seeds:
@@ -207,7 +208,7 @@ def backbones(checkpoints: dict, csv_path: str, seeds, flag: str) -> dict[int, s
     return {seed: str(path) for seed, path in paths.items()}
 
 
-def resume_settings(cfg: Namespace, given: set[str]) -> tuple[Namespace, Resumed]:
+def resume_settings(cfg, given):
     """The --resume sweep's settings, and the given flags that do not change a run's numbers."""
     flag = f"--resume {cfg.resume}"
     try:
@@ -250,7 +251,7 @@ def resume_settings(cfg: Namespace, given: set[str]) -> tuple[Namespace, Resumed
     return settings, Resumed(rows, backbone_paths, made, list(map(tuple, saved.get("widened", []))))
 
 
-def pretraining_settings(config: dict, threads: int | None) -> dict:
+def pretraining_settings(config, threads):
     """What makes a backbone: a sweep may borrow another's where these are the same."""
     patience = config.get("pretrain_patience")
     return {**{name: config.get(name) for name in PRETRAINING}, "threads": threads,
@@ -259,7 +260,7 @@ def pretraining_settings(config: dict, threads: int | None) -> dict:
             "pretraining rates": tuple(config.get("pretrain_lr_grid") or ())}
 
 
-def borrowed_backbones(cfg: Namespace, seeds: set[int], threads: int | None) -> Resumed:
+def borrowed_backbones(cfg, seeds, threads):
     """That sweep's backbones and pretraining rows of `seeds`, where pretrained as here."""
     csv_path = cfg.backbones_from
     flag = f"--backbones-from {csv_path}"
@@ -279,7 +280,7 @@ def borrowed_backbones(cfg: Namespace, seeds: set[int], threads: int | None) -> 
     return Resumed(rows, {seed: checkpoints[seed] for seed in seeds}, saved["made_by"])
 
 
-def check_made_by(resumed: Resumed, now: dict, resume: str) -> None:
+def check_made_by(resumed, now, resume):
     """--resume adds rows only where the same code, libraries, CPU and accelerator would."""
     def shown(record, name):  # cpu.stepping: record["cpu"]["stepping"]; a digest's start
         key, _, field = name.partition(".")
@@ -293,6 +294,6 @@ def check_made_by(resumed: Resumed, now: dict, resume: str) -> None:
         raise ExperimentError(f"--resume {resume}: the sweep's rows were made otherwise ({listed})")
 
 
-def resume_hint(csv_path: str) -> str:
+def resume_hint(csv_path):
     """How a failed sweep's message ends, here and in sweeps/watch.py."""
     return f"the finished runs are in {csv_path}; to go on: {RESUME_COMMAND.format(csv_path)}"

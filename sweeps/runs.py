@@ -1,8 +1,8 @@
 """A sweep's runs: the Run record, the plan (every pretraining and target run, in the results'
 order), one run executed with the template's pretrain() and train(), and the results CSV
 written and read back (selection.py chooses a rate in each grid). Imported by the engines, resume,
-start and the reporting modules; it imports settings, stop, augment and the template, never a
-reporting module."""
+start and the reporting modules; it imports settings, stop, files, data and the template, never
+a reporting module."""
 
 import argparse
 import csv

@@ -7,7 +7,6 @@ import argparse
 import logging
 import math
 import os
-import typing
 import warnings
 
 import transfer_mnist as tm
@@ -64,7 +63,7 @@ PRETRAINING_SETTINGS = (*PRETRAINING_FLAGS, "source", "n_pretrain", "pretrain_ep
                         "pretrain_lr", "pretrain_patience", "pretrain_seed")
 
 
-def next_rate(ran: list[float], pick: float) -> float | None:
+def next_rate(ran, pick):
     """--widen: past a `pick` at an edge of the rates `ran`, as far (in ratio) as its
     neighbour, to one digit, within LR_BOUNDS; else None (inside, at a bound, one rate)."""
     ran = sorted(set(ran))
@@ -84,7 +83,7 @@ class ExperimentFailure(Exception):
     """A run failed outside the user's input (a worker killed, no memory): exit status 1."""
 
 
-def one_line(err: BaseException) -> str:
+def one_line(err):
     """An exception as one line for the console."""
     if isinstance(err, OSError) and err.strerror:
         return f"{err.strerror}: {err.filename}" if err.filename else err.strerror
@@ -92,7 +91,7 @@ def one_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def quiet_libraries() -> None:
+def quiet_libraries():
     """Lightning's warnings only, none of tm.LIBRARY_WARNINGS: in driver and workers."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     for message in tm.LIBRARY_WARNINGS:
@@ -104,9 +103,9 @@ RATES = {"nargs": "+", "type": tm.positive(float), "metavar": "LR"}
 ON_OFF = argparse.BooleanOptionalAction
 
 
-def up_to(high: float, kind: type = float):
+def up_to(high, kind=float):
     """An argparse type: a finite `kind` from 0 to `high`."""
-    def parse(text: str):
+    def parse(text):
         value = kind(text)
         if not 0 <= value <= high or value == math.inf:
             span = "0 or more" if high == math.inf else f"from 0 to {high}"
@@ -115,7 +114,7 @@ def up_to(high: float, kind: type = float):
     return parse
 
 
-def arm_rate(text: str) -> tuple[str, float]:
+def arm_rate(text):
     """--lr ARM=RATE, e.g. finetuned=1e-3."""
     arm, _, rate = text.partition("=")
     if arm not in tm.ARMS:
@@ -123,21 +122,21 @@ def arm_rate(text: str) -> tuple[str, float]:
     return arm, tm.positive(float)(rate)
 
 
-def target_name(text: str) -> str:
+def target_name(text):
     """A registered target, or a folder to read as an image-folder target (sweeps.folders)."""
     if text in tm.TARGETS or os.path.isdir(text):
         return text
     raise argparse.ArgumentTypeError(f"{text!r} is neither a target nor a folder")
 
 
-def shown(value) -> str:
+def shown(value):
     """One of FAIR's settings as a command line would give it."""
     if isinstance(value, tuple):
         return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
     return "on" if value is True else "off" if value is False else str(value)
 
 
-def make_parser() -> argparse.ArgumentParser:
+def make_parser():
     """The template's flags, widened, and the harness's; the defaults are --protocol post's."""
     parser = argparse.ArgumentParser(
         prog="python -m sweeps", parents=[tm.make_parser()], conflict_handler="resolve",
@@ -162,7 +161,7 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_sweep_flags(add: typing.Callable) -> None:
+def add_sweep_flags(add):
     """The harness's flags: what it runs (seeds, grids, draws), where and how, reports."""
     add("--seeds", type=positive_int, help="seeds from --seed up")
     add("--pretrain-seed", type=int, help="seed of pretraining; None: --seed")
@@ -199,7 +198,7 @@ def add_sweep_flags(add: typing.Callable) -> None:
         help="no training: rebuild reports; LABEL=CSV ... compares")
 
 
-def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
+def parse(argv=None):
     """The command line's settings, completed, and the flags it gives (what --resume
     compares): parsed again with every default None, a flag left out is None."""
     parser = make_parser()
@@ -215,7 +214,7 @@ def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
     return complete(cfg), given
 
 
-def check_weights(cfg: argparse.Namespace, given: set[str]) -> None:
+def check_weights(cfg, given):
     """--weights with a flag of pretraining on the command line: one of them is a mistake."""
     clash = [name for name in PRETRAINING_FLAGS if name in given]
     if cfg.weights and clash:
@@ -224,7 +223,7 @@ def check_weights(cfg: argparse.Namespace, given: set[str]) -> None:
             f" is pretrained, so --{clash[0].replace('_', '-')} has no use; drop one of them")
 
 
-def protocol_sweep(config: dict) -> bool:
+def protocol_sweep(config):
     """Whether a sweep's settings are those of one of results/PROTOCOL.md's commands."""
     config = {"backbone": "lenet", "weights": None, **config}  # saved before --backbone
     targets = set(config.get("targets") or ())
@@ -233,7 +232,7 @@ def protocol_sweep(config: dict) -> bool:
     return same and bool(targets) and targets <= allowed
 
 
-def complete(cfg: argparse.Namespace) -> argparse.Namespace:
+def complete(cfg):
     """Lists as tuples, repeats dropped; every arm's rate, --lr's where it gives one."""
     for name, value in vars(cfg).items():
         if isinstance(value, list):
@@ -244,18 +243,18 @@ def complete(cfg: argparse.Namespace) -> argparse.Namespace:
     return cfg
 
 
-def backbone_seed(cfg: argparse.Namespace, seed: int) -> int:
+def backbone_seed(cfg, seed):
     """The pretraining seed of the backbone that the target runs of `seed` start from."""
     if cfg.backbone_per_seed:
         return seed
     return cfg.seed if cfg.pretrain_seed is None else cfg.pretrain_seed
 
 
-def seeds(cfg: argparse.Namespace) -> range:
+def seeds(cfg):
     return range(cfg.seed, cfg.seed + cfg.seeds)
 
 
-def run_threads(cfg: argparse.Namespace) -> int | None:
+def run_threads(cfg):
     """Torch threads of a run: --threads, cores / --workers, 1 on a cluster, else None."""
     if cfg.threads:
         return cfg.threads

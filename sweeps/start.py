@@ -3,7 +3,6 @@ the subsets described, its outputs made, so that bad input fails in one line bef
 training and leaves nothing behind; after a stopped sweep, what did not finish removed.
 Imported by cli; it imports settings, runs, data, files, folders and the template."""
 
-import contextlib
 import itertools
 import os
 import shutil
@@ -27,12 +26,12 @@ from transfer_mnist import ExperimentError
 logger = tm.logger  # the experiment's console, as the template's
 
 
-def datasets_read(cfg: Namespace) -> tuple[str, ...]:
+def datasets_read(cfg):
     """The targets, and the source unless --weights (then nothing is pretrained)."""
     return cfg.targets if cfg.weights else (cfg.source, *cfg.targets)
 
 
-def resolve_targets(cfg: Namespace) -> tm.View:
+def resolve_targets(cfg):
     """Image folders in --source and --targets registered and replaced by their names: the
     source at its first image's shape, targets as the backbone takes them. Returns its view."""
     folders = {}
@@ -52,7 +51,7 @@ def resolve_targets(cfg: Namespace) -> tm.View:
     return network
 
 
-def read_checked(cfg: Namespace, name: str, train: bool):
+def read_checked(cfg, name, train):
     """tm.read_split(), failing on torchvision's raw files with the file named."""
     try:
         return tm.read_split(name, cfg.data_dir, train)
@@ -73,7 +72,7 @@ def read_checked(cfg: Namespace, name: str, train: bool):
                               f"({reason}); put {', '.join(files)} there") from None
 
 
-def check_data(cfg: Namespace) -> None:
+def check_data(cfg):
     """Fail now, not in half an hour, where data is missing or --n-pretrain does not fit (the
     targets' sizes: describe_subsets())."""
     for name in dict.fromkeys(datasets_read(cfg)):
@@ -85,13 +84,13 @@ def check_data(cfg: Namespace) -> None:
         draw_subset(cfg.source, cfg.n_pretrain, images, cfg.seed, where, "--n-pretrain")
 
 
-def span(values: torch.Tensor) -> str:
+def span(values):
     """min-max, or the one value."""
     low, high = int(values.min()), int(values.max())
     return f"{low}" if low == high else f"{low}-{high}"
 
 
-def drawn(cfg: Namespace, name: str, n_train: int) -> tuple[torch.Tensor, ...]:
+def drawn(cfg, name, n_train):
     """Each seed's draw for target `name` at n_train (a size that does not fit fails here): its
     training and validation images per class (seeds x 2 x classes), how many of each
     pretraining saw (seeds x 2), and the number of validation images."""
@@ -111,7 +110,7 @@ def drawn(cfg: Namespace, name: str, n_train: int) -> tuple[torch.Tensor, ...]:
     return torch.stack([torch.stack(c) for c in counts]), torch.tensor(seen), len(subsets[1])
 
 
-def describe_subsets(cfg: Namespace) -> tuple[list[str], list[str]]:
+def describe_subsets(cfg):
     """Per target and n_train, over the seeds: the images per class, how many pretraining saw,
     and warnings where a class has fewer than two validation images in some seed (the
     validation loss, which picks the epoch and the rate, rests on one image of it or none)."""
@@ -142,7 +141,7 @@ def describe_subsets(cfg: Namespace) -> tuple[list[str], list[str]]:
     return lines, warnings
 
 
-def warn_if_busy(threads: int, workers: int) -> None:
+def warn_if_busy(threads, workers):
     """Beside other busy processes, torch's threads wait on each other and runs take many times
     as long: say so at the start, and what to lower."""
     try:  # the tasks running now, but this one
@@ -159,7 +158,7 @@ def warn_if_busy(threads: int, workers: int) -> None:
                        f"slower" + (f"; lower {' or '.join(lower)}" if lower else ""))
 
 
-def check_devices(cfg: Namespace) -> str:
+def check_devices(cfg):
     """One device, checked before any training; returns the accelerator Lightning resolves."""
     try:
         trainer = lightning.Trainer(
@@ -173,7 +172,7 @@ def check_devices(cfg: Namespace) -> str:
     return type(trainer.accelerator).__name__.removesuffix("Accelerator").lower()
 
 
-def check_inputs(cfg: Namespace, created: list[Path]) -> str:
+def check_inputs(cfg, created):
     """Everything that can be checked before training, with data folders that a failed
     download leaves added to `created`. Returns the resolved accelerator."""
     for name in datasets_read(cfg):  # before anything is read
@@ -203,12 +202,12 @@ def check_inputs(cfg: Namespace, created: list[Path]) -> str:
     return accelerator
 
 
-def topmost_missing(path: Path) -> list[Path]:
+def topmost_missing(path):
     """The topmost of path and its parents that is not there, if any: all mkdir -p makes."""
     return [p for p in (path, *path.parents) if not p.exists()][-1:]
 
 
-def prepare_outputs(cfg: Namespace, created: list, stack: contextlib.ExitStack) -> ResultsCsv:
+def prepare_outputs(cfg, created, stack):
     """The log folder (cleared with --overwrite) and the CSV made now, so that a path that
     cannot be written fails before any training, and the version of this invocation's runs.
     A new sweep locks its CSV (until `stack` closes); a resumed one has, and appends."""
@@ -250,7 +249,7 @@ def prepare_outputs(cfg: Namespace, created: list, stack: contextlib.ExitStack) 
                               f"({one_line(err)})") from None
 
 
-def clear_log_dir(log_dir: Path) -> None:
+def clear_log_dir(log_dir):
     """--overwrite: delete the log folder, unless it holds files that no sweep wrote."""
     ours = {"pretrain", "learning_curve", "figure", *tm.TARGETS}
     foreign = sorted(path.name for path in log_dir.iterdir()
@@ -262,7 +261,7 @@ def clear_log_dir(log_dir: Path) -> None:
     shutil.rmtree(log_dir)
 
 
-def remove_unfinished(cfg: Namespace, csv_out: ResultsCsv, resumed, created: list) -> bool:
+def remove_unfinished(cfg, csv_out, resumed, created):
     """After a sweep stopped: the folders of its unfinished runs removed, and where no run of a
     new sweep finished, everything it made. Returns whether rows are kept."""
     try:
@@ -287,7 +286,7 @@ def remove_unfinished(cfg: Namespace, csv_out: ResultsCsv, resumed, created: lis
     return bool(finished or resumed)
 
 
-def remove(paths: list[Path]) -> None:
+def remove(paths):
     """What a failed start made, removed again."""
     for path in reversed(paths):
         if path.is_dir():

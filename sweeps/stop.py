@@ -15,14 +15,14 @@ class StopSignal:
     deferring = False
 
     @classmethod
-    def handle(cls, signum: int, frame) -> None:
+    def handle(cls, signum, frame):
         cls.received = signum
         if not cls.deferring:
             raise KeyboardInterrupt
 
     @classmethod
     @contextlib.contextmanager
-    def deferred(cls, then_stop: bool = True):
+    def deferred(cls, then_stop=True):
         """A signal that arrives in here stops the sweep at the end of the block (around
         gc.collect(): an exception raised in a __del__ is printed as 'Exception ignored' and
         dropped), or, then_stop=False, is only remembered (the clean-up after a first signal)."""
@@ -35,7 +35,7 @@ class StopSignal:
             cls.check()
 
     @classmethod
-    def install(cls) -> None:
+    def install(cls):
         """Also after ray.init(), which sets a SIGTERM handler of its own. A SIGINT ignored from
         the start (a job in the background of a script) stays ignored."""
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -43,6 +43,6 @@ class StopSignal:
                 signal.signal(signum, cls.handle)
 
     @classmethod
-    def check(cls) -> None:
+    def check(cls):
         if cls.received is not None:
             raise KeyboardInterrupt

@@ -1,20 +1,15 @@
 """A sweep's report: sweeps.tables' tables printed aligned and written as
 Markdown, each comparison once; the warnings; several sweeps compared.
-Imported by cli only; it imports files, runs, settings, stats and tables.
+Imported by cli only; it imports files, selection, settings, stats and
+tables.
 """
 
-from __future__ import annotations
-
-import argparse
 import math
-import typing
-from pathlib import Path
 
 import lightning
 import pandas as pd
 
 from sweeps.files import replace_text
-from sweeps.runs import RunResult
 from sweeps.selection import NEAR_CHANCE, chance_loss
 from sweeps.settings import LR_BOUNDS, PRIMARY_ARM
 from sweeps.stats import MeanCI, t_975
@@ -23,7 +18,7 @@ from sweeps.tables import (
     no_primaries, percent_table, preregistered, sensitivity_table, sizes_run, summarize)
 
 
-def aligned(table: pd.DataFrame) -> str:
+def aligned(table):
     """Columns padded to their widest cell, a rule under the header."""
     cells = [list(table.columns), *table.values.tolist()]
     widths = [max(map(len, column)) for column in zip(*cells)]
@@ -32,7 +27,7 @@ def aligned(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def markdown(table: pd.DataFrame) -> str:
+def markdown(table):
     cells = [list(table.columns), ["---"] * table.shape[1], *table.values.tolist()]
     return "\n".join(f"| {' | '.join(row)} |" for row in cells)
 
@@ -43,7 +38,7 @@ RUN_CELLS = {
     "test loss": "{0.test_loss:.4f}", "test acc": "{0.test_acc:.4f}"}
 
 
-def run_table(rows: pd.DataFrame) -> pd.DataFrame:
+def run_table(rows):
     """A line per run; with a grid of rates, which was selected."""
     table = pd.DataFrame([[cell.format(r) for cell in RUN_CELLS.values()]
                           for r in rows.itertuples()], columns=list(RUN_CELLS))
@@ -52,7 +47,7 @@ def run_table(rows: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def format_table(results: list[RunResult]) -> str:
+def format_table(results):
     """The run table with each run's wall time ("earlier": a resumed one's)."""
     rows = frame(results)
     table = run_table(rows)
@@ -61,7 +56,7 @@ def format_table(results: list[RunResult]) -> str:
     return aligned(table)
 
 
-def collapsed_lines(results: list[RunResult]) -> str:
+def collapsed_lines(results):
     """The console's collapsed runs: a line per arm and rate, or ''."""
     lines = [f"{mode} on {target} at {n} labels, rate {rate}: {k} collapsed"
              for target, n, mode, rate, _, k, *_ in collapses(results).values
@@ -71,7 +66,7 @@ def collapsed_lines(results: list[RunResult]) -> str:
     return "\n  ".join([heading, *lines]) if lines else ""
 
 
-def at_an_edge(choices: pd.DataFrame) -> int | None:
+def at_an_edge(choices):
     """How many chose an edge of their grid but a bound; None under 3 rates."""
     return None if choices.rates.min() < 3 else int(choices.edge.sum() - choices.bound.sum())
 
@@ -80,7 +75,7 @@ BUDGET_HEADER = ["target", "mode", "runs", "learning rates run", "learning rates
                  "at an edge of the rates run", "best epoch in the last tenth of the budget"]
 
 
-def budget_table(results: list[RunResult]) -> pd.DataFrame:
+def budget_table(results):
     """Per target and arm: the rates run and chosen, at an edge, late."""
     rows = frame(results)
     ran = rows.groupby(["target", "mode"]).learning_rate.unique()
@@ -98,7 +93,7 @@ def budget_table(results: list[RunResult]) -> pd.DataFrame:
     return pd.DataFrame(table, columns=BUDGET_HEADER)
 
 
-def fragile(results: list[RunResult]) -> list[str]:
+def fragile(results):
     """Where the answer is fragile, each with what to do about it."""
     rows = frame(results)
     warnings = backbone_warnings(rows[~rows.arm & rows.selected])
@@ -126,7 +121,7 @@ def fragile(results: list[RunResult]) -> list[str]:
     return warnings + grid_warnings(choices)
 
 
-def backbone_warnings(backbones: pd.DataFrame) -> list[str]:
+def backbone_warnings(backbones):
     """The pretraining grid's picks still improving when it stopped."""
     weak = backbones[backbones.late]
     if weak.empty:
@@ -143,7 +138,7 @@ def backbone_warnings(backbones: pd.DataFrame) -> list[str]:
             "stops on --pretrain-patience)"]
 
 
-def grid_warnings(choices: pd.DataFrame) -> list[str]:
+def grid_warnings(choices):
     """Rates chosen at an edge of their grid, or no grid at all."""
     if choices.empty:
         return []
@@ -172,7 +167,7 @@ SELECTIONS = {
             "(--select mean)"}
 
 
-def network_line(configs: typing.Iterable[dict]) -> str:
+def network_line(configs):
     """The backbone trained by sweeps of these settings: a summary's first line."""
     lines = []
     for config in configs:
@@ -185,9 +180,8 @@ def network_line(configs: typing.Iterable[dict]) -> str:
     return f"Backbone: {'; '.join(dict.fromkeys(lines))}.\n\n" if lines else ""
 
 
-def write_summary(results: list[RunResult], path: str, select: str = "seed",
-                  warnings: typing.Sequence[str] = (), augmented: bool = False,
-                  protocol: bool = False, network: str = "") -> str:
+def write_summary(results, path, select="seed", warnings=(), augmented=False, protocol=False,
+                  network=""):
     """Markdown at `path`: the summary over seeds (the run table for one
     seed); returns the console's summary ('' for one seed)."""
     rows, budget = frame(results), budget_table(results)
@@ -217,7 +211,7 @@ def write_summary(results: list[RunResult], path: str, select: str = "seed",
     return "\n\n".join(filter(None, parts))
 
 
-def sensitivity_text(results: list[RunResult]) -> str:
+def sensitivity_text(results):
     table = sensitivity_table(results)
     return "" if table is None else (
         "## Sensitivity to the baseline's rate\n\nEach pretrained arm minus the baseline run at "
@@ -226,7 +220,7 @@ def sensitivity_text(results: list[RunResult]) -> str:
         f"choice could take away, not a result.\n\n{markdown(table)}\n\n")
 
 
-def t_tests(results: list[RunResult], differences: pd.DataFrame) -> tuple[str, list[str]]:
+def t_tests(results, differences):
     """Rates chosen over seeds: paired t-tests, as Markdown and console's."""
     text = ("Paired by seed: both arms of a seed share the training subset and the head's "
             "initial weights. p: the paired t-test of no difference in test accuracy; Holm p: "
@@ -237,8 +231,7 @@ def t_tests(results: list[RunResult], differences: pd.DataFrame) -> tuple[str, l
     return text, [aligned(differences)]
 
 
-def seed_comparisons(results: list[RunResult], augmented: bool,
-                     protocol: bool) -> tuple[str, list[str]]:
+def seed_comparisons(results, augmented, protocol):
     """A seed-selected sweep by results/PROTOCOL.md's tests: as Markdown,
     and the console's; pre-registered in its own sweeps only."""
     table, power = preregistered(results, augmented, protocol)
@@ -262,7 +255,7 @@ def seed_comparisons(results: list[RunResult], augmented: bool,
     return text, [f"{aligned(table)}\n{power}", collapsed_lines(results)]
 
 
-def log_learning_curves(results: list[RunResult], cfg: argparse.Namespace) -> None:
+def log_learning_curves(results, cfg):
     """TensorBoard: each arm's means over seeds, n_train the step."""
     arms = arm_runs(results)
     for mode in cfg.modes:
@@ -278,8 +271,7 @@ def log_learning_curves(results: list[RunResult], cfg: argparse.Namespace) -> No
         curve.finalize("success")
 
 
-def write_comparison(sweeps: dict[str, list[RunResult]], sources: dict[str, list[str]],
-                     path: Path) -> str:
+def write_comparison(sweeps, sources, path):
     """Markdown at `path`: the sweeps' means, leads and changes; returns
     the leads side by side for the console."""
     ran = {r.mode for results in sweeps.values() for r in results}

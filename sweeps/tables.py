@@ -2,8 +2,6 @@
 sweep's rows, their cells text as printed. Imported by summary, figures
 and cli; it imports runs, selection, settings, stats and the template."""
 
-from __future__ import annotations
-
 import dataclasses
 import itertools
 import math
@@ -26,20 +24,20 @@ POINTS_RANGE = (-100.0, 100.0)
 MARGIN = f"±{EQUIVALENCE_MARGIN:g} points"
 
 
-def baseline_arm() -> str:
+def baseline_arm():
     """The arm that is not pretrained: the others are paired with it."""
     return next(name for name, arm in ARMS.items() if not arm.pretrained)
 
 
-def pretrained_arms() -> list[str]:
+def pretrained_arms():
     return [name for name, arm in ARMS.items() if arm.pretrained]
 
 
-def arm_order(key: tuple) -> tuple:
+def arm_order(key):
     return key[0], key[1], list(ARMS).index(key[2])
 
 
-def frame(results: list[RunResult]) -> pd.DataFrame:
+def frame(results):
     """The rows in their order, with what runs.py says of each run."""
     fields = dataclasses.fields(RunResult)
     rows = pd.DataFrame(map(dataclasses.astuple, results), columns=[f.name for f in fields])
@@ -62,14 +60,14 @@ def frame(results: list[RunResult]) -> pd.DataFrame:
     return rows
 
 
-def arm_runs(results: list[RunResult]) -> pd.DataFrame:
+def arm_runs(results):
     """The selected run of each target, n_train, arm and seed."""
     rows = frame(results)
     chosen = rows[rows.arm & rows.selected]
     return chosen.drop_duplicates([*KEY, "seed"], keep="last")
 
 
-def paired_runs(arms: pd.DataFrame, base: pd.DataFrame | None = None) -> pd.DataFrame:
+def paired_runs(arms, base=None):
     """Pretrained arms' runs beside the baseline's (`base`, or selected) of their seed."""
     base = arms[arms["mode"] == baseline_arm()] if base is None else base
     base = base[[*PAIR, "learning_rate", "test_acc", "test_loss"]]
@@ -81,8 +79,7 @@ def paired_runs(arms: pd.DataFrame, base: pd.DataFrame | None = None) -> pd.Data
     return pairs.sort_values(["order", "seed"])
 
 
-def comparisons(arms: pd.DataFrame, augmented: bool = False,
-                protocol: bool = False) -> pd.DataFrame:
+def comparisons(arms, augmented=False, protocol=False):
     """Per pretrained arm: MeanCIs of its paired differences with the baseline."""
     at = primary_sizes(sizes_run(arms), augmented) if protocol else {}
     rows = []
@@ -96,7 +93,7 @@ def comparisons(arms: pd.DataFrame, augmented: bool = False,
     return pd.DataFrame(rows, columns=[*KEY, "acc", "loss", "diffs", "primary"])
 
 
-def points(ci: MeanCI) -> str:
+def points(ci):
     """A difference of accuracies in points, with its 95% interval."""
     text = f"{100 * ci.mean:+.1f}"
     if ci.n < 2:
@@ -104,19 +101,19 @@ def points(ci: MeanCI) -> str:
     return f"{text} [{100 * ci.low:+.1f}, {100 * ci.high:+.1f}]"
 
 
-def p_text(p: float) -> str:
+def p_text(p):
     if math.isnan(p):
         return "n/a"
     return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
 
 
-def primary_sizes(sizes: dict[str, set[int]], augmented: bool = False) -> dict[str, int]:
+def primary_sizes(sizes, augmented=False):
     """Each target's primary size in a sweep of results/PROTOCOL.md."""
     below = {target: [n for n in ns if n <= PRIMARY_N_TRAIN] for target, ns in sizes.items()}
     return {} if augmented else {target: max(ns) for target, ns in below.items() if ns}
 
 
-def no_primaries(sizes: dict[str, set[int]], augmented: bool = False) -> str:
+def no_primaries(sizes, augmented=False):
     """Why a sweep of results/PROTOCOL.md has no primary, or ''."""
     if primary_sizes(sizes, augmented):
         return ""
@@ -124,7 +121,7 @@ def no_primaries(sizes: dict[str, set[int]], augmented: bool = False) -> str:
         f"A sweep of more than {PRIMARY_N_TRAIN} labels only"
 
 
-def sizes_run(arms: pd.DataFrame) -> dict[str, set[int]]:
+def sizes_run(arms):
     return {target: set(sizes) for target, sizes in arms.groupby("target").n_train}
 
 
@@ -134,8 +131,7 @@ DIFF_HEADER = ["target", "n_train", "paired difference", "seeds", "Δ test acc m
                "95% CI", "p (paired t)", "Holm p", "Δ test loss mean ± sd", "95% CI"]
 
 
-def summarize(results: list[RunResult], augmented: bool = False,
-              protocol: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+def summarize(results, augmented=False, protocol=False):
     """Each arm's means over seeds; each pretrained arm minus the baseline."""
     arms = arm_runs(results)
     means = []
@@ -161,8 +157,7 @@ PREREGISTERED_HEADER = [
     f"equivalence p (±{EQUIVALENCE_MARGIN:g})", "reading"]
 
 
-def preregistered(results: list[RunResult], augmented: bool = False,
-                  protocol: bool = True) -> tuple[pd.DataFrame, str]:
+def preregistered(results, augmented=False, protocol=True):
     """The comparisons as results/PROTOCOL.md tests them, and power_line()."""
     rows, tests, sds = [], [], []
     compared = comparisons(arm_runs(results), augmented, protocol)
@@ -191,13 +186,13 @@ def preregistered(results: list[RunResult], augmented: bool = False,
     return pd.DataFrame(rows, columns=header), power_line(sds, protocol)
 
 
-def power_line(sds: list[tuple[float, int]], protocol: bool) -> str:
+def power_line(sds, protocol):
     """The smallest difference the seeds of the read comparisons detect."""
     sds = [(sd, n) for sd, n in sds if n > 1 and not math.isnan(sd)]
     if not sds:
         return ""
 
-    def span(values: list[float]) -> str:
+    def span(values):
         low, high = f"{min(values):.1f}", f"{max(values):.1f}"
         return low if low == high else f"{low} to {high}"
     whose = "the primaries'" if protocol else f"{PRIMARY_ARM} − {baseline_arm()}'s"
@@ -208,7 +203,7 @@ def power_line(sds: list[tuple[float, int]], protocol: bool) -> str:
             f"{smallest} points.")
 
 
-def collapses(results: list[RunResult]) -> pd.DataFrame:
+def collapses(results):
     """Per arm and rate, over every run: how many collapsed, how many were late."""
     rows = frame(results)
     counts = rows[rows.arm].groupby([*KEY, "learning_rate"]).agg(
@@ -223,7 +218,7 @@ def collapses(results: list[RunResult]) -> pd.DataFrame:
         "selected": counts.selected.astype(str)})
 
 
-def sensitivity_table(results: list[RunResult]) -> pd.DataFrame | None:
+def sensitivity_table(results):
     """Each pretrained arm minus the baseline at each of the baseline's
     rates, and at its best on the test set; None without a grid."""
     rows, base = frame(results), baseline_arm()
@@ -252,8 +247,7 @@ def sensitivity_table(results: list[RunResult]) -> pd.DataFrame | None:
     return pd.DataFrame(table, columns=header)
 
 
-def percent_table(results: list[RunResult], modes: list[str] | None = None,
-                  differences: list[str] | None = None) -> pd.DataFrame:
+def percent_table(results, modes=None, differences=None):
     """Mean test accuracy in % of `modes`, the leads of `differences` in points."""
     arms, base = arm_runs(results), baseline_arm()
     modes = modes or [mode for mode in ARMS if mode in set(arms["mode"])]
@@ -270,7 +264,7 @@ def percent_table(results: list[RunResult], modes: list[str] | None = None,
     return table.reindex(columns=header).fillna("–")
 
 
-def comparison_table(sweeps: dict[str, list[RunResult]]) -> pd.DataFrame:
+def comparison_table(sweeps):
     """Each pretrained arm minus the baseline in points, sweep by sweep."""
     arms = {label: arm_runs(results) for label, results in sweeps.items()}
     keys = {key for runs in arms.values() for key in runs.groupby(KEY).groups
@@ -282,7 +276,7 @@ def comparison_table(sweeps: dict[str, list[RunResult]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["target", "n_train", "difference", *sweeps])
 
 
-def change_table(sweeps: dict[str, list[RunResult]]) -> pd.DataFrame | None:
+def change_table(sweeps):
     """How each lead changes from a sweep to a later one, paired by the
     seeds they share; None where none shares two seeds."""
     leads = {label: paired_runs(arm_runs(results)).set_index([*KEY, "seed"]).acc

@@ -23,7 +23,7 @@ from pathlib import Path
 DIED = "the local Ray instance stopped under the script: its {} process died"
 
 
-def stat_fields(pid: int) -> list[str]:
+def stat_fields(pid):
     """/proc/PID/stat's fields after the process's name, from its state on; [] once it is gone."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -31,7 +31,7 @@ def stat_fields(pid: int) -> list[str]:
         return []
 
 
-def process_start(pid: int) -> int | None:
+def process_start(pid):
     """A process's start time (clock ticks after boot): with its PID, it names one process for
     good, where the PID alone may be reused. None once it has ended (a zombie has)."""
     fields = stat_fields(pid)
@@ -40,15 +40,15 @@ def process_start(pid: int) -> int | None:
     return int(fields[19])
 
 
-def exit_status(pid: int) -> int | None:
+def exit_status(pid):
     """The exit status, as waitpid() gives it, of a child that has ended and not yet been reaped
     (its zombie keeps it in /proc/PID/stat); None while it runs or once it is reaped."""
     fields = stat_fields(pid)
     return int(fields[49]) if fields[:1] == ["Z"] and len(fields) > 49 else None
 
 
-def children_by_parent() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
+def children_by_parent():
+    children = {}
     for proc in Path("/proc").glob("[0-9]*"):
         fields = stat_fields(int(proc.name))
         if len(fields) > 1:
@@ -56,22 +56,22 @@ def children_by_parent() -> dict[int, list[int]]:
     return children
 
 
-def children(parent: int) -> list[int]:
+def children(parent):
     return children_by_parent().get(parent, [])
 
 
-def command_line(pid: int) -> list[str]:
+def command_line(pid):
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
 
 
-def runs_from(pid: int, folder: str) -> bool:
+def runs_from(pid, folder):
     """Whether the process runs a program, or a script, from `folder`."""
     with contextlib.suppress(OSError):
         return any(arg.startswith(folder + os.sep) for arg in command_line(pid)[:3])
     return False
 
 
-def process_title(pid: int) -> str:
+def process_title(pid):
     """What Ray calls a process: its title (ray::RuntimeEnvAgent -> RuntimeEnvAgent), the program
     it runs (raylet, gcs_server), or for Python the script (log_monitor)."""
     argv = command_line(pid)
@@ -80,7 +80,7 @@ def process_title(pid: int) -> str:
     return Path(scripts[0]).stem if program.startswith("python") and scripts else program
 
 
-def family(roots: list[int], seen: dict[int, tuple]) -> None:
+def family(roots, seen):
     """Adds to `seen` (PID -> (start time, title)) the live processes of `roots` and their
     descendants."""
     children = children_by_parent()
@@ -94,7 +94,7 @@ def family(roots: list[int], seen: dict[int, tuple]) -> None:
         todo += children.get(pid, [])
 
 
-def end(seen: dict[int, tuple]) -> None:
+def end(seen):
     """SIGKILL each process seen that is still that very process: a pidfd is opened first, then
     its start time checked, so the signal cannot reach a process that took over a freed PID."""
     for pid, (start, _) in seen.items():
@@ -107,14 +107,14 @@ def end(seen: dict[int, tuple]) -> None:
                 os.close(handle)
 
 
-def sigterm_pending(pid: int) -> bool:
+def sigterm_pending(pid):
     with contextlib.suppress(OSError, IndexError):
         pending = Path(f"/proc/{pid}/status").read_text().split("ShdPnd:")[1].split()[0]
         return bool(int(pending, 16) & 1 << (signal.SIGTERM - 1))
     return False
 
 
-def hasten(own: dict[int, tuple], stopped) -> None:
+def hasten(own, stopped):
     """Until the event `stopped`: SIGKILL each of the instance's own processes once it has a
     SIGTERM pending. They block SIGTERM (ray_engine), so ray.shutdown()'s SIGTERM would only
     wait out a grace of a second per process before its SIGKILL."""
@@ -125,12 +125,12 @@ def hasten(own: dict[int, tuple], stopped) -> None:
                     os.kill(pid, signal.SIGKILL)
 
 
-def is_agent(title: str) -> bool:
+def is_agent(title):
     """One of the raylet's agents: its death takes the raylet with it."""
     return title.endswith("Agent")
 
 
-def watch(ending: str, roots: list[int]) -> int:
+def watch(ending, roots):
     """Checks the instance ten times a second until stdin says "stopped" (the driver shut the
     instance down) or ends (the driver is gone). A death of one of the instance's own processes
     (not a worker: Ray replaces those) counts once the driver is seen alive after it, as the
@@ -139,8 +139,8 @@ def watch(ending: str, roots: list[int]) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     driver = os.getppid()
     driver_start = process_start(driver)
-    seen: dict[int, tuple] = {}
-    gone: list[str] = []
+    seen = {}
+    gone = []
     for looks in itertools.count():
         if looks % 10 == 0:  # new workers, once a second: a look reads all of /proc
             family(roots, seen)

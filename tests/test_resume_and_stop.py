@@ -12,7 +12,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import types
 from pathlib import Path
 
 import pytest

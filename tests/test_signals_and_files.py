@@ -54,7 +54,7 @@ def test_a_signal_between_any_two_writes_leaves_a_sweep_that_resume_continues(ti
     args = tiny_args + GRID + TWO_SEEDS
     csv_path = tmp_path / "r.csv"
     if point == "digest recorded, row not":
-        signal_at(monkeypatch, engine.ResultsCsv, "append", after=1)  # the second backbone's row
+        signal_at(monkeypatch, runs.ResultsCsv, "append", after=1)  # the second backbone's row
     elif point == "a target row appended":
         signal_at(monkeypatch, engine.gc, "collect", after=1)  # the first is before any run, the second after a row
     else:  # inside files.replace, the temporary file written and not yet renamed: the settings' third
