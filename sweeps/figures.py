@@ -5,7 +5,6 @@ tables; matplotlib only when a figure is drawn (not pyplot: no global
 state, no window; PNG through Agg).
 """
 
-
 import lightning
 import pandas as pd
 

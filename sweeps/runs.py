@@ -205,7 +205,6 @@ class ResultsCsv:
 
     def __init__(self, path, append=False):
         self.path = path
-        self.rows = 0
         if not append:
             write_rows(path, [])
 
@@ -213,7 +212,6 @@ class ResultsCsv:
         """Replace the file by these rows in this order, in one step (the old file stays if writing
         fails)."""
         replace(self.path, lambda partial: write_rows(partial, results))
-        self.rows = len(results)
 
     def append(self, result):
         line = io.StringIO()
@@ -227,7 +225,6 @@ class ResultsCsv:
             except OSError:  # a full disk: cut the half-written row, the finished ones stay intact
                 f.truncate(end)
                 raise
-        self.rows += 1
 
 
 def parsed(kind, text):
@@ -262,6 +259,5 @@ def read_results(paths, flag="--report"):
             if csv_row(earlier) != csv_row(result):
                 raise tm.ExperimentError(
                     f"{flag}: {path}, line {line} and an earlier row are the same run "
-                    f"({result.target} {result.mode} n_train {result.n_train} seed {result.seed} "
-                    f"lr {result.learning_rate:g}) with different numbers")
+                    f"({run_key(result)}) with different numbers")
     return list(results.values())

@@ -11,7 +11,7 @@ class StopSignal:
     (the garbage collector runs Lightning's Profiler.__del__, which drops what is raised in it),
     and check(), called between runs, raises it again."""
 
-    received: int | None = None
+    received = None  # the signal's number, once one came
     deferring = False
 
     @classmethod

@@ -164,7 +164,7 @@ def test_report_refuses_conflicting_rows_and_files_that_are_not_results(tiny_arg
         writer.writerows(rows)
     (tmp_path / "notes.csv").write_text("a,b\n1,2\n")
     capsys.readouterr()
-    for files, message in (([tmp_path / "r.csv", tmp_path / "bad.csv"], "same run (even-odd finetuned"),
+    for files, message in (([tmp_path / "r.csv", tmp_path / "bad.csv"], "same run (even-odd/finetuned n_train"),
                            ([tmp_path / "notes.csv"], "is not a results CSV of this script"),
                            ([tmp_path / "missing.csv"], "cannot be read")):
         assert cli.main(["--report", *map(str, files), "--results-csv", str(tmp_path / "m.csv")]) == 2
